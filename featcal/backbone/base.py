@@ -1,0 +1,165 @@
+"""The backbone adapter interface: the only place that knows model internals.
+
+A backbone adapter loads a model family (base + experts, from hub ids or local
+folders), names the ordered calibratable blocks, produces first-block inputs,
+forwards one block, and maps the last block's output to the final
+representation that task heads (or Surgery modules) consume.
+
+Calibrators talk to models only through this interface, so the same FeatCal
+driver walks a CLIP vision tower, a T5 encoder or a Llama decoder stack.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+Inputs = Any  # a tensor or a mapping of tensors: whatever ``Backbone.embed`` accepts
+
+
+def move_inputs(inputs: Inputs, device: torch.device | str) -> Inputs:
+    """Move a tensor, or a mapping/sequence of tensors, to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, Mapping):
+        return {k: move_inputs(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(move_inputs(v, device) for v in inputs)
+    return inputs
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, Mapping):
+        return batch_size_of(next(iter(inputs.values())))
+    raise TypeError(f"cannot infer batch size of {type(inputs)}")
+
+
+@dataclass
+class BlockState:
+    """Everything a block needs besides its weights, for one batch.
+
+    hidden:       [B, N, D] hidden states entering the next block.
+    token_mask:   [B, N] float, 1 for real tokens and 0 for padding.
+    readout_mask: [B, N] bool, the tokens that reach the final representation
+                  (CLIP: the class token; a decoder LLM: every real token).
+    extras:       block keyword arguments that do not change from block to
+                  block (attention masks, rotary embeddings, ...).
+    """
+
+    hidden: torch.Tensor
+    token_mask: torch.Tensor
+    readout_mask: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def with_hidden(self, hidden: torch.Tensor) -> "BlockState":
+        return BlockState(hidden, self.token_mask, self.readout_mask, self.extras)
+
+    def to(self, device: torch.device | str) -> "BlockState":
+        return BlockState(
+            self.hidden.to(device),
+            self.token_mask.to(device),
+            self.readout_mask.to(device),
+            move_inputs(self.extras, device),
+        )
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm (weight + bias) or an RMSNorm-style scale-only norm."""
+    if isinstance(module, nn.LayerNorm):
+        return True
+    name = type(module).__name__.lower()
+    return ("rmsnorm" in name or "layernorm" in name) and hasattr(module, "weight")
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """A scale-only norm: y = γ · x / rms(x) (T5, Llama)."""
+    return is_norm(module) and not isinstance(module, nn.LayerNorm) and getattr(module, "bias", None) is None
+
+
+class Backbone(abc.ABC):
+    """A model-family adapter.
+
+    Subclasses are instantiated from ``conf/backbone/*.yaml``; ``tasks`` is the
+    ordered list of task names, one expert per task.
+    """
+
+    #: name patterns (substrings of the module's qualified name inside a block)
+    #: of key/value projections: FeatCal's last-block token weighting leaves them
+    #: at uniform weight.
+    key_value_patterns: tuple[str, ...] = ("k_proj", "v_proj")
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = list(tasks)
+
+    # ---- loading -------------------------------------------------------
+    @abc.abstractmethod
+    def load_base(self) -> nn.Module:
+        """The pretrained model θ₀ (eval mode, on CPU)."""
+
+    @abc.abstractmethod
+    def load_expert(self, task: str) -> nn.Module:
+        """Expert θ_t fine-tuned from θ₀ on ``task`` (eval mode, on CPU)."""
+
+    def load_experts(self) -> list[nn.Module]:
+        return [self.load_expert(t) for t in self.tasks]
+
+    def merge_excluded(self, key: str) -> bool:
+        """State-dict keys that are not part of task vectors (kept at base value)."""
+        return False
+
+    def with_state_dict(self, template: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A deep copy of ``template`` carrying ``state_dict``."""
+        import copy
+
+        model = copy.deepcopy(template)
+        model.load_state_dict(dict(state_dict), strict=True)
+        return model.eval()
+
+    # ---- structure -----------------------------------------------------
+    @abc.abstractmethod
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The ordered calibratable blocks of ``model`` (references, not copies)."""
+
+    def calibratable_modules(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Every Linear and every norm inside a block, by qualified name, in order."""
+        out: dict[str, nn.Module] = {}
+        for name, mod in block.named_modules():
+            if isinstance(mod, nn.Linear) or is_norm(mod):
+                out[name] = mod
+        return out
+
+    def is_key_value(self, module_name: str) -> bool:
+        leaf = module_name.rsplit(".", 1)[-1]
+        return any(p == leaf or p in leaf for p in self.key_value_patterns)
+
+    # ---- forward -------------------------------------------------------
+    @abc.abstractmethod
+    def embed(self, model: nn.Module, inputs: Inputs) -> BlockState:
+        """Inputs of the first block (embeddings, pre-norms, masks...)."""
+
+    @abc.abstractmethod
+    def run_block(self, block: nn.Module, state: BlockState) -> BlockState:
+        """Forward one block of this family on ``state``; returns the next state."""
+
+    @abc.abstractmethod
+    def readout(self, model: nn.Module, state: BlockState) -> torch.Tensor:
+        """Final representation [B, D] from the last block's output state."""
+
+    def represent(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """The final representation of ``inputs`` (e.g. CLIP's projected image embedding)."""
+        state = self.embed(model, inputs)
+        for block in self.blocks(model):
+            state = self.run_block(block, state)
+        return self.readout(model, state)
+
+    def device_of(self, model: nn.Module) -> torch.device:
+        return next(model.parameters()).device
+
+
+def iter_batches(items: Iterable[Inputs]) -> Iterable[Inputs]:
+    yield from items
