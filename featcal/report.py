@@ -1,0 +1,93 @@
+"""Per-task result tables: assembling, printing and writing them (atomically)."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from featcal.utils import atomic_write_json, atomic_write_text
+
+STAGES = ("base", "experts", "merged", "calibrated")
+
+
+def with_average(accs: dict[str, float]) -> dict[str, float]:
+    vals = [v for k, v in accs.items() if k != "average"]
+    out = dict(accs)
+    if vals:
+        out["average"] = sum(vals) / len(vals)
+    return out
+
+
+def per_task_table(tasks: list[str], accuracy: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Rows: one per task plus 'average'; columns: the stages that were evaluated."""
+    stages = [s for s in STAGES if s in accuracy]
+    rows = []
+    for task in list(tasks) + ["average"]:
+        row: dict[str, Any] = {"task": task}
+        for s in stages:
+            row[s] = accuracy[s].get(task)
+        if "merged" in accuracy and "calibrated" in accuracy:
+            m, c = accuracy["merged"].get(task), accuracy["calibrated"].get(task)
+            row["gain"] = None if m is None or c is None else c - m
+            e = accuracy.get("experts", {}).get(task)
+            if e is not None and m is not None and c is not None and abs(e - m) > 1e-9:
+                row["gap_closed_%"] = 100.0 * (c - m) / (e - m)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into notes)."""
+    if not rows:
+        return "(empty)"
+    cols = list(rows[0].keys())
+    for r in rows[1:]:
+        for c in r:
+            if c not in cols:
+                cols.append(c)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return str(v)
+
+    body = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    line = lambda cells: "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cols), sep] + [line(b) for b in body])
+
+
+def long_rows(meta: dict[str, Any], accuracy: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Long format: one row per (stage, task); what featcal-collect concatenates."""
+    rows = []
+    for stage in STAGES:
+        for task, acc in accuracy.get(stage, {}).items():
+            rows.append({**meta, "stage": stage, "task": task, "accuracy": acc})
+    return rows
+
+
+def rows_to_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    cols = columns or (list(rows[0].keys()) if rows else [])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r)
+    return buf.getvalue()
+
+
+def write_results(out_dir: Path, results: dict[str, Any], long: list[dict[str, Any]]) -> None:
+    """results.json, results.csv (long), table.md, drift.csv: each written atomically.
+
+    results.json is written last: its presence marks a complete run.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.csv", rows_to_csv(long))
+    atomic_write_text(out_dir / "table.md", format_table(results["table"]) + "\n")
+    if results.get("drift"):
+        atomic_write_text(out_dir / "drift.csv", rows_to_csv(results["drift"]))
+    atomic_write_json(out_dir / "results.json", results)

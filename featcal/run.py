@@ -1,0 +1,214 @@
+"""The one entrypoint: merge -> calibrate -> evaluate -> report.
+
+    featcal-run                                   # embedded default, offline, CPU
+    featcal-run merge=ties calibration=surgery budget=32
+    featcal-run -m calibration=none,featcal,surgery budget=8,32,256
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from featcal.backbone.base import Backbone
+from featcal.calibration.base import CalibratedModel, NoCalibration
+from featcal.config import ConfigError, validate
+from featcal.report import format_table, long_rows, per_task_table, with_average, write_results
+from featcal.tasks.base import TaskPool, evaluate
+from featcal.utils import DTYPES, StageTimer, current_rss_mib, peak_rss_mib, resolve_device, seed_everything
+from featcal.wandb_log import WandbLogger
+
+log = logging.getLogger("featcal")
+
+
+def _build(node: DictConfig, drop: tuple[str, ...] = ("name",)) -> Any:
+    """Hydra-instantiate a config node, leaving out descriptive keys."""
+    data = OmegaConf.to_container(node, resolve=True)
+    for key in drop:
+        data.pop(key, None)
+    return instantiate(data)
+
+
+def _choices() -> dict[str, str]:
+    try:
+        return dict(HydraConfig.get().runtime.choices)
+    except Exception:
+        return {}
+
+
+def _sweep_group() -> tuple[str | None, str | None]:
+    """(W&B group, run name): runs of one multirun share the sweep folder's name as group."""
+    try:
+        hc = HydraConfig.get()
+    except Exception:
+        return None, None
+    name = hc.job.override_dirname or "default"
+    if str(hc.mode) == "RunMode.MULTIRUN":
+        sweep = Path(hc.sweep.dir)
+        return "sweep-" + "_".join(sweep.parts[-2:]), name
+    return None, name
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run one configuration and write its results into ``out_dir``."""
+    validate(cfg)  # before anything heavy: a bad value costs nothing
+    started = time.time()
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.precision]
+    timer = StageTimer(device)
+    choices = _choices()
+    merge_fn = _build(cfg.merge)
+    calibrator = _build(cfg.calibration)
+    adapter: Backbone = _build(cfg.backbone.adapter)
+    pool: TaskPool = _build(cfg.backbone.taskpool)
+    if torch.cuda.is_available() and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    meta = {
+        "backbone": str(cfg.backbone.get("name", choices.get("backbone", "?"))),
+        "merge": str(cfg.merge.get("name", choices.get("merge", "?"))),
+        "calibration": choices.get("calibration", type(calibrator).__name__.lower()),
+        "budget": int(cfg.budget.per_task),
+        "split": str(cfg.budget.split),
+        "seed": int(cfg.seed),
+    }
+    log.info("run %s on %s", meta, device)
+    group, run_name = _sweep_group()
+    logger = None
+    if cfg.logger.name == "wandb":
+        logger = WandbLogger(
+            OmegaConf.to_container(cfg.logger, resolve=True),
+            out_dir,
+            {**OmegaConf.to_container(cfg, resolve=True), "run": meta},
+            name=run_name,
+            group=group,
+        )
+
+    with timer.stage("load"):
+        base = adapter.load_base()
+        experts = adapter.load_experts()
+        tasks = pool.names
+        if tasks != adapter.tasks:
+            raise ConfigError(f"task pool tasks {tasks} do not match backbone tasks {adapter.tasks}")
+
+    with timer.stage("merge"):
+        merged_sd = merge_fn(base.state_dict(), [e.state_dict() for e in experts], exclude=adapter.merge_excluded)
+        merged = adapter.with_state_dict(base, merged_sd)
+        del merged_sd
+    if dtype != torch.float32:
+        base, merged = base.to(dtype), merged.to(dtype)
+        experts = [e.to(dtype) for e in experts]
+
+    bs = int(cfg.eval_batch_size)
+
+    def plain(model: torch.nn.Module):
+        return lambda inputs, i: adapter.represent(model, inputs)
+
+    def on_device(model: torch.nn.Module, fn):
+        model.to(device)
+        try:
+            return fn()
+        finally:
+            model.to("cpu")
+
+    accuracy: dict[str, dict[str, float]] = {}
+    if cfg.evaluate_experts:
+        with timer.stage("evaluate_experts"):
+            accs: dict[str, float] = {}
+            for i, expert in enumerate(experts):
+                accs.update(on_device(expert, lambda: evaluate(plain(expert), pool, device, bs, only=[i], desc=f"expert {tasks[i]}")))
+            accuracy["experts"] = with_average(accs)
+    if cfg.evaluate_base:
+        with timer.stage("evaluate_base"):
+            accuracy["base"] = with_average(on_device(base, lambda: evaluate(plain(base), pool, device, bs, desc="base")))
+    with timer.stage("evaluate_merged"):
+        accuracy["merged"] = with_average(on_device(merged, lambda: evaluate(plain(merged), pool, device, bs, desc="merged")))
+
+    report: dict[str, Any] = {}
+    if isinstance(calibrator, NoCalibration):
+        accuracy["calibrated"] = dict(accuracy["merged"])
+        timer.seconds["calibrate"] = 0.0
+    else:
+        with timer.stage("calibration_data"):
+            cal_bs = int(cfg.calibration.get("batch_size", 16))
+            calib = pool.calibration_set(int(cfg.budget.per_task), int(cfg.seed), cal_bs, str(cfg.budget.split))
+        rss_before = current_rss_mib()
+        with timer.stage("calibrate"):
+            calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)
+        report = dict(calibrated.report or {})
+        report["rss_increase_mib"] = current_rss_mib() - rss_before
+        with timer.stage("evaluate_calibrated"):
+            calibrated.eval()
+            accuracy["calibrated"] = with_average(
+                on_device(calibrated, lambda: evaluate(calibrated.represent, pool, device, bs, desc="calibrated"))
+            )
+
+    memory = {
+        "peak_rss_mib": peak_rss_mib(),
+        "cuda_peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+    }
+    drift_rows = []
+    for when, per_task in (report.get("drift") or {}).items():
+        for t_index, values in per_task.items():
+            for block, value in enumerate(values):
+                drift_rows.append({"task": tasks[int(t_index)], "block": block, "when": when, "drift": float(value)})
+    table = per_task_table(tasks, accuracy)
+    results = {
+        **meta,
+        "tasks": tasks,
+        "device": str(device),
+        "accuracy": accuracy,
+        "table": table,
+        "timings": dict(timer.seconds),
+        "memory": memory,
+        "drift": drift_rows,
+        "loss_curve": report.get("loss_curve"),
+        "calibration_report": {k: v for k, v in report.items() if k not in ("drift", "loss_curve")},
+        "wall_clock_seconds": time.time() - started,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    long = long_rows({"run_dir": str(out_dir), **meta}, accuracy)
+    write_results(out_dir, results, long)
+
+    print(f"\n{meta['backbone']} | merge={meta['merge']} | calibration={meta['calibration']} | budget={meta['budget']} ({meta['split']})")
+    print(format_table(table))
+    t = timer.seconds
+    print("wall-clock (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    print(f"peak host RSS {memory['peak_rss_mib']:.0f} MiB" + (f", CUDA peak {memory['cuda_peak_mib']:.0f} MiB" if memory["cuda_peak_mib"] else ""))
+    print(f"results: {out_dir / 'results.json'}")
+
+    if logger is not None:
+        logger.log_results(results)
+        logger.finish()
+        if logger.error:
+            print(f"W&B: not logged ({logger.error}); results are on disk.")
+        elif logger.run_dir:
+            print(f"W&B ({cfg.logger.mode}): {Path(logger.run_dir).parent}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        print(f"featcal: {err}", file=sys.stderr)
+        sys.exit(2)
+    return float(results["accuracy"]["calibrated"]["average"])
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
