@@ -44,6 +44,11 @@ def validate(cfg: DictConfig) -> None:
     def bad(key: str, value: Any, allowed: str) -> None:
         problems.append(f"{key}={value!r}: {allowed}")
 
+    # ---- required values left as ??? ---------------------------------------
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        if not key.startswith("hydra."):
+            problems.append(f"{key}: required but not set (pass it on the command line: {key}=...)")
+
     # ---- top level ----------------------------------------------------------
     seed = _get(cfg, "seed")
     if not _is_int(seed) or seed < 0:

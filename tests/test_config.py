@@ -1,0 +1,108 @@
+"""Config composition of every option in every group, and validation errors."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from featcal.config import ConfigError, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["backbone", "merge", "calibration", "budget", "logger", "experiment"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides=(), hydra_cfg=False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group} is empty"
+    assert {"weight_average", "task_arithmetic", "ties"} <= set(options("merge"))
+    assert {"none", "featcal"} <= set(options("calibration"))
+    assert {"8", "16", "32", "64", "128", "256"} <= set(options("budget"))
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
+def test_every_option_composes(group):
+    for opt in options(group):
+        cfg = compose_cfg([f"{group}={opt}"])
+        assert cfg[group] is not None
+        missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.")]
+        if missing:
+            # options that need a user-supplied path say so, naming the key
+            with pytest.raises(ConfigError, match="required but not set"):
+                validate(cfg)
+        else:
+            validate(cfg)
+
+
+def test_experiment_presets_compose_with_sweeps():
+    for opt in options("experiment"):
+        cfg = compose_cfg([f"experiment={opt}"], hydra_cfg=True)
+        params = OmegaConf.select(cfg, "hydra.sweeper.params")
+        assert params, f"experiment={opt} defines no sweep"
+
+
+def test_launchers_compose():
+    for opt in sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")):
+        cfg = compose_cfg([f"hydra/launcher={opt}"], hydra_cfg=True)
+        assert "_target_" in cfg.hydra.launcher
+
+
+def test_defaults_validate():
+    cfg = compose_cfg()
+    validate(cfg)
+    assert cfg.backbone.name == "embedded"
+    assert cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+
+
+def test_unknown_group_option_names_allowed_values():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["merge=nope"])
+    msg = str(err.value)
+    assert "merge" in msg and "task_arithmetic" in msg and "ties" in msg
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="not_a_key"):
+        compose_cfg(["merge.not_a_key=1"])
+
+
+@pytest.mark.parametrize(
+    "override, key, hint",
+    [
+        ("budget.per_task=-3", "budget.per_task", "positive integer"),
+        ("budget.per_task=0", "budget.per_task", "positive integer"),
+        ("budget.per_task=1000000", "budget.per_task", "larger than the train split"),
+        ("budget.split=val", "budget.split", "allowed: train, test"),
+        ("merge.scaling_factor=1.7", "merge.scaling_factor", "(0, 1]"),
+        ("merge.scaling_factor=-0.1", "merge.scaling_factor", "(0, 1]"),
+        ("device=gpu7", "device", "allowed: auto, cpu"),
+        ("precision=fp8", "precision", "allowed: fp32, bf16, fp16"),
+        ("seed=-1", "seed", "non-negative"),
+        ("logger.mode=sometimes", "logger.mode", "allowed: offline, online, disabled"),
+        ("calibration.alpha=1.5", "calibration.alpha", "[0, 1]"),
+        ("calibration.lambda_ratio=-1", "calibration.lambda_ratio", ">= 0"),
+    ],
+)
+def test_bad_values_name_key_and_allowed(override, key, hint):
+    cfg = compose_cfg([override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert key in msg and hint in msg
+
+
+def test_ties_density_and_all_problems_reported_together():
+    cfg = compose_cfg(["merge=ties", "merge.density=0", "budget.per_task=-1", "precision=int4"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert "merge.density" in msg and "budget.per_task" in msg and "precision" in msg
