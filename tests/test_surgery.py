@@ -1,0 +1,278 @@
+"""Surgery and ProbSurgery on a tiny CLIP vision tower (no network).
+
+Base + 3 perturbed experts are saved to tmp folders and loaded back through
+CLIPVisionBackbone; the merged model is task arithmetic (λ = 0.3).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from featcal.backbone.clip import CLIPVisionBackbone
+from featcal.calibration.surgery import (
+    ProbSurgery,
+    ProbSurgeryModule,
+    Surgery,
+    SurgeryBank,
+    SurgeryCalibratedModel,
+    SurgeryModule,
+)
+from featcal.merge import task_arithmetic
+
+TASKS = ["a", "b", "c"]
+IMAGE = 32
+N_PER_TASK = 24
+BATCH = 8
+FAST = dict(iterations=40, batches_per_iteration=2, log_every=20, progress=False, accelerator="cpu")
+
+
+def _tiny_clip(seed: int):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=8,
+        projection_dim=24,
+    )
+    return CLIPVisionModelWithProjection(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models: thread hand-offs cost more than they save on a shared 2-core machine
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_clip")
+    base = _tiny_clip(0)
+    base.save_pretrained(root / "base")
+    expert_dirs = []
+    g = torch.Generator().manual_seed(1)
+    for i, t in enumerate(TASKS):
+        expert = _tiny_clip(0)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.08 * torch.randn(p.shape, generator=g))
+        expert.save_pretrained(root / t)
+        expert_dirs.append(str(root / t))
+    backbone = CLIPVisionBackbone(TASKS, base=str(root / "base"), experts=expert_dirs)
+    base_m = backbone.load_base()
+    experts = backbone.load_experts()
+    merged_sd = task_arithmetic(base_m.state_dict(), [e.state_dict() for e in experts], scaling_factor=0.3)
+    gi = torch.Generator().manual_seed(2)
+    calib = [
+        [torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gi) + 0.5 * k for _ in range(N_PER_TASK // BATCH)]
+        for k in range(len(TASKS))
+    ]
+    return backbone, base_m, experts, merged_sd, calib
+
+
+def _merged(backbone, base_m, merged_sd):
+    return backbone.with_state_dict(base_m, merged_sd)
+
+
+def _calibrate(calibrator, setup):
+    backbone, base_m, experts, merged_sd, calib = setup
+    merged = _merged(backbone, base_m, merged_sd)
+    return calibrator.calibrate(backbone, merged, base_m, experts, calib, "cpu")
+
+
+def _l1(backbone, represent, experts, calib):
+    out = []
+    for t, expert in enumerate(experts):
+        vals = []
+        for x in calib[t]:
+            with torch.no_grad():
+                vals.append((represent(x, t) - backbone.represent(expert, x)).abs().mean())
+        out.append(float(torch.stack(vals).mean()))
+    return out
+
+
+# ------------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("cls,hidden", [(SurgeryModule, 16), (ProbSurgeryModule, 128)])
+def test_modules_start_as_identity(cls, hidden):
+    bank_kind = "surgery" if cls is SurgeryModule else "probsurgery"
+    bank = SurgeryBank(bank_kind, 24, hidden, 3)
+    z = torch.randn(5, 24)
+    for t in range(3):
+        z_hat, _ = bank(z, t)
+        assert torch.equal(z_hat, z)
+    # the first layer is default-initialised (non-zero), the output layer(s) zero, no biases
+    for m in bank.modules():
+        if isinstance(m, nn.Linear):
+            assert m.bias is None
+    assert bank.blocks[0].down.weight.abs().sum() > 0
+
+
+def test_probsurgery_sample_and_kl():
+    mod = ProbSurgeryModule(6, 8)
+    with torch.no_grad():
+        mod.mu.weight.normal_()
+        mod.logvar.weight.normal_(std=0.1)
+    z = torch.randn(4, 6)
+    eps = torch.randn(4, 6)
+    b, kl = mod(z, eps)
+    h = torch.relu(mod.down(z))
+    mu, lv = mod.mu(h), mod.logvar(h)
+    assert torch.allclose(b, mu + torch.exp(0.5 * lv) * eps)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, torch.exp(0.5 * lv)), torch.distributions.Normal(0.0, 1.0)
+    ).sum(-1)
+    assert torch.allclose(kl, expected, atol=1e-5)
+    b0, kl0 = mod(z)
+    assert kl0 is None and torch.allclose(b0, mu)
+
+
+# ------------------------------------------------------------- calibration
+
+
+def test_identity_at_init_equals_merged(setup):
+    backbone, base_m, experts, merged_sd, calib = setup
+    for calibrator in (Surgery(iterations=0, **{k: v for k, v in FAST.items() if k != "iterations"}),
+                       ProbSurgery(iterations=0, **{k: v for k, v in FAST.items() if k != "iterations"})):
+        cal = _calibrate(calibrator, setup)
+        assert cal.report["steps"] == 0
+        for t in range(len(TASKS)):
+            x = calib[t][0]
+            assert torch.equal(cal.represent(x, t), backbone.represent(cal.model, x))
+            assert cal.report["l1_before"][TASKS[t]] == pytest.approx(cal.report["l1_after"][TASKS[t]])
+
+
+@pytest.mark.parametrize("cls", [Surgery, ProbSurgery])
+def test_training_reduces_l1_for_every_task(cls, setup):
+    backbone, base_m, experts, merged_sd, calib = setup
+    merged = _merged(backbone, base_m, merged_sd)
+    before = _l1(backbone, lambda x, t: backbone.represent(merged, x), experts, calib)
+    cal = _calibrate(cls(**{**FAST, "iterations": 100}), setup)
+    after = _l1(backbone, cal.represent, experts, calib)
+    assert cal.report["steps"] == 100 * 2 * len(TASKS)
+    assert cal.report["num_modules"] == len(TASKS)
+    for t in range(len(TASKS)):
+        assert after[t] < 0.8 * before[t], (t, before, after)
+        assert cal.report["l1_after"][TASKS[t]] == pytest.approx(after[t], rel=1e-4)
+        assert cal.report["l1_before"][TASKS[t]] == pytest.approx(before[t], rel=1e-4)
+    curve = cal.report["loss_curve"]
+    assert curve[-1]["step"] == cal.report["steps"]
+    assert curve[-1]["l1"] < curve[0]["l1"]
+    assert cal.report["calibration_seconds"] > 0
+    import json
+
+    json.dumps(cal.report)  # JSON-friendly
+
+
+def test_probsurgery_inference_is_deterministic(setup):
+    backbone, base_m, experts, merged_sd, calib = setup
+    cal = _calibrate(ProbSurgery(**FAST), setup)
+    x = calib[1][0]
+    a, b = cal.represent(x, 1), cal.represent(x, 1)
+    assert torch.equal(a, b)
+    # and it is z − μ (the μ head has moved away from zero)
+    z = backbone.represent(cal.model, x)
+    mu, _ = cal.surgery.blocks[1](z)
+    assert mu.abs().max() > 0
+    assert torch.allclose(a, z - mu)
+
+
+def test_shared_variant_trains_one_module(setup):
+    backbone, base_m, experts, merged_sd, calib = setup
+    cal = _calibrate(ProbSurgery(shared=True, **FAST), setup)
+    assert len(cal.surgery.blocks) == 1 and cal.report["num_modules"] == 1
+    assert cal.report["shared"] is True
+    assert cal.surgery.blocks[0].mu.weight.abs().sum() > 0
+    x = calib[0][0]
+    outs = [cal.represent(x, t) for t in range(len(TASKS))]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    n_params = sum(p.numel() for p in cal.surgery.parameters())
+    assert cal.report["trainable_parameters"] == n_params == 3 * 24 * 128
+    assert cal.report["l1_after_mean"] < cal.report["l1_before_mean"]
+
+
+@pytest.mark.parametrize("cls", [Surgery, ProbSurgery])
+def test_same_seed_same_result(cls, setup):
+    a = _calibrate(cls(seed=3, **FAST), setup)
+    b = _calibrate(cls(seed=3, **FAST), setup)
+    c = _calibrate(cls(seed=4, **FAST), setup)
+    sa, sb, sc = a.surgery.state_dict(), b.surgery.state_dict(), c.surgery.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.report["loss_curve"] == b.report["loss_curve"]
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("cls", [Surgery, ProbSurgery])
+def test_save_load_round_trip(cls, setup, tmp_path):
+    backbone, base_m, experts, merged_sd, calib = setup
+    cal = _calibrate(cls(**FAST), setup)
+    path = tmp_path / "surgery.pt"
+    cal.save(path)
+    loaded = SurgeryCalibratedModel.load(path, backbone, _merged(backbone, base_m, merged_sd))
+    assert len(loaded.surgery.blocks) == len(TASKS)
+    for t in range(len(TASKS)):
+        x = calib[t][0]
+        assert torch.equal(loaded.represent(x, t), cal.represent(x, t))
+        assert not torch.equal(loaded.represent(x, t), backbone.represent(loaded.model, x))
+
+
+class _CountingBackbone(CLIPVisionBackbone):
+    def __init__(self, inner: CLIPVisionBackbone):
+        super().__init__(inner.tasks, inner.base_source, [inner.expert_sources[t] for t in inner.tasks])
+        self.calls = 0
+
+    def represent(self, model, inputs):
+        self.calls += 1
+        return super().represent(model, inputs)
+
+
+def test_features_are_cached_not_recomputed_per_step(setup):
+    backbone, base_m, experts, merged_sd, calib = setup
+    counts = []
+    for iterations in (5, 50):
+        counting = _CountingBackbone(backbone)
+        cal = Surgery(**{**FAST, "iterations": iterations}).calibrate(
+            counting, _merged(backbone, base_m, merged_sd), base_m, experts, calib, "cpu"
+        )
+        assert cal.report["steps"] == iterations * 2 * len(TASKS)
+        counts.append(counting.calls)
+    n_batches = sum(len(b) for b in calib)
+    # merged + expert representation of every calibration batch, exactly once
+    assert counts == [2 * n_batches, 2 * n_batches]
+
+
+def test_hydra_configs_instantiate_with_defaults():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf / "calibration"), version_base="1.3"):
+        s = instantiate(compose(config_name="surgery"))
+        p = instantiate(compose(config_name="probsurgery"))
+        ps = instantiate(compose(config_name="probsurgery_shared"))
+    assert isinstance(s, Surgery) and s.hidden == 16 and not s.shared
+    assert (s.iterations, s.batches_per_iteration, s.batch_size, s.lr) == (500, 2, 16, 1e-3)
+    assert s.betas == (0.9, 0.999) and s.weight_decay == 0.0 and s.precision == "32-true"
+    assert isinstance(p, ProbSurgery) and p.hidden == 128 and p.kl_weight == 1e-4 and not p.shared
+    assert isinstance(ps, ProbSurgery) and ps.shared and ps.hidden == 128
+
+
+def test_fabric_bf16_mixed_and_auto_accelerator(setup):
+    # accelerator "auto" follows the device handed to calibrate; bf16 autocast trains fp32 modules
+    opts = {**FAST, "accelerator": "auto", "precision": "bf16-mixed"}
+    cal = _calibrate(Surgery(**opts), setup)
+    assert cal.report["device"] == "cpu" and cal.report["precision"] == "bf16-mixed"
+    assert next(cal.surgery.parameters()).dtype == torch.float32
+    for t in TASKS:
+        assert cal.report["l1_after"][t] < cal.report["l1_before"][t]
