@@ -53,8 +53,9 @@ def _vision_config(folder: Path):
     if not cfg_file.exists():
         raise SourceUnavailable(f"no config.json in model folder '{folder}'")
     data = json.loads(cfg_file.read_text())
-    if "vision_config" in data:  # a full CLIPModel config
-        vision = dict(data["vision_config"] or {})
+    if "vision_config" in data or "vision_config_dict" in data:  # a full CLIPModel config
+        # legacy 4.x configs carry ``vision_config_dict``, whose values take precedence
+        vision = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})}
         vision.setdefault("projection_dim", data.get("projection_dim", 512))
     else:
         vision = data
@@ -73,6 +74,8 @@ def load_clip_vision(source: str, projection_source: str | None = None, dtype: t
     folder = resolve_model_dir(source)
     config = _vision_config(folder)
     sd = canonical_clip_vision_keys(load_raw_state_dict(folder))
+    if "visual_projection.weight" in sd:  # the weights decide (a saved vision_config may carry a stale default)
+        config.projection_dim = sd["visual_projection.weight"].shape[0]
     if "visual_projection.weight" not in sd:
         if projection_source is None:
             raise SourceUnavailable(

@@ -1,0 +1,508 @@
+"""The CLIP eight-task image classification benchmark.
+
+Tasks: sun397, stanford-cars, resisc45, eurosat, svhn, gtsrb, mnist, dtd. Their
+dataset ids, split/column names, class names and prompt templates are data in
+``featcal/tasks/data/clip_tasks.json``.
+
+- Data: ``datasets.load_dataset(<hub id or local folder>)``, or
+  ``datasets.load_from_disk`` for a folder written by ``save_to_disk``. Hub access
+  honours ``HF_HOME`` / ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` natively; a dataset
+  that cannot be found raises :class:`~featcal.hub.SourceUnavailable` naming it and
+  saying how to pre-download it.
+- Preprocessing: the base model's ``CLIPImageProcessor`` (resize, centre crop,
+  normalise); without a ``preprocessor_config.json`` the standard CLIP recipe
+  (bicubic resize of the short side, centre crop to the model's image size, CLIP
+  mean/std).
+- Calibration examples: the ``train`` split (or the requested split), shuffled with
+  the run seed, first n. Test batches: the full test split.
+- Heads: zero-shot class embeddings, the mean over templates of L2-normalised text
+  embeddings through the base model's text tower and ``text_projection``,
+  L2-normalised again; cached on disk per (base model, task, class names, templates);
+  logits = ``logit_scale.exp()`` · cosine.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
+from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool
+
+DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
+CLIP_TASKS = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@lru_cache(maxsize=4)
+def _read_table(path: str) -> dict:
+    return json.loads(Path(path).read_text())["tasks"]
+
+
+def task_table(path: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Per task: dataset, config, splits, columns, sizes, class names, templates."""
+    return {k: dict(v) for k, v in _read_table(str(path or DATA_FILE)).items()}
+
+
+# ---------------------------------------------------------------------------
+# text tower, tokenizer, image preprocessing of the base model
+
+
+def _model_config(folder: Path) -> dict:
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise SourceUnavailable(f"no config.json in model folder '{folder}'")
+    return json.loads(cfg_file.read_text())
+
+
+def canonical_clip_text_keys(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map CLIP checkpoint layouts (4.x / 5.x, CLIPModel / CLIPTextModel[WithProjection])
+    onto ``CLIPTextModelWithProjection`` keys (``text_model.*``, ``text_projection.*``)."""
+    roots = ("embeddings.", "encoder.", "final_layer_norm.")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        k = key
+        for prefix in ("model.", "clip_model.", "module."):
+            if k.startswith(prefix) and k[len(prefix):].startswith(("text_model.", "text_projection.")):
+                k = k[len(prefix):]
+        if k.startswith("text_model.text_model."):
+            k = k[len("text_model."):]
+        if k.startswith(roots):
+            k = "text_model." + k
+        if (k.startswith("text_model.") or k.startswith("text_projection.")) and not k.endswith("position_ids"):
+            out[k] = value
+    return out
+
+
+def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, float]:
+    """The text tower + ``text_projection`` of a CLIP model, and its ``logit_scale.exp()``.
+
+    ``source`` is a hub id or a local folder holding a full ``CLIPModel`` saved by
+    transformers 4.x or 5.x (legacy ``text_config_dict`` configs and persisted
+    ``position_ids`` buffers included). The state dict is mapped onto
+    ``CLIPTextModelWithProjection`` and loaded strictly, so a layout mismatch fails
+    loudly instead of leaving random weights.
+    """
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = resolve_model_dir(source)
+    data = _model_config(folder)
+    if data.get("model_type") == "clip" or "text_config" in data or "text_config_dict" in data:
+        clean = {k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")}
+        full = CLIPConfig(**clean)
+        config = full.text_config
+        config.projection_dim = full.projection_dim
+    else:
+        config = CLIPTextConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")})
+    raw = load_raw_state_dict(folder)
+    sd = canonical_clip_text_keys(raw)
+    if "text_projection.weight" not in sd:
+        raise SourceUnavailable(f"'{source}' has no text_projection: a full CLIPModel checkpoint is needed for zero-shot heads")
+    config.projection_dim = sd["text_projection.weight"].shape[0]
+    model = CLIPTextModelWithProjection(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise SourceUnavailable(f"'{source}' does not fit a CLIP text tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if "logit_scale" in raw:
+        logit_scale = float(raw["logit_scale"].float().exp())
+    else:
+        logit_scale = float(np.exp(data.get("logit_scale_init_value", np.log(100.0))))
+    return model.to(dtype).eval(), logit_scale
+
+
+def load_clip_tokenizer(source: str):
+    """The CLIP tokenizer saved with the base model (folder or hub id)."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    folder = resolve_model_dir(source, allow_patterns=["*.json", "*.txt"])
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception:
+        try:
+            return CLIPTokenizer.from_pretrained(str(folder))
+        except Exception as err:
+            raise SourceUnavailable(f"no CLIP tokenizer in '{source}' ({type(err).__name__}: {err})") from err
+
+
+class CLIPImagePreprocess:
+    """PIL images -> ``pixel_values`` [B, 3, H, W] float32, as the base model expects.
+
+    Uses the model's ``CLIPImageProcessor`` when the folder has a
+    ``preprocessor_config.json``; otherwise the standard CLIP recipe at
+    ``image_size`` (bicubic short-side resize, centre crop, CLIP mean/std).
+    """
+
+    def __init__(self, processor: Any | None = None, image_size: int = 224):
+        self.processor = processor
+        self.image_size = int(image_size)
+        self._fallback = None
+        if processor is None:
+            from torchvision import transforms as T
+
+            self._fallback = T.Compose([
+                T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(self.image_size),
+                T.ToTensor(),
+                T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+            ])
+
+    @classmethod
+    def from_pretrained(cls, source: str) -> "CLIPImagePreprocess":
+        folder = resolve_model_dir(source, allow_patterns=["*.json", "*.txt"])
+        image_size = 224
+        try:
+            data = _model_config(folder)
+            vision = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})} or data
+            image_size = int(vision.get("image_size", 224))
+        except SourceUnavailable:
+            pass
+        if (folder / "preprocessor_config.json").exists():
+            from transformers import CLIPImageProcessor
+
+            return cls(CLIPImageProcessor.from_pretrained(str(folder)), image_size)
+        return cls(None, image_size)
+
+    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
+        images = [to_rgb(im) for im in images]
+        if self.processor is not None:
+            out = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            return torch.as_tensor(out).float()
+        return torch.stack([self._fallback(im) for im in images])
+
+
+def to_rgb(image: Any):
+    """A PIL RGB image from a PIL image, encoded bytes, a {'bytes','path'} dict or a path."""
+    from PIL import Image
+
+    if isinstance(image, Mapping):
+        if image.get("bytes") is not None:
+            image = Image.open(io.BytesIO(image["bytes"]))
+        elif image.get("path"):
+            image = Image.open(image["path"])
+    elif isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    elif isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+# ---------------------------------------------------------------------------
+# zero-shot heads
+
+
+@torch.no_grad()
+def zeroshot_class_embeddings(
+    text_model: nn.Module,
+    tokenizer: Any,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device | str,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """[C, D]: per class, the mean over templates of L2-normalised text embeddings, L2-normalised."""
+    texts = [t.replace("{c}", c) for c in classnames for t in templates]
+    max_len = getattr(text_model.config, "max_position_embeddings", 77)
+    text_model = text_model.to(device)
+    chunks = []
+    for i in range(0, len(texts), batch_size):
+        tok = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        tok = {k: v.to(device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        emb = text_model(**tok).text_embeds.float()
+        chunks.append(torch.nn.functional.normalize(emb, dim=-1))
+    emb = torch.cat(chunks).reshape(len(classnames), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(emb, dim=-1).cpu()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-80:] or "model"
+
+
+def _source_identity(source: str) -> str:
+    """Hub id as is; a local folder by absolute path and its weight files' size/mtime."""
+    path = Path(os.path.expanduser(str(source)))
+    if not path.is_dir():
+        return str(source)
+    stats = sorted(
+        (f.name, f.stat().st_size, int(f.stat().st_mtime))
+        for f in path.iterdir()
+        if f.suffix in (".safetensors", ".bin", ".json")
+    )
+    return json.dumps([str(path.resolve()), stats])
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("FEATCAL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "featcal")
+    return Path(os.path.expanduser(root)) / "clip_heads"
+
+
+# ---------------------------------------------------------------------------
+# datasets
+
+
+def _pre_download_hint(source: str, config: str | None, task: str) -> str:
+    cfg = f", '{config}'" if config else ""
+    return (
+        f"could not load dataset '{source}'{' (config ' + config + ')' if config else ''} for task '{task}'. "
+        f"To pre-download it, on a machine with hub access run "
+        f"`python -c \"import datasets; datasets.load_dataset('{source}'{cfg})\"` (or "
+        f"`hf download --repo-type dataset {source}`), copy $HF_HOME here and set HF_HOME to it "
+        f"with HF_HUB_OFFLINE=1 (HF_DATASETS_OFFLINE=1); or save it with "
+        f"`load_dataset(...).save_to_disk(DIR)` and pass backbone.taskpool.datasets.{task}=DIR."
+    )
+
+
+def load_task_split(source: str, split: str, config: str | None = None, task: str = "?"):
+    """One split of a dataset from a hub id, a ``save_to_disk`` folder or a data folder."""
+    import datasets
+
+    path = Path(os.path.expanduser(str(source)))
+    local = path.exists()
+    if not local and (path.is_absolute() or str(source).startswith((".", "~"))):
+        raise SourceUnavailable(f"dataset folder '{source}' for task '{task}' does not exist")
+    if local and path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as err:
+            raise SourceUnavailable(f"could not read saved dataset '{source}' for task '{task}' ({type(err).__name__}: {err})") from err
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset '{source}' (task '{task}') has no split '{split}'; it has {list(ds)}")
+            ds = ds[split]
+        return ds
+    try:
+        if config:
+            return datasets.load_dataset(str(source), config, split=split)
+        return datasets.load_dataset(str(source), split=split)
+    except Exception as err:  # connection errors, missing repos or splits, offline mode without cache
+        raise SourceUnavailable(_pre_download_hint(str(source), config, task) + f" (cause: {type(err).__name__}: {err})") from err
+
+
+class _ImageLabelDataset(torch.utils.data.Dataset):
+    """(image, label) items from a ``datasets.Dataset`` (optionally a subset of rows)."""
+
+    def __init__(self, ds, image_column: str, label_column: str, indices: Sequence[int] | None = None):
+        self.ds = ds.select_columns([image_column, label_column])
+        self.image_column = image_column
+        self.label_column = label_column
+        self.indices = None if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.ds) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i: int):
+        row = self.ds[i if self.indices is None else self.indices[i]]
+        return row[self.image_column], int(row[self.label_column])
+
+
+class _Collate:
+    def __init__(self, preprocess: CLIPImagePreprocess, with_labels: bool):
+        self.preprocess = preprocess
+        self.with_labels = with_labels
+
+    def __call__(self, items):
+        pixel_values = self.preprocess([im for im, _ in items])
+        inputs = {"pixel_values": pixel_values}
+        if self.with_labels:
+            return inputs, torch.tensor([lab for _, lab in items], dtype=torch.long)
+        return inputs
+
+
+# ---------------------------------------------------------------------------
+# the task pool
+
+
+class CLIPVisionTaskPool(TaskPool):
+    """The CLIP image classification tasks, aligned with a CLIP backbone's experts.
+
+    Args:
+        tasks: task names (keys of ``clip_tasks.json``), in expert order.
+        base: the base CLIP model (hub id or folder): text tower for the heads,
+            tokenizer and image processor.
+        datasets: optional per-task dataset source overriding the table's hub id
+            (a hub id, a ``save_to_disk`` folder or a data folder).
+        task_overrides: optional per-task dict merged into the table entry
+            (``config``, ``train_split``, ``test_split``, ``image_column``,
+            ``label_column``, ``classnames``, ``templates``).
+        cache_dir: zero-shot head cache (default ``$FEATCAL_CACHE/clip_heads`` or
+            ``~/.cache/featcal/clip_heads``).
+        device: where the text tower runs to build heads (None/"auto": the best available).
+        num_workers / pin_memory: DataLoader settings (pin_memory default: cuda available).
+        text_batch_size: prompts per text-tower batch.
+        max_test_examples: evaluate on the first k test examples only (smoke runs;
+            None = the full test split, as in the paper).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        base: str,
+        datasets: Mapping[str, str] | None = None,
+        task_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        cache_dir: str | None = None,
+        device: str | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        text_batch_size: int = 256,
+        max_test_examples: int | None = None,
+        data_file: str | None = None,
+    ):
+        table = task_table(data_file)
+        unknown = [t for t in tasks if t not in table]
+        if unknown:
+            raise ValueError(f"unknown CLIP tasks {unknown}; known: {sorted(table)}")
+        self.task_names = list(tasks)
+        self.base = str(base)
+        self.specs: dict[str, dict] = {}
+        for t in self.task_names:
+            spec = dict(table[t])
+            if task_overrides and t in task_overrides and task_overrides[t]:
+                spec.update(dict(task_overrides[t]))
+            if datasets and datasets.get(t):
+                spec["dataset"] = str(datasets[t])
+            self.specs[t] = spec
+        self.cache_dir = Path(os.path.expanduser(str(cache_dir))) if cache_dir else default_cache_dir()
+        if device is None or str(device) == "auto":
+            from featcal.utils import resolve_device
+
+            device = resolve_device("auto")
+        self.device = torch.device(device)
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.text_batch_size = int(text_batch_size)
+        self.max_test_examples = None if max_test_examples is None else int(max_test_examples)
+        self._tasks: list[Task] | None = None
+        self._splits: dict[tuple[str, str], Any] = {}
+        self._preprocess: CLIPImagePreprocess | None = None
+        self._heads: dict[str, ClassEmbeddingHead] = {}
+
+    # ---- data -----------------------------------------------------------
+    @property
+    def preprocess(self) -> CLIPImagePreprocess:
+        if self._preprocess is None:
+            self._preprocess = CLIPImagePreprocess.from_pretrained(self.base)
+        return self._preprocess
+
+    def split_name(self, task: str, split: str) -> str:
+        spec = self.specs[task]
+        return {"train": spec.get("train_split", "train"), "test": spec.get("test_split", "test")}.get(split, split)
+
+    def dataset(self, task: str, split: str):
+        """The raw ``datasets.Dataset`` of ``task``'s ``split`` ('train', 'test' or a split name)."""
+        name = self.split_name(task, split)
+        key = (task, name)
+        if key not in self._splits:
+            spec = self.specs[task]
+            ds = load_task_split(spec["dataset"], name, spec.get("config"), task)
+            for col in (spec["image_column"], spec["label_column"]):
+                if col not in ds.column_names:
+                    raise ValueError(f"dataset '{spec['dataset']}' (task '{task}') has no column '{col}'; columns: {ds.column_names}")
+            feature = ds.features.get(spec["label_column"])
+            n_classes = getattr(feature, "num_classes", None)
+            if n_classes is not None and n_classes != len(spec["classnames"]):
+                raise ValueError(
+                    f"task '{task}': dataset '{spec['dataset']}' has {n_classes} classes but {len(spec['classnames'])} class names"
+                )
+            self._splits[key] = ds
+        return self._splits[key]
+
+    def _loader(self, ds, task: str, indices, batch_size: int, with_labels: bool):
+        spec = self.specs[task]
+        data = _ImageLabelDataset(ds, spec["image_column"], spec["label_column"], indices)
+        return torch.utils.data.DataLoader(
+            data,
+            batch_size=int(batch_size),
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=_Collate(self.preprocess, with_labels),
+            persistent_workers=False,
+        )
+
+    def calibration_indices(self, task: str, n: int, seed: int, split: str = "train") -> list[int]:
+        """Rows of ``split`` used for calibration: a seeded permutation, first n."""
+        size = len(self.dataset(task, split))
+        if n > size:
+            raise ValueError(f"task '{task}': calibration budget {n} exceeds the {size} examples of split '{split}'")
+        return np.random.default_rng(int(seed)).permutation(size)[: int(n)].tolist()
+
+    def calibration_batches(self, task: str, n: int, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
+        ds = self.dataset(task, split)
+        idx = self.calibration_indices(task, n, seed, split)
+        yield from self._loader(ds, task, idx, batch_size, with_labels=False)
+
+    def test_batches(self, task: str, batch_size: int) -> Iterator[tuple[dict, torch.Tensor]]:
+        ds = self.dataset(task, "test")
+        idx = None
+        if self.max_test_examples is not None and self.max_test_examples < len(ds):
+            idx = list(range(self.max_test_examples))
+        yield from self._loader(ds, task, idx, batch_size, with_labels=True)
+
+    # ---- heads ----------------------------------------------------------
+    def head_cache_file(self, task: str) -> Path:
+        spec = self.specs[task]
+        key = json.dumps([_source_identity(self.base), task, spec["classnames"], spec["templates"]])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.cache_dir / _slug(self.base) / f"{_slug(task)}-{digest}.pt"
+
+    def build_heads(self) -> dict[str, ClassEmbeddingHead]:
+        """Zero-shot heads for every task (from the disk cache when present)."""
+        todo = []
+        for t in self.task_names:
+            if t in self._heads:
+                continue
+            f = self.head_cache_file(t)
+            if f.exists():
+                blob = torch.load(str(f), map_location="cpu", weights_only=True)
+                self._heads[t] = ClassEmbeddingHead(blob["class_embeddings"], float(blob["logit_scale"]))
+            else:
+                todo.append(t)
+        if todo:
+            text_model, logit_scale = load_clip_text(self.base)
+            tokenizer = load_clip_tokenizer(self.base)
+            for t in todo:
+                spec = self.specs[t]
+                emb = zeroshot_class_embeddings(text_model, tokenizer, spec["classnames"], spec["templates"], self.device, self.text_batch_size)
+                f = self.head_cache_file(t)
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(f".tmp{os.getpid()}")
+                torch.save({"class_embeddings": emb, "logit_scale": logit_scale, "base": self.base, "task": t}, str(tmp))
+                os.replace(tmp, f)
+                self._heads[t] = ClassEmbeddingHead(emb, logit_scale)
+            del text_model
+        return {t: self._heads[t] for t in self.task_names}
+
+    # ---- TaskPool -------------------------------------------------------
+    @property
+    def tasks(self) -> list[Task]:
+        if self._tasks is None:
+            heads = self.build_heads()
+            out = []
+            for t in self.task_names:
+                spec = self.specs[t]
+                local = Path(os.path.expanduser(str(spec["dataset"]))).exists()
+                out.append(
+                    Task(
+                        name=t,
+                        head=heads[t],
+                        calibration_batches=(lambda n, seed, bs, split="train", _t=t: self.calibration_batches(_t, n, seed, bs, split)),
+                        test_batches=(lambda bs, _t=t: self.test_batches(_t, bs)),
+                        train_size=None if local else spec.get("train_size"),
+                    )
+                )
+            self._tasks = out
+        return self._tasks
