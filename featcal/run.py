@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -67,7 +69,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     timer = StageTimer(device)
     choices = _choices()
     merge_fn = _build(cfg.merge)
-    calibrator = _build(cfg.calibration)
+    cal_node = OmegaConf.to_container(cfg.calibration, resolve=True)
+    if "seed" in cal_node:  # one run seed drives data order and calibrator training alike
+        cal_node["seed"] = int(cfg.seed)
+    calibrator = _build(OmegaConf.create(cal_node))
     adapter: Backbone = _build(cfg.backbone.adapter)
     pool: TaskPool = _build(cfg.backbone.taskpool)
     if torch.cuda.is_available() and device.type == "cuda":
@@ -196,7 +201,23 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF_DIR = os.environ.get("FEATCAL_CONF", str(Path(__file__).resolve().parent.parent / "conf"))
+_BUDGET_ARG = re.compile(r"^(budget)=([0-9]+(?:,[0-9]+)*)$")
+
+
+def _quote_numeric_group_choices(argv: list[str]) -> list[str]:
+    """``budget=64`` / ``budget=8,32,256`` select options of the budget *group*; Hydra parses
+    bare numbers as ints and refuses them as group choices, so quote them as names."""
+    out = []
+    for arg in argv:
+        m = _BUDGET_ARG.match(arg)
+        if m:
+            arg = f"{m.group(1)}=" + ",".join(f"'{v}'" for v in m.group(2).split(","))
+        out.append(arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
@@ -207,6 +228,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    sys.argv[1:] = _quote_numeric_group_choices(sys.argv[1:])
     _hydra_main()
 
 
