@@ -31,7 +31,8 @@ def per_task_table(tasks: list[str], accuracy: dict[str, dict[str, float]]) -> l
             m, c = accuracy["merged"].get(task), accuracy["calibrated"].get(task)
             row["gain"] = None if m is None or c is None else c - m
             e = accuracy.get("experts", {}).get(task)
-            if e is not None and m is not None and c is not None and abs(e - m) > 1e-9:
+            # the fraction of the merged -> experts gap closed; only meaningful for a real gap
+            if e is not None and m is not None and c is not None and e - m >= 1.0:
                 row["gap_closed_%"] = 100.0 * (c - m) / (e - m)
         rows.append(row)
     return rows

@@ -228,7 +228,10 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    sys.argv[1:] = _quote_numeric_group_choices(sys.argv[1:])
+    args = _quote_numeric_group_choices(sys.argv[1:])
+    # Hydra's parser wants flags before overrides; accept `featcal-run a=1 -m b=2,3` too
+    flags = [a for a in args if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags + [a for a in args if a not in flags]
     _hydra_main()
 
 

@@ -1,0 +1,135 @@
+"""End to end through the real console scripts: featcal-run and featcal-collect.
+
+Runs use the small embedded build (same code as the default, fewer/smaller models),
+cached once per test session; W&B runs are read back from their offline files.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from featcal.wandb_log import read_offline_run
+
+SMALL = ["backbone=embedded_small"]
+
+
+def featcal_run(args, env, cwd, check=True, timeout=900):
+    proc = subprocess.run(
+        [sys.executable, "-m", "featcal.run", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"featcal-run {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    e = dict(os.environ)
+    e["FEATCAL_CACHE"] = str(root / "cache")
+    e["HOME"] = str(root / "home")  # no W&B credentials from the host
+    e.pop("WANDB_API_KEY", None)
+    e["WANDB_SILENT"] = "true"
+    e["HYDRA_FULL_ERROR"] = "1"
+    return e
+
+
+def offline_runs(run_dir: Path):
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_single_run_writes_results_and_wandb(env, tmp_path):
+    out = tmp_path / "run"
+    proc = featcal_run(SMALL + ["calibration=featcal", "budget=32", f"hydra.run.dir={out}"], env, tmp_path)
+    res = json.loads((out / "results.json").read_text())
+    tasks = res["tasks"]
+    assert set(res["accuracy"]) == {"experts", "base", "merged", "calibrated"}
+    for stage in res["accuracy"].values():
+        assert set(stage) == set(tasks) | {"average"}
+        assert all(0.0 <= v <= 100.0 for v in stage.values())
+    for stage in ("load", "merge", "evaluate_merged", "calibrate", "evaluate_calibrated"):
+        assert res["timings"][stage] >= 0.0
+    assert res["memory"]["peak_rss_mib"] > 0
+    # the table is printed
+    for task in tasks:
+        assert task in proc.stdout
+    assert "| task" in proc.stdout and "calibrated" in proc.stdout
+    # long CSV readable by pandas, consistent with the JSON
+    df = pd.read_csv(out / "results.csv")
+    assert {"run_dir", "backbone", "merge", "calibration", "budget", "stage", "task", "accuracy"} <= set(df.columns)
+    row = df[(df.stage == "calibrated") & (df.task == "average")]
+    assert row.accuracy.item() == pytest.approx(res["accuracy"]["calibrated"]["average"])
+    # per-block drift before and after FeatCal
+    drift = pd.read_csv(out / "drift.csv")
+    assert set(drift["when"]) == {"before", "after"} and set(drift["task"]) == set(tasks)
+    # W&B offline run: config, summary metrics, tables
+    (run,) = offline_runs(out)
+    logged = read_offline_run(run)
+    assert logged["config"]["merge"]["name"] == "task_arithmetic"
+    assert logged["config"]["budget"]["per_task"] == 32
+    for stage, accs in res["accuracy"].items():
+        for task, acc in accs.items():
+            assert logged["summary"][f"acc/{stage}/{task}"] == pytest.approx(acc)
+    assert logged["summary"]["time/calibrate"] == pytest.approx(res["timings"]["calibrate"])
+    keys = {k.split("/")[0] for k in logged["summary"]}
+    assert {"per_task_accuracy", "feature_drift"} <= keys
+    assert logged["group"] is None
+
+
+def test_sweep_shares_group_collects_and_is_deterministic(env, tmp_path):
+    sweep = tmp_path / "sweep"
+    featcal_run(
+        SMALL + ["-m", "merge=task_arithmetic,ties", "calibration=featcal", "budget=32", f"hydra.sweep.dir={sweep}"],
+        env,
+        tmp_path,
+    )
+    runs = sorted(p.parent for p in sweep.rglob("results.json"))
+    assert len(runs) == 2
+    groups = {read_offline_run(offline_runs(r)[0])["group"] for r in runs}
+    assert len(groups) == 1 and next(iter(groups)).startswith("sweep-")
+    # featcal-collect: one CSV and one Markdown table
+    proc = subprocess.run(
+        [sys.executable, "-m", "featcal.collect", str(sweep)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_csv(sweep / "collected.csv")
+    assert set(df["merge"]) == {"task_arithmetic", "ties"} and df["run_dir"].nunique() == 2
+    assert "ties" in (sweep / "collected.md").read_text()
+    # same seed, same numbers, in a separate process
+    single = tmp_path / "again"
+    featcal_run(SMALL + ["merge=task_arithmetic", "calibration=featcal", "budget=32", "logger=none", f"hydra.run.dir={single}"], env, tmp_path)
+    ta_run = next(r for r in runs if json.loads((r / "results.json").read_text())["merge"] == "task_arithmetic")
+    a = json.loads((ta_run / "results.json").read_text())["accuracy"]
+    b = json.loads((single / "results.json").read_text())["accuracy"]
+    assert a == b
+
+
+def test_run_completes_when_wandb_cannot_start(env, tmp_path):
+    out = tmp_path / "run"
+    proc = featcal_run(
+        SMALL + ["calibration=none", "budget=8", "evaluate_experts=false", "evaluate_base=false", "logger.mode=online", f"hydra.run.dir={out}"],
+        env,
+        tmp_path,
+    )
+    assert "W&B: not logged" in proc.stdout
+    assert (out / "results.json").exists()
+
+
+def test_bad_config_fails_before_loading(env, tmp_path):
+    e = dict(env, FEATCAL_CACHE=str(tmp_path / "fresh_cache"))
+    proc = featcal_run(SMALL + ["budget.per_task=-4", "merge.scaling_factor=3", f"hydra.run.dir={tmp_path / 'r'}"], e, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "budget.per_task=-4" in proc.stderr and "merge.scaling_factor=3" in proc.stderr
+    assert not (tmp_path / "fresh_cache").exists()  # nothing was built or loaded
+    assert not (tmp_path / "r" / "results.json").exists()
+    proc = featcal_run(["merge=average"], e, tmp_path, check=False)
+    assert proc.returncode != 0 and "weight_average" in proc.stderr
+
+
+def test_cfg_job_prints_config(env, tmp_path):
+    proc = featcal_run(["--cfg", "job"], env, tmp_path)
+    assert "backbone:" in proc.stdout and "task_arithmetic" in proc.stdout
