@@ -32,7 +32,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_composes(group):
     for opt in options(group):
-        cfg = compose_cfg([f"{group}={opt}"])
+        cfg = compose_cfg([f"{group}='{opt}'"])  # quoted: budget options are named 8 ... 256
         assert cfg[group] is not None
         missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.")]
         if missing:
