@@ -1,0 +1,187 @@
+"""Wall-clock and peak memory of post-merging calibrators on a ViT-B/32-shaped tower.
+
+Workload: a transformers ``CLIPVisionConfig()`` tower (defaults: 12 layers, width 768,
+MLP 3072, image 224, patch 32 → 50 tokens, visual projection 512) with random weights
+as the base, ``--experts`` experts = base + random perturbations of every block
+parameter (``--delta`` × the parameter's std), Task Arithmetic (λ = 0.3), ``--n``
+random images per task in batches of 16, on CPU.
+
+Each calibrator named in ``--methods`` is built from ``conf/calibration/<name>.yaml``
+with ``hydra.utils.instantiate`` and run in a fresh subprocess (so peak RSS is per
+method). Measured around ``calibrator.calibrate(...)`` only (model building excluded):
+wall-clock, and peak RSS increase over the RSS just before the call (psutil sampled
+every 20 ms; ``ru_maxrss`` of the subprocess is reported too). Prints one table and
+the ratios to the first method, all from this one run.
+
+    python experiments/bench_calibration.py                   # featcal,surgery,probsurgery, n=32
+    python experiments/bench_calibration.py --methods featcal,none --n 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "calibration"
+
+
+def build_workload(num_experts: int, n: int, delta: float, seed: int):
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from featcal.backbone.clip import CLIPVisionBackbone
+    from featcal.merge import task_arithmetic
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig()  # ViT-B/32 shapes
+    base = CLIPVisionModelWithProjection(config).eval()
+    tasks = [f"task{t}" for t in range(num_experts)]
+    backbone = CLIPVisionBackbone(tasks, base="<in-memory>", experts=["<in-memory>"] * num_experts)
+    base_sd = base.state_dict()
+    experts = []
+    for t in range(num_experts):
+        gen = torch.Generator().manual_seed(seed + 1 + t)
+        sd = {}
+        for key, value in base_sd.items():
+            if torch.is_floating_point(value) and "encoder.layers" in key:
+                std = float(value.std()) if value.numel() > 1 else 0.02
+                std = std if std > 0 else 0.02
+                sd[key] = value + delta * std * torch.randn(value.shape, generator=gen)
+            else:
+                sd[key] = value.clone()
+        experts.append(backbone.with_state_dict(base, sd))
+    merged = backbone.with_state_dict(base, task_arithmetic(base_sd, [e.state_dict() for e in experts], 0.3))
+    gen = torch.Generator().manual_seed(seed + 1000)
+    size = config.image_size
+    calibration = []
+    for t in range(num_experts):
+        shift = torch.randn(3, size, size, generator=gen)
+        images = shift + torch.randn(n, 3, size, size, generator=gen)
+        calibration.append([images[i : i + 16] for i in range(0, n, 16)])
+    return backbone, merged, base, experts, calibration
+
+
+def run_one(method: str, args) -> dict:
+    """In this (fresh) process: build the workload, run one calibrator, measure it."""
+    import psutil
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = OmegaConf.load(CONF / f"{method}.yaml")
+    if "defaults" in cfg:  # compose a yaml that extends another one of the group
+        parts = []
+        for item in cfg.defaults:
+            parts.append(cfg if item == "_self_" else OmegaConf.load(CONF / f"{item}.yaml"))
+        cfg = OmegaConf.merge(*[OmegaConf.masked_copy(p, [k for k in p if k != "defaults"]) for p in parts])
+    if "progress" in cfg:
+        cfg.progress = False
+    calibrator = instantiate(cfg)
+    backbone, merged, base, experts, calibration = build_workload(args.experts, args.n, args.delta, args.seed)
+
+    proc = psutil.Process()
+    baseline = proc.memory_info().rss
+    peak = [baseline]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    out = calibrator.calibrate(backbone, merged, base, experts, calibration, device="cpu")
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    result = {
+        "method": method,
+        "seconds": seconds,
+        "peak_rss_increase_mb": (peak[0] - baseline) / 2**20,
+        "rss_before_mb": baseline / 2**20,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+    drift = out.report.get("drift", {}) if isinstance(out.report, dict) else {}
+    if drift.get("before") and drift.get("after"):
+        before = [v[-1] for v in drift["before"].values()]
+        after = [v[-1] for v in drift["after"].values()]
+        result["last_block_drift_before"] = sum(before) / len(before)
+        result["last_block_drift_after"] = sum(after) / len(after)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="featcal,surgery,probsurgery")
+    parser.add_argument("--n", type=int, default=32, help="calibration examples per task")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--delta", type=float, default=0.1, help="expert perturbation, × parameter std")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print("RESULT " + json.dumps(run_one(args.child, args)), flush=True)
+        return
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = []
+    print(
+        f"workload: CLIPVisionConfig() tower (ViT-B/32 shapes), {args.experts} experts, "
+        f"n={args.n} per task, batch 16, CPU, {os.cpu_count()} cores"
+    )
+    for method in methods:
+        if not (CONF / f"{method}.yaml").exists():
+            print(f"skip {method}: conf/calibration/{method}.yaml not found")
+            continue
+        cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
+               "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{method}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
+            continue
+        res = json.loads(line[-1][len("RESULT "):])
+        results.append(res)
+        print(f"  done {method}: {res['seconds']:.1f} s", flush=True)
+
+    if not results:
+        return
+    print()
+    print("| method | wall-clock (s) | peak RSS increase (MiB) | process max RSS (MiB) | last-block drift before → after |")
+    print("|---|---:|---:|---:|---|")
+    for r in results:
+        drift = (
+            f"{r['last_block_drift_before']:.3f} → {r['last_block_drift_after']:.3f}"
+            if "last_block_drift_after" in r
+            else "–"
+        )
+        print(
+            f"| {r['method']} | {r['seconds']:.1f} | {r['peak_rss_increase_mb']:.0f} | {r['ru_maxrss_mb']:.0f} | {drift} |"
+        )
+    ref = results[0]
+    if len(results) > 1:
+        print()
+        print(f"ratios (other / {ref['method']}), same run:")
+        for r in results[1:]:
+            t_ratio = r["seconds"] / max(ref["seconds"], 1e-9)
+            m_ratio = r["peak_rss_increase_mb"] / max(ref["peak_rss_increase_mb"], 1e-9)
+            print(f"  {r['method']}: wall-clock ×{t_ratio:.2f}, peak RSS increase ×{m_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

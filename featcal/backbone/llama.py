@@ -1,0 +1,183 @@
+"""Decoder-only LLMs (transformers ``LlamaForCausalLM`` and look-alikes).
+
+Blocks: ``model.model.layers`` (each: RMSNorm → q/k/v/o attention, RMSNorm →
+gate/up/down MLP). First-block inputs: token embeddings, with the rotary position
+embeddings and the causal (+ padding) attention mask carried in ``BlockState.extras``
+so every block gets exactly what ``LlamaModel.forward`` would pass it.
+
+Final representation (``readout``): the final RMSNorm of the last hidden states, then
+**mean-pooled over the real (non-padding) tokens** → [B, D]. This is a generic
+sentence-level feature for drift measurements and representation-level calibrators;
+generative evaluation (harnesses) uses the calibrated ``model`` itself.
+
+Token masks: ``token_mask`` = the attention mask (padding weight 0 for FeatCal's
+statistics), ``readout_mask`` = every real token (each one feeds the LM head), so the
+last-block token weighting of FeatCal leaves all real tokens at weight 1.
+
+Embeddings and the LM head are not part of task vectors (``merge_excluded``), as in
+MergeBench-style LLM merging; they keep the base value.
+
+Inputs are dicts ``{"input_ids": [B, N], "attention_mask": [B, N]}`` (attention_mask
+optional).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from featcal.backbone.base import Backbone, BlockState, Inputs
+from featcal.hub import SourceUnavailable, offline_hint, resolve_model_dir
+
+_LLM_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.tiktoken"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return _DTYPES[str(dtype).replace("torch.", "")]
+
+
+def load_causal_lm(source: str, dtype: str | torch.dtype = "float32", attn_implementation: str | None = "sdpa") -> nn.Module:
+    """A causal LM from a hub id or a local folder (eval mode, on CPU).
+
+    Any failure to find or read the checkpoint raises ``SourceUnavailable`` with the
+    offline hint.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_dir(source, allow_patterns=_LLM_FILES)
+    kwargs = {"dtype": _dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except TypeError:  # transformers 4.x spells it torch_dtype
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        except Exception as err:
+            raise SourceUnavailable(offline_hint("model", str(source)) + f" (cause: {type(err).__name__}: {err})") from err
+    except Exception as err:  # OSError, ValueError (bad config), safetensors errors, ...
+        raise SourceUnavailable(offline_hint("model", str(source)) + f" (cause: {type(err).__name__}: {err})") from err
+    return model.eval()
+
+
+def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, position_ids):
+    """The 4D (or None = plain causal) mask ``LlamaModel.forward`` would build."""
+    from transformers.masking_utils import create_causal_mask
+
+    kwargs = dict(
+        config=model.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=None,
+    )
+    params = inspect.signature(create_causal_mask).parameters
+    if "position_ids" in params:
+        kwargs["position_ids"] = position_ids
+    if "cache_position" in params:  # transformers 4.x
+        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+    return create_causal_mask(**kwargs)
+
+
+class LlamaBackbone(Backbone):
+    """Adapter for decoder-only transformers LLMs (Llama, Mistral, Qwen2-style layouts).
+
+    Args:
+        tasks: task names, one expert per task.
+        base: hub id or local folder of θ₀.
+        experts: hub ids / folders, a mapping task → source or a list aligned with tasks.
+        dtype: model dtype (``bfloat16`` for real LLMs; FeatCal statistics stay float32).
+        attn_implementation: passed to ``from_pretrained`` (``sdpa`` or ``eager``).
+    """
+
+    key_value_patterns = ("k_proj", "v_proj")
+
+    def __init__(
+        self,
+        tasks: list[str],
+        base: str,
+        experts: Mapping[str, str] | list[str],
+        dtype: str = "float32",
+        attn_implementation: str | None = "sdpa",
+    ):
+        super().__init__(tasks)
+        self.base_source = str(base)
+        if isinstance(experts, Mapping):
+            self.expert_sources = {t: str(experts[t]) for t in self.tasks}
+        else:
+            self.expert_sources = {t: str(e) for t, e in zip(self.tasks, experts)}
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+
+    # ---- loading -------------------------------------------------------
+    def load_base(self) -> nn.Module:
+        return load_causal_lm(self.base_source, self.dtype, self.attn_implementation)
+
+    def load_expert(self, task: str) -> nn.Module:
+        return load_causal_lm(self.expert_sources[task], self.dtype, self.attn_implementation)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(resolve_model_dir(self.base_source, allow_patterns=_LLM_FILES)))
+        except SourceUnavailable:
+            raise
+        except Exception as err:
+            raise SourceUnavailable(offline_hint("model", self.base_source) + f" (cause: {err})") from err
+
+    def merge_excluded(self, key: str) -> bool:
+        """Embeddings and the LM head are not part of LLM task vectors."""
+        return "embed_tokens" in key or key.startswith("lm_head") or ".lm_head." in key
+
+    # ---- structure -----------------------------------------------------
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.layers)
+
+    # ---- forward -------------------------------------------------------
+    def embed(self, model: nn.Module, inputs: Inputs) -> BlockState:
+        if isinstance(inputs, Mapping):
+            input_ids = inputs["input_ids"]
+            attention_mask = inputs.get("attention_mask")
+        else:
+            input_ids, attention_mask = inputs, None
+        inner = model.model
+        hidden = inner.embed_tokens(input_ids)
+        b, n = input_ids.shape
+        position_ids = torch.arange(n, device=hidden.device).unsqueeze(0)
+        if attention_mask is None:
+            attention_mask = torch.ones(b, n, dtype=torch.long, device=hidden.device)
+        mask = _causal_mask(model, hidden, attention_mask, position_ids)
+        position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
+        token_mask = attention_mask.to(torch.float32)
+        extras = {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "position_embeddings": position_embeddings,
+        }
+        return BlockState(hidden, token_mask, token_mask > 0, extras)
+
+    def run_block(self, block: nn.Module, state: BlockState) -> BlockState:
+        out = block(state.hidden, **state.extras)
+        if isinstance(out, tuple):  # transformers 4.x layers return tuples
+            out = out[0]
+        return state.with_hidden(out)
+
+    def readout(self, model: nn.Module, state: BlockState) -> torch.Tensor:
+        """Final RMSNorm, then the mean over real tokens: [B, D]."""
+        h = model.model.norm(state.hidden).float()
+        w = state.token_mask.to(h.device, torch.float32).unsqueeze(-1)
+        return (h * w).sum(1) / w.sum(1).clamp_min(1.0)

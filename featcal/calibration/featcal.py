@@ -1,0 +1,890 @@
+"""FeatCal: closed-form, forward-order feature calibration of a merged model.
+
+The method (see METHOD.md, "FeatCal"): walk the backbone's blocks in order. For
+block l and every task t, run the *current* merged block on the student inputs
+H̃_t (from the already calibrated blocks < l) and expert t's block l on the expert
+inputs H_t, capturing the input of every calibratable module (every Linear and
+every norm): x_s and x_e. The teacher input is x_t = α·x_e + (1 − α)·x_s. From
+w-weighted token averages of those inputs each module is solved in closed form,
+pulled towards the anchor A = ρ·θ_m + (1 − ρ)·θ₀ with ridge strength λ:
+
+* Linear weight, s_t = 1/‖C_ss^(t)‖_F:
+  (Σ_t s_t C_ss^(t) + (λ + ε) I) Wᵀ = Σ_t s_t C_st^(t) W_tᵀ + λ A_Wᵀ
+* Linear bias: b = [Σ_t s_t (b_t + W_t μ_t − W μ_s) + λ A_b] / (Σ_t s_t + λ)
+* LayerNorm (γ, β): a per-dimension 2×2 system; RMSNorm (scale only): γ = r_γ / a11.
+
+All of a block's new parameters are written at once; then the updated merged block
+gives the next student inputs and expert block l (already run) the next expert inputs.
+
+This file has three layers:
+
+1. the closed forms as small pure functions over statistics (unit-tested against
+   brute-force least squares in ``tests/test_featcal_solver.py``);
+2. statistics accumulation (w-weighted token averages, float32 or wider whatever the
+   model dtype; a non-finite statistic is an error naming the module);
+3. the forward-order driver ``FeatCal`` that walks ``backbone.blocks(...)`` and knows
+   nothing about any model family.
+
+Efficiency choices (the results are those of the plain formulas):
+
+* modules that read the same tensor (q/k/v, gate/up) share x_s statistics and are
+  solved as one system with concatenated right-hand sides;
+* the cross term Σ_t s_t C_st W_tᵀ is formed without building it from scratch when that
+  is cheaper: either ``direct`` — E[x_s (W_t x_t)ᵀ], the student input against the expert
+  module's output on the teacher input — or ``gram`` — (α E[x_s x_eᵀ] + (1 − α) C_ss) W_tᵀ,
+  reusing C_ss. ``cross_route="auto"`` picks, per module group, whichever costs fewer
+  multiply-adds for the number of calibration tokens (direct wins when tokens are few
+  relative to the input width, e.g. a ViT MLP's second layer; gram wins for q/k/v);
+* one pass of the not-yet-updated merged block per batch and task, stopped right after
+  the last module's input is captured (its output is not needed); one pass of the
+  expert block, whose output is the next expert input;
+* only the block in work and the expert copies of that block are on the device; only
+  one block's worth of activations (per task, student and expert) is kept.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from featcal.backbone.base import Backbone, BlockState, Inputs, is_norm, is_rms_norm, move_inputs
+from featcal.calibration.base import CalibratedModel, Calibrator
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError as err:
+        raise ValueError(f"solve dtype must be float32 or float64, got {dtype!r}") from err
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or wider if the data already is."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# =============================================================================
+# 1. Closed forms: pure functions over statistics
+# =============================================================================
+
+
+def anchor(merged: torch.Tensor, base: torch.Tensor, rho: float) -> torch.Tensor:
+    """A = ρ·θ_m + (1 − ρ)·θ₀ (ρ = 1: the merged weights; ρ > 1 extrapolates away from θ₀)."""
+    return rho * merged + (1.0 - rho) * base
+
+
+def task_scale(c_ss: torch.Tensor, eps: float = 1e-12) -> float:
+    """s_t = 1 / ‖C_ss^(t)‖_F."""
+    return 1.0 / max(float(torch.linalg.vector_norm(c_ss)), eps)
+
+
+@dataclass
+class SolveInfo:
+    """How a linear system was solved (``method`` in cholesky / lu / pinv)."""
+
+    method: str = "cholesky"
+
+
+def ridge_solve(
+    lhs: torch.Tensor,
+    rhs: torch.Tensor,
+    ridge: float,
+    dtype: torch.dtype = torch.float64,
+    info: SolveInfo | None = None,
+) -> torch.Tensor:
+    """X solving (lhs + ridge·I) X = rhs for a symmetric PSD ``lhs``.
+
+    Cholesky first; if it fails (indefinite or singular), an LU solve; if that fails or
+    gives a non-finite result, the pseudo-inverse (minimum-norm least squares).
+    Computed in ``dtype`` (float32 or wider) and returned in ``dtype``.
+    """
+    dtype = as_dtype(dtype)
+    a = lhs.to(dtype)
+    a = 0.5 * (a + a.T)
+    if ridge:
+        a = a + ridge * torch.eye(a.shape[0], dtype=dtype, device=a.device)
+    b = rhs.to(dtype)
+    info = info if info is not None else SolveInfo()
+    chol, status = torch.linalg.cholesky_ex(a)
+    if int(status) == 0 and _all_finite(chol):
+        y = torch.linalg.solve_triangular(chol, b, upper=False)
+        x = torch.linalg.solve_triangular(chol.T, y, upper=True)
+        if _all_finite(x):
+            info.method = "cholesky"
+            return x
+    lu, pivots, status = torch.linalg.lu_factor_ex(a)
+    if int(status) == 0:
+        x = torch.linalg.lu_solve(lu, pivots, b)
+        if _all_finite(x):
+            info.method = "lu"
+            return x
+    info.method = "pinv"
+    return torch.linalg.pinv(a, hermitian=True) @ b
+
+
+def solve_weight_from_sums(
+    lhs_sum: torch.Tensor,
+    rhs_sum: torch.Tensor,
+    anchor_w: torch.Tensor,
+    lam: float,
+    eps: float = 1e-8,
+    dtype: torch.dtype = torch.float64,
+    info: SolveInfo | None = None,
+) -> torch.Tensor:
+    """W from aggregated statistics.
+
+    lhs_sum = Σ_t s_t C_ss^(t)          [in, in]
+    rhs_sum = Σ_t s_t C_st^(t) W_tᵀ     [in, out]
+    anchor_w = A_W                      [out, in]
+    Solves (lhs_sum + (λ + ε) I) Wᵀ = rhs_sum + λ A_Wᵀ; returns W [out, in].
+    """
+    dtype = as_dtype(dtype)
+    rhs = rhs_sum.to(dtype) + lam * anchor_w.to(dtype).T
+    return ridge_solve(lhs_sum, rhs, lam + eps, dtype, info).T
+
+
+def solve_linear_weight(
+    c_ss: Sequence[torch.Tensor],
+    cross: Sequence[torch.Tensor],
+    anchor_w: torch.Tensor,
+    lam: float,
+    eps: float = 1e-8,
+    dtype: torch.dtype = torch.float64,
+    info: SolveInfo | None = None,
+) -> torch.Tensor:
+    """The FeatCal linear weight from per-task statistics.
+
+    c_ss[t]  = E[x_s x_sᵀ]                       [in, in]
+    cross[t] = E[x_s (W_t x_t)ᵀ] = C_st W_tᵀ      [in, out]
+    Minimises Σ_t s_t E‖W x_s − W_t x_t‖² + λ‖W − A_W‖² (+ ε‖W‖²), s_t = 1/‖C_ss^(t)‖_F.
+    """
+    dtype = as_dtype(dtype)
+    scales = [task_scale(c) for c in c_ss]
+    lhs = sum(s * c.to(dtype) for s, c in zip(scales, c_ss))
+    rhs = sum(s * m.to(dtype) for s, m in zip(scales, cross))
+    return solve_weight_from_sums(lhs, rhs, anchor_w, lam, eps, dtype, info)
+
+
+def solve_linear_bias(
+    weight: torch.Tensor,
+    scales: Sequence[float],
+    mu_s: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    anchor_b: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """b = [Σ_t s_t (b_t + W_t μ_t − W μ_s) + λ A_b] / (Σ_t s_t + λ).
+
+    ``targets[t]`` = b_t + W_t μ_t (the expert module's mean output on the teacher input),
+    ``mu_s[t]`` = E[x_s], ``weight`` = the W just solved.
+    """
+    dtype = weight.dtype
+    num = lam * anchor_b.to(dtype)
+    for s, m, tgt in zip(scales, mu_s, targets):
+        num = num + s * (tgt.to(dtype) - weight @ m.to(dtype))
+    return num / (sum(scales) + lam)
+
+
+def solve_bias_from_sums(
+    weight: torch.Tensor,
+    scale_sum: float,
+    mu_s_sum: torch.Tensor,
+    target_sum: torch.Tensor,
+    anchor_b: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """``solve_linear_bias`` from Σ_t s_t, Σ_t s_t μ_s and Σ_t s_t (b_t + W_t μ_t)."""
+    dtype = weight.dtype
+    num = target_sum.to(dtype) - weight @ mu_s_sum.to(dtype) + lam * anchor_b.to(dtype)
+    return num / (scale_sum + lam)
+
+
+def solve_layernorm(
+    e: torch.Tensor,
+    m: torch.Tensor,
+    gammas: torch.Tensor,
+    betas: torch.Tensor,
+    anchor_gamma: torch.Tensor,
+    anchor_beta: torch.Tensor,
+    lam: float,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm affine (γ, β), per dimension, from per-task statistics [T, D].
+
+    e[t] = E[z_s²], m[t] = E[z_s] with z_s the student input normalised without affine;
+    gammas/betas = the experts' affine. Minimises
+    Σ_t E(γ z_s + β − γ_t z_s − β_t)² + λ[(γ − A_γ)² + (β − A_β)²] per dimension.
+    """
+    e, m, gammas, betas = (v.double() for v in (e, m, gammas, betas))
+    num_tasks = e.shape[0]
+    a11 = e.sum(0) + lam
+    a12 = m.sum(0)
+    a22 = num_tasks + lam
+    r_g = (e * gammas + m * betas).sum(0) + lam * anchor_gamma.double()
+    r_b = (m * gammas + betas).sum(0) + lam * anchor_beta.double()
+    det = (a11 * a22 - a12 * a12).clamp_min(eps)
+    gamma = (a22 * r_g - a12 * r_b) / det
+    beta = (a11 * r_b - a12 * r_g) / det
+    return gamma, beta
+
+
+def solve_rmsnorm(e: torch.Tensor, gammas: torch.Tensor, anchor_gamma: torch.Tensor, lam: float) -> torch.Tensor:
+    """Scale-only norm (RMSNorm, T5 LayerNorm): the LayerNorm objective with β = 0,
+    γ = r_γ / a11 = (Σ_t e_t γ_t + λ A_γ) / (Σ_t e_t + λ)."""
+    e, gammas = e.double(), gammas.double()
+    return ((e * gammas).sum(0) + lam * anchor_gamma.double()) / (e.sum(0) + lam)
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """True if no NaN/inf (one reduction: NaN and inf propagate through a sum)."""
+    return math.isfinite(float(value.sum()))
+
+
+def check_finite(module: str, **tensors: torch.Tensor) -> None:
+    """Raise ``FloatingPointError`` naming ``module`` if any statistic is NaN/inf."""
+    for what, value in tensors.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            ok = _all_finite(value)
+        else:
+            ok = math.isfinite(float(value))
+        if not ok:
+            raise FloatingPointError(
+                f"FeatCal: non-finite calibration statistic '{what}' for module '{module}' "
+                "(NaN/inf in the activations feeding it: check the models and inputs)"
+            )
+
+
+# =============================================================================
+# 2. Statistics accumulation
+# =============================================================================
+
+
+def _gram_upper_(acc: torch.Tensor, xw: torch.Tensor, x: torch.Tensor, chunk: int = 768, beta: float = 1.0) -> None:
+    """acc[i, j] = beta·acc[i, j] + (xwᵀ x)[i, j] on the upper block triangle only
+    (symmetric products; ``finish_gram`` mirrors it). Saves up to half the multiply-adds
+    for wide inputs. beta = 0 ignores acc's previous content (may be uninitialised)."""
+    d = x.shape[1]
+    if d <= 2 * chunk:
+        acc.addmm_(xw.T, x, beta=beta)
+        return
+    for i in range(0, d, chunk):
+        acc[i : i + chunk, i:].addmm_(xw[:, i : i + chunk].T, x[:, i:], beta=beta)
+
+
+def finish_gram(acc: torch.Tensor, chunk: int = 768) -> torch.Tensor:
+    """Mirror the upper block triangle filled by ``_gram_upper_`` into a full symmetric
+    matrix (in place: diagonal blocks are already full, only the blocks below are copied)."""
+    d = acc.shape[0]
+    if d <= 2 * chunk:
+        return acc
+    for i in range(0, d, chunk):
+        for j in range(i + chunk, d, chunk):
+            acc[j : j + chunk, i : i + chunk] = acc[i : i + chunk, j : j + chunk].T
+    return acc
+
+
+class MomentAccumulator:
+    """w-weighted token moments of one capture point, accumulated in float32 or wider.
+
+    ``add(x, w)`` with x [..., D] in any dtype (bf16/fp16 models included) and w the
+    token weights ([...] or None for all ones). ``mean()`` = E[x], ``second()`` = E[x xᵀ].
+    """
+
+    def __init__(self, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32, second: bool = True):
+        self.dtype = stat_dtype(dtype)
+        self.weight_sum = 0.0
+        self.first = torch.zeros(dim, dtype=self.dtype, device=device)
+        # uninitialised: the first add overwrites it (beta = 0), saving a pass over D² memory
+        self.raw_second = torch.empty(dim, dim, dtype=self.dtype, device=device) if second else None
+        self._mirrored = False
+        self._empty = True
+
+    def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if w is None:
+            xw = x
+            self.weight_sum += x.shape[0]
+        else:
+            w = w.reshape(-1).to(self.dtype)
+            xw = x * w[:, None]
+            self.weight_sum += float(w.sum())
+        self.first += xw.sum(0)
+        if self.raw_second is not None:
+            self._mirrored = False
+            _gram_upper_(self.raw_second, xw, x, beta=0.0 if self._empty else 1.0)
+            self._empty = False
+
+    def mean(self) -> torch.Tensor:
+        return self.first / max(self.weight_sum, 1e-30)
+
+    def second(self) -> torch.Tensor:
+        if self._empty:
+            self.raw_second.zero_()
+            self._empty = False
+        if not self._mirrored:
+            finish_gram(self.raw_second)
+            self._mirrored = True
+        return self.raw_second / max(self.weight_sum, 1e-30)
+
+
+# =============================================================================
+# 3. The forward-order driver
+# =============================================================================
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once every needed input is captured."""
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError("could not find the input tensor of a calibratable module")
+
+
+def capture_inputs(
+    backbone: Backbone,
+    block: nn.Module,
+    modules: dict[str, nn.Module],
+    state: BlockState,
+    stop_after: str | None = None,
+) -> tuple[dict[str, torch.Tensor], list[str], BlockState | None]:
+    """Run ``block`` on ``state`` and capture the input of every module in ``modules``.
+
+    Returns (inputs by name, call order, output state). With ``stop_after`` the forward
+    is cut short right after that module's input is captured (output state is None).
+    """
+    store: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    handles = []
+
+    def make_hook(name):
+        def hook(mod, args, kwargs):
+            if name in store:
+                raise RuntimeError(
+                    f"FeatCal: module '{name}' is called more than once per block forward; "
+                    "such weight sharing is not supported"
+                )
+            store[name] = _first_tensor(args, kwargs)
+            order.append(name)
+            if name == stop_after:
+                raise _StopForward
+
+        return hook
+
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+    out = None
+    try:
+        out = backbone.run_block(block, state)
+    except _StopForward:
+        out = None
+    finally:
+        for h in handles:
+            h.remove()
+    return store, order, out
+
+
+def _token_drift(student: list[BlockState], expert: list[BlockState]) -> float:
+    """Mean over real tokens of ‖student − expert‖ / ‖expert‖."""
+    num = 0.0
+    den = 0.0
+    for s, e in zip(student, expert):
+        a, b = s.hidden.float(), e.hidden.float()
+        rel = (a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)
+        mask = e.token_mask.float().reshape(rel.shape)
+        num += float((rel * mask).sum())
+        den += float(mask.sum())
+    return num / max(den, 1e-12)
+
+
+@dataclass
+class _LinearGroup:
+    """Linear modules that read one tensor with one token weighting: one system."""
+
+    leader: str  # the module whose captured input is used
+    weighted: bool  # readout token weighting (last block) vs uniform
+    names: list[str]
+    out_dims: list[int]
+    in_dim: int
+    route: str = "direct"  # cross-term route: direct | gram
+    # block totals over tasks
+    lhs: torch.Tensor | None = None
+    rhs: torch.Tensor | None = None
+    scale_sum: float = 0.0
+    mu_s_sum: torch.Tensor | None = None
+    target_sum: torch.Tensor | None = None  # Σ_t s_t (b_t + W_t μ_t), concatenated outputs
+    has_bias: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class _NormStats:
+    name: str
+    weighted: bool
+    rms: bool
+    e: list[torch.Tensor] = field(default_factory=list)
+    m: list[torch.Tensor] = field(default_factory=list)
+    gammas: list[torch.Tensor] = field(default_factory=list)
+    betas: list[torch.Tensor] = field(default_factory=list)
+
+
+def _normalise(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The norm module's output with unit scale and zero shift: z = norm(x) without affine."""
+    from torch.func import functional_call
+
+    params = {"weight": torch.ones_like(module.weight, dtype=dtype)}
+    if getattr(module, "bias", None) is not None:
+        params["bias"] = torch.zeros_like(module.bias, dtype=dtype)
+    return functional_call(module, params, (x.to(dtype),)).to(dtype)
+
+
+class FeatCal(Calibrator):
+    """Closed-form, forward-order FeatCal (see the module docstring and METHOD.md).
+
+    Args:
+        lambda_ratio: ridge strength λ towards the anchor.
+        rho: anchor A = ρ·merged + (1 − ρ)·base (ρ = 1: anchor at the merged weights).
+        alpha: teacher interpolation x_t = α·x_e + (1 − α)·x_s.
+        batch_size: calibration batch size (the run batches the calibration set with it).
+        eps: ε added to the ridge of the weight system and the LayerNorm determinant floor.
+        calibrate_bias / calibrate_norm: ablation switches (off: keep merged values).
+        token_weighting: last-block token weights (readout tokens 1, others
+            ``last_block_patch_weight``; key/value projections uniform).
+        forward_order: True: student inputs from the already calibrated blocks; False:
+            the "all layers from the uncalibrated merged model" ablation.
+        dtype: dtype of the linear solves (float32 or float64). Statistics are always
+            float32 or wider. Σ_t s_t C_ss has norm ≤ T and the ridge is λ, so the system's
+            condition number is at most (T + λ)/λ: float32 is ample at λ = 0.05.
+        cross_route: "auto", "direct" (E[x_s (W_t x_t)ᵀ]) or "gram" ((α C_se + (1−α) C_ss) W_tᵀ).
+        drift_batches: calibration batches per task used for the drift diagnostics
+            (None: all). The uncalibrated-model chain for "before" costs one extra block
+            forward on those batches.
+        inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
+        progress: tqdm bar over blocks.
+    """
+
+    name = "featcal"
+
+    def __init__(
+        self,
+        lambda_ratio: float = 0.05,
+        rho: float = 2.2,
+        alpha: float = 0.25,
+        batch_size: int = 16,
+        eps: float = 1e-8,
+        calibrate_bias: bool = True,
+        calibrate_norm: bool = True,
+        token_weighting: bool = True,
+        last_block_patch_weight: float = 0.01,
+        forward_order: bool = True,
+        dtype: str = "float32",
+        cross_route: str = "auto",
+        drift_batches: int | None = 1,
+        inplace: bool = True,
+        progress: bool = True,
+    ):
+        if cross_route not in ("auto", "direct", "gram"):
+            raise ValueError(f"cross_route must be auto, direct or gram, got {cross_route!r}")
+        self.lam = float(lambda_ratio)
+        self.rho = float(rho)
+        self.alpha = float(alpha)
+        self.batch_size = int(batch_size)
+        self.eps = float(eps)
+        self.calibrate_bias = bool(calibrate_bias)
+        self.calibrate_norm = bool(calibrate_norm)
+        self.token_weighting = bool(token_weighting)
+        self.last_block_patch_weight = float(last_block_patch_weight)
+        self.forward_order = bool(forward_order)
+        self.dtype = as_dtype(dtype)
+        self.cross_route = cross_route
+        self.drift_batches = drift_batches
+        self.inplace = bool(inplace)
+        self.progress = bool(progress)
+
+    # ---- helpers -----------------------------------------------------------
+    def _weights(self, state: BlockState, weighted: bool) -> torch.Tensor | None:
+        """Token weights [B·N] (None: all ones)."""
+        mask = state.token_mask
+        if weighted:
+            readout = state.readout_mask.to(mask.dtype)
+            w = mask * (readout + (1.0 - readout) * self.last_block_patch_weight)
+            return w.reshape(-1)
+        if bool((mask == 1).all()):
+            return None
+        return mask.reshape(-1)
+
+    def _route(self, tokens: int, d_in: int, d_out: int) -> str:
+        if self.cross_route != "auto":
+            return self.cross_route
+        direct = 2 * tokens * d_in * d_out
+        gram = tokens * d_in * d_in + d_in * d_in * d_out
+        return "gram" if gram < direct else "direct"
+
+    # ---- the driver --------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(
+        self,
+        backbone: Backbone,
+        merged: nn.Module,
+        base: nn.Module,
+        experts: list[nn.Module],
+        calibration: list[list[Inputs]],
+        device: torch.device | str = "cpu",
+    ) -> CalibratedModel:
+        start = time.perf_counter()
+        device = torch.device(device)
+        num_tasks = len(experts)
+        if len(calibration) != num_tasks:
+            raise ValueError(f"{len(calibration)} calibration sets for {num_tasks} experts")
+        if any(len(c) == 0 for c in calibration):
+            raise ValueError("every task needs at least one calibration batch")
+        if not self.inplace:
+            import copy
+
+            merged = copy.deepcopy(merged)
+        merged.eval()
+        qualified = {id(m): n for n, m in merged.named_modules()}
+        blocks_m = backbone.blocks(merged)
+        blocks_0 = backbone.blocks(base)
+        blocks_e = [backbone.blocks(e) for e in experts]
+        num_blocks = len(blocks_m)
+        if len(blocks_0) != num_blocks or any(len(b) != num_blocks for b in blocks_e):
+            raise ValueError("base, merged and experts must have the same number of blocks")
+
+        def embed(model, batch):
+            return backbone.embed(model, move_inputs(batch, backbone.device_of(model))).to(device)
+
+        # per-block activations only: student (merged) and expert states, per task
+        student = [[embed(merged, b) for b in calibration[t]] for t in range(num_tasks)]
+        expert = [[embed(experts[t], b) for b in calibration[t]] for t in range(num_tasks)]
+        k = self.drift_batches
+        track = k is None or k > 0
+        nd = [len(student[t]) if k is None else min(k, len(student[t])) for t in range(num_tasks)]
+        # drift chains: the uncalibrated merged model and the calibrated one
+        if self.forward_order:
+            uncal = [list(student[t][: nd[t]]) for t in range(num_tasks)] if track else None
+        else:
+            cal = [list(student[t][: nd[t]]) for t in range(num_tasks)] if track else None
+        drift_before: dict[int, list[float]] = {t: [] for t in range(num_tasks)}
+        drift_after: dict[int, list[float]] = {t: [] for t in range(num_tasks)}
+        fallbacks: list[str] = []
+        routes: dict[str, str] = {}
+
+        bar = tqdm(range(num_blocks), desc="featcal", disable=not self.progress)
+        for l in bar:
+            last = l == num_blocks - 1
+            blk = blocks_m[l]
+            home = backbone.device_of(blk)
+            blk.to(device)
+            mods = backbone.calibratable_modules(blk)
+            qual = {n: qualified.get(id(m), n) for n, m in mods.items()}
+            groups: list[_LinearGroup] | None = None
+            norms: dict[str, _NormStats] = {}
+            stop_after: str | None = None
+            next_student: list[list[BlockState]] = [[] for _ in range(num_tasks)]
+
+            for t in range(num_tasks):
+                eblk = blocks_e[t][l]
+                ehome = backbone.device_of(eblk)
+                eblk.to(device)
+                emods = backbone.calibratable_modules(eblk)
+                if set(emods) != set(mods):
+                    raise ValueError(f"expert {t} block {l} has different calibratable modules")
+                tokens = sum(s.token_mask.numel() for s in student[t])
+                task_acc = None
+                next_expert = []
+                for b, (s_state, e_state) in enumerate(zip(student[t], expert[t])):
+                    xs, order, s_out = capture_inputs(
+                        backbone, blk, mods, s_state, stop_after=stop_after if self.forward_order else None
+                    )
+                    if not self.forward_order:
+                        next_student[t].append(s_out)
+                    xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
+                    next_expert.append(e_out)
+                    if groups is None:
+                        groups, norms = self._plan(backbone, mods, xs, order, last, tokens)
+                        for g in groups:
+                            routes[f"{qual[g.leader]}" + ("[readout-weighted]" if g.weighted else "")] = g.route
+                    if stop_after is None and self.forward_order:
+                        stop_after = order[-1]
+                    if task_acc is None:
+                        task_acc = self._new_task_acc(groups, norms, device)
+                    self._accumulate(task_acc, groups, norms, mods, emods, xs, xe, s_state)
+                    del xs, xe
+                self._finish_task(task_acc, groups, norms, mods, emods, qual)
+                expert[t] = next_expert
+                eblk.to(ehome)
+
+            # the uncalibrated chain for the "before" drift (forward order only: otherwise
+            # the student chain is the uncalibrated model)
+            if track and self.forward_order:
+                uncal = [[backbone.run_block(blk, s) for s in uncal[t]] for t in range(num_tasks)]
+
+            # solve every module of the block, then write them all at once
+            new_params = self._solve_block(groups or [], norms, mods, backbone.calibratable_modules(blocks_0[l]), qual, device, fallbacks)
+            for param, value in new_params:
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+            if self.forward_order:
+                student = [[backbone.run_block(blk, s) for s in student[t]] for t in range(num_tasks)]
+            else:
+                student = next_student
+                if track:
+                    cal = [[backbone.run_block(blk, s) for s in cal[t]] for t in range(num_tasks)]
+            if track:
+                for t in range(num_tasks):
+                    ref = expert[t][: nd[t]]
+                    before = uncal[t] if self.forward_order else student[t][: nd[t]]
+                    after = student[t][: nd[t]] if self.forward_order else cal[t]
+                    drift_before[t].append(_token_drift(before, ref))
+                    drift_after[t].append(_token_drift(after, ref))
+                bar.set_postfix(
+                    drift=f"{sum(v[-1] for v in drift_before.values()) / num_tasks:.3f}"
+                    f"->{sum(v[-1] for v in drift_after.values()) / num_tasks:.3f}"
+                )
+            blk.to(home)
+
+        out = CalibratedModel(backbone, merged)
+        out.report = {
+            "calibration_seconds": time.perf_counter() - start,
+            "drift": {"before": drift_before, "after": drift_after} if track else {},
+            "drift_examples_per_task": {t: sum(backbone_batch(s) for s in student[t][: nd[t]]) for t in range(num_tasks)}
+            if track
+            else {},
+            "solver_fallbacks": fallbacks,
+            "cross_routes": routes,
+            "settings": {
+                "lambda_ratio": self.lam,
+                "rho": self.rho,
+                "alpha": self.alpha,
+                "eps": self.eps,
+                "calibrate_bias": self.calibrate_bias,
+                "calibrate_norm": self.calibrate_norm,
+                "token_weighting": self.token_weighting,
+                "last_block_patch_weight": self.last_block_patch_weight,
+                "forward_order": self.forward_order,
+                "dtype": str(self.dtype).replace("torch.", ""),
+            },
+        }
+        return out
+
+    # ---- planning ------------------------------------------------------------
+    def _plan(self, backbone, mods, xs, order, last, tokens):
+        """Group linear modules by shared input tensor and token weighting; list norms."""
+        groups: dict[tuple[int, bool], _LinearGroup] = {}
+        norms: dict[str, _NormStats] = {}
+        missing = [n for n in mods if n not in xs]
+        if missing:
+            log.warning("FeatCal: modules never called in the block forward, left at merged values: %s", missing)
+        for name in order:
+            mod = mods[name]
+            weighted = last and self.token_weighting and not backbone.is_key_value(name)
+            if isinstance(mod, nn.Linear):
+                key = (id(xs[name]), weighted)
+                if key not in groups:
+                    groups[key] = _LinearGroup(name, weighted, [], [], mod.in_features)
+                g = groups[key]
+                g.names.append(name)
+                g.out_dims.append(mod.out_features)
+                g.has_bias.append(mod.bias is not None)
+            elif is_norm(mod) and self.calibrate_norm:
+                norms[name] = _NormStats(name, weighted, is_rms_norm(mod))
+        for g in groups.values():
+            g.route = self._route(tokens, g.in_dim, sum(g.out_dims))
+        return list(groups.values()), norms
+
+    def _new_task_acc(self, groups, norms, device):
+        acc: dict[str, Any] = {}
+        for g in groups:
+            d, o = g.in_dim, sum(g.out_dims)
+            entry = {
+                "mom": MomentAccumulator(d, device),
+                "sum_e": torch.zeros(d, dtype=torch.float32, device=device),
+            }
+            entry["empty"] = True
+            if g.route == "gram":
+                entry["cross_raw"] = torch.empty(d, d, dtype=torch.float32, device=device)  # Σ w x_s x_eᵀ
+            else:
+                entry["cross_raw"] = torch.empty(d, o, dtype=torch.float32, device=device)  # Σ w x_s (W_t x_t)ᵀ
+            acc[("g", g.leader, g.weighted)] = entry
+        for n, ns in norms.items():
+            acc[("n", n)] = {"w": 0.0, "m": None, "e": None}
+        return acc
+
+    def _expert_weight(self, emods, g: _LinearGroup) -> torch.Tensor:
+        return torch.cat([emods[n].weight for n in g.names], 0).float()
+
+    def _accumulate(self, acc, groups, norms, mods, emods, xs, xe, state):
+        w_cache: dict[bool, torch.Tensor | None] = {}
+
+        def weights(weighted):
+            if weighted not in w_cache:
+                w_cache[weighted] = self._weights(state, weighted)
+            return w_cache[weighted]
+
+        a = self.alpha
+        for g in groups:
+            entry = acc[("g", g.leader, g.weighted)]
+            x_s = xs[g.leader]
+            x_s = x_s.reshape(-1, x_s.shape[-1]).float()
+            x_e = xe[g.leader].reshape(-1, x_s.shape[-1]).float()
+            w = weights(g.weighted)
+            if w is not None and w.numel() != x_s.shape[0]:
+                raise ValueError(
+                    f"FeatCal: module '{g.leader}' sees {x_s.shape[0]} rows but the block has {w.numel()} tokens"
+                )
+            mom: MomentAccumulator = entry["mom"]
+            mom.add(x_s, w)
+            xsw = x_s if w is None else x_s * w[:, None]
+            # Σ w x_e (the teacher mean follows from it and Σ w x_s)
+            entry["sum_e"] += x_e.sum(0) if w is None else w @ x_e
+            beta = 0.0 if entry["empty"] else 1.0  # the first batch overwrites the uninitialised buffer
+            entry["empty"] = False
+            if g.route == "gram":
+                entry["cross_raw"].addmm_(xsw.T, x_e, beta=beta)
+            else:
+                x_t = torch.lerp(x_s, x_e, a)  # α x_e + (1 − α) x_s
+                if "w_t" not in entry:
+                    entry["w_t"] = self._expert_weight(emods, g)
+                y = x_t @ entry["w_t"].T  # expert module applied to the teacher input
+                entry["cross_raw"].addmm_(xsw.T, y, beta=beta)
+        for n, ns in norms.items():
+            if n not in xs:
+                continue
+            entry = acc[("n", n)]
+            z = _normalise(mods[n], xs[n], torch.float32)
+            z = z.reshape(-1, z.shape[-1])
+            w = weights(ns.weighted)
+            zw = z if w is None else z * w[:, None]
+            entry["w"] += z.shape[0] if w is None else float(w.sum())
+            m, e = zw.sum(0), (zw * z).sum(0)
+            entry["m"] = m if entry["m"] is None else entry["m"] + m
+            entry["e"] = e if entry["e"] is None else entry["e"] + e
+
+    def _finish_task(self, acc, groups, norms, mods, emods, qual):
+        a = self.alpha
+        for g in groups:
+            entry = acc[("g", g.leader, g.weighted)]
+            mom: MomentAccumulator = entry["mom"]
+            label = ", ".join(qual[n] for n in g.names)
+            sw = max(mom.weight_sum, 1e-30)
+            c_ss = mom.second()
+            mu_s = mom.mean()
+            mu_t = a * (entry["sum_e"] / sw) + (1.0 - a) * mu_s
+            w_t = self._expert_weight(emods, g)
+            if g.route == "gram":
+                c_st = entry["cross_raw"].mul_(a / sw).add_(c_ss, alpha=1.0 - a)  # α C_se + (1−α) C_ss
+                cross = c_st @ w_t.T
+            else:
+                cross = entry["cross_raw"].div_(sw)
+            check_finite(label, C_ss=c_ss, cross=cross, mu_s=mu_s, mu_t=mu_t)
+            s = task_scale(c_ss)
+            check_finite(label, s_t=s)
+            b_t = torch.cat(
+                [
+                    emods[n].bias.float() if emods[n].bias is not None else torch.zeros(o, device=w_t.device)
+                    for n, o in zip(g.names, g.out_dims)
+                ]
+            )
+            target = b_t + w_t @ mu_t
+            if g.lhs is None:
+                g.lhs = c_ss.mul_(s)  # the task's accumulator is not needed any more
+                g.rhs = cross.mul_(s)
+                g.mu_s_sum = s * mu_s
+                g.target_sum = s * target
+            else:
+                g.lhs.add_(c_ss, alpha=s)
+                g.rhs.add_(cross, alpha=s)
+                g.mu_s_sum += s * mu_s
+                g.target_sum += s * target
+            g.scale_sum += s
+        for n, ns in norms.items():
+            entry = acc[("n", n)]
+            if entry["m"] is None:
+                continue
+            sw = max(entry["w"], 1e-30)
+            m, e = entry["m"] / sw, entry["e"] / sw
+            check_finite(qual[n], m=m, e=e)
+            ns.m.append(m)
+            ns.e.append(e)
+            ns.gammas.append(emods[n].weight.float())
+            if not ns.rms:
+                ns.betas.append(emods[n].bias.float())
+
+    # ---- solving -------------------------------------------------------------
+    def _solve_block(self, groups, norms, mods, base_mods, qual, device, fallbacks):
+        lam, rho = self.lam, self.rho
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for g in groups:
+            if g.lhs is None:
+                continue
+            dt = self.dtype
+            anc_w = torch.cat(
+                [anchor(mods[n].weight.to(dt), base_mods[n].weight.to(device=device, dtype=dt), rho) for n in g.names], 0
+            )
+            info = SolveInfo()
+            w_new = solve_weight_from_sums(g.lhs, g.rhs, anc_w, lam, self.eps, dt, info)
+            if info.method != "cholesky":
+                fallbacks.append(f"{', '.join(qual[n] for n in g.names)}: {info.method}")
+                log.warning("FeatCal: %s solved by %s", ", ".join(qual[n] for n in g.names), info.method)
+            check_finite(", ".join(qual[n] for n in g.names), solved_weight=w_new)
+            b_new = None
+            if self.calibrate_bias and any(g.has_bias):
+                anc_b = torch.cat(
+                    [
+                        anchor(mods[n].bias.to(dt), base_mods[n].bias.to(device=device, dtype=dt), rho)
+                        if mods[n].bias is not None
+                        else torch.zeros(o, dtype=dt, device=device)
+                        for n, o in zip(g.names, g.out_dims)
+                    ]
+                )
+                b_new = solve_bias_from_sums(w_new, g.scale_sum, g.mu_s_sum, g.target_sum, anc_b, lam)
+            start = 0
+            for n, o, hb in zip(g.names, g.out_dims, g.has_bias):
+                out.append((mods[n].weight, w_new[start : start + o]))
+                if b_new is not None and hb:
+                    out.append((mods[n].bias, b_new[start : start + o]))
+                start += o
+        for n, ns in norms.items():
+            if not ns.e:
+                continue
+            mod, bmod = mods[n], base_mods[n]
+            e, m, gam = torch.stack(ns.e), torch.stack(ns.m), torch.stack(ns.gammas)
+            a_g = anchor(mod.weight.double(), bmod.weight.to(device=device, dtype=torch.float64), rho)
+            if ns.rms:
+                gamma = solve_rmsnorm(e, gam, a_g, lam)
+                out.append((mod.weight, gamma))
+            else:
+                a_b = anchor(mod.bias.double(), bmod.bias.to(device=device, dtype=torch.float64), rho)
+                gamma, beta = solve_layernorm(e, m, gam, torch.stack(ns.betas), a_g, a_b, lam, self.eps)
+                out.append((mod.weight, gamma))
+                out.append((mod.bias, beta))
+            check_finite(qual[n], solved_norm=out[-1][1])
+        return out
+
+
+def backbone_batch(state: BlockState) -> int:
+    return int(state.hidden.shape[0])

@@ -1,0 +1,333 @@
+"""The FeatCal driver on tiny real architectures: a CLIP vision tower and a Llama decoder.
+
+Models are built here, fine-tuned for a few steps into task "experts" (so task vectors
+act on their task's inputs, as real fine-tuning does), saved to tmp_path and loaded
+back through the backbone adapters' real loaders. Merge: Task Arithmetic (λ = 0.3).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from featcal.calibration.featcal import FeatCal
+from featcal.merge import task_arithmetic
+
+T = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: thread hand-offs cost more than the work on a shared 2-core box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _finetune(model, params, loss_fn, steps, lr):
+    model.train()
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = loss_fn(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+@pytest.fixture(scope="module")
+def clip_world(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from featcal.backbone.clip import CLIPVisionBackbone
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=16, patch_size=4, projection_dim=16,
+    )
+    base = CLIPVisionModelWithProjection(cfg).eval()
+    base.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(1)
+    protos = [torch.randn(3, 16, 16, generator=g) for _ in range(T)]
+
+    def data(t, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return protos[t] + 0.7 * torch.randn(n, 3, 16, 16, generator=gen)
+
+    for t in range(T):
+        e = copy.deepcopy(base)
+        x = data(t, 32, 300 + t)
+        shift = torch.randn(16, generator=torch.Generator().manual_seed(200 + t))
+        with torch.no_grad():
+            target = base(pixel_values=x).image_embeds + shift
+        params = [p for n, p in e.named_parameters() if "encoder.layers" in n]
+        _finetune(e, params, lambda m: ((m(pixel_values=x).image_embeds - target) ** 2).mean(), 15, 3e-3)
+        e.save_pretrained(root / f"expert{t}")
+    backbone = CLIPVisionBackbone(
+        [f"task{t}" for t in range(T)], base=str(root / "base"), experts=[str(root / f"expert{t}") for t in range(T)]
+    )
+    b = backbone.load_base()
+    experts = backbone.load_experts()
+    merged_sd = task_arithmetic(b.state_dict(), [e.state_dict() for e in experts], 0.3)
+    calib = [[data(t, 16, t), data(t, 16, 10 + t)] for t in range(T)]
+    test = [data(t, 48, 50 + t) for t in range(T)]
+    return backbone, b, experts, merged_sd, calib, test
+
+
+def _final_drift(backbone, model, experts, test):
+    out = []
+    with torch.no_grad():
+        for t, x in enumerate(test):
+            z = backbone.represent(model, x).float()
+            ze = backbone.represent(experts[t], x).float()
+            out.append(float(((z - ze).norm(dim=-1) / ze.norm(dim=-1)).mean()))
+    return out
+
+
+def _calibrate(world, **kwargs):
+    backbone, base, experts, merged_sd, calib, _ = world
+    merged = backbone.with_state_dict(base, merged_sd)
+    kwargs.setdefault("progress", False)
+    return FeatCal(**kwargs).calibrate(backbone, merged, base, experts, calib)
+
+
+def _block_params(backbone, model):
+    out = {}
+    for i, blk in enumerate(backbone.blocks(model)):
+        for n, p in blk.named_parameters():
+            out[f"{i}.{n}"] = p.detach().clone()
+    return out
+
+
+def test_clip_featcal_lowers_final_drift_to_every_expert(clip_world):
+    backbone, base, experts, merged_sd, calib, test = clip_world
+    merged = backbone.with_state_dict(base, merged_sd)
+    before = _final_drift(backbone, merged, experts, test)
+    out = _calibrate(clip_world)
+    after = _final_drift(backbone, out.model, experts, test)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert sum(after) / T < 0.85 * sum(before) / T, (before, after)
+    # representation through the CalibratedModel interface is the calibrated model's
+    torch.testing.assert_close(out.represent(test[0], 0), backbone.represent(out.model, test[0]))
+    # report: per-block drift before/after per task index, JSON-friendly
+    rep = out.report
+    json.dumps(rep)
+    assert set(rep["drift"]["before"]) == set(range(T)) == set(rep["drift"]["after"])
+    assert all(len(v) == 2 for v in rep["drift"]["after"].values())
+    # the calibrated blocks drift less than the merged ones along the forward pass
+    assert all(rep["drift"]["after"][t][0] < rep["drift"]["before"][t][0] for t in range(T))
+    assert rep["calibration_seconds"] > 0 and rep["solver_fallbacks"] == []
+
+
+def test_clip_parameters_outside_blocks_keep_merged_values(clip_world):
+    backbone, base, experts, merged_sd, calib, _ = clip_world
+    out = _calibrate(clip_world)
+    inside = set()
+    for blk in backbone.blocks(out.model):
+        inside |= {id(p) for p in blk.parameters()}
+    outside = [(n, p) for n, p in out.model.named_parameters() if id(p) not in inside]
+    assert {n.split(".")[1] for n, _ in outside} >= {"embeddings", "pre_layrnorm", "post_layernorm"}
+    assert any(n.startswith("visual_projection") for n, _ in outside)
+    for n, p in outside:
+        assert torch.equal(p, merged_sd[n]), n
+    changed = [n for n, p in out.model.named_parameters() if id(p) in inside and not torch.equal(p, merged_sd[n])]
+    assert len(changed) == len(inside)  # every block parameter was calibrated
+
+
+def test_clip_ablation_switches_run_and_differ(clip_world):
+    backbone = clip_world[0]
+    merged_sd = clip_world[3]
+    ref = _block_params(backbone, _calibrate(clip_world).model)
+    variants = {
+        "no_bias": dict(calibrate_bias=False),
+        "no_norm": dict(calibrate_norm=False),
+        "no_token_weighting": dict(token_weighting=False),
+        "rho1": dict(rho=1.0),
+        "alpha0.3": dict(alpha=0.3),
+        "lambda1": dict(lambda_ratio=1.0),
+        "gram": dict(cross_route="gram"),
+        "direct": dict(cross_route="direct"),
+        "float64": dict(dtype="float64"),
+    }
+    results = {k: _block_params(backbone, _calibrate(clip_world, **kw).model) for k, kw in variants.items()}
+
+    def differs(a, b, keys=None):
+        keys = keys or a.keys()
+        return max(float((a[k] - b[k]).abs().max()) for k in keys)
+
+    for name in ("no_bias", "no_norm", "no_token_weighting", "rho1", "alpha0.3", "lambda1"):
+        assert differs(results[name], ref) > 1e-4, name
+    # the cross-term routes and the solve dtype are implementation choices: same answer
+    for name in ("gram", "direct", "float64"):
+        assert differs(results[name], ref) < 1e-4, name
+    # the switches do what they say
+    blk = {k: v for k, v in merged_sd.items() if ".encoder.layers." in k}
+    for k, v in results["no_bias"].items():
+        full = f"vision_model.encoder.layers.{k}"
+        if k.endswith(".bias") and "layer_norm" not in k:
+            assert torch.equal(v, blk[full]), k
+    for k, v in results["no_norm"].items():
+        full = f"vision_model.encoder.layers.{k}"
+        if "layer_norm" in k:
+            assert torch.equal(v, blk[full]), k
+    # token weighting only touches the last block
+    last = str(len(backbone.blocks(_calibrate(clip_world).model)) - 1)
+    first_keys = [k for k in ref if not k.startswith(last + ".")]
+    assert differs(results["no_token_weighting"], ref, first_keys) < 1e-6
+    assert differs(results["no_token_weighting"], ref, [k for k in ref if k.startswith(last + ".")]) > 1e-4
+
+
+def test_clip_forward_order_false_uses_uncalibrated_inputs(clip_world):
+    backbone = clip_world[0]
+    fwd = _calibrate(clip_world)
+    flat = _calibrate(clip_world, forward_order=False)
+    a, b = _block_params(backbone, fwd.model), _block_params(backbone, flat.model)
+    # block 0 sees the same (embedding) inputs in both modes; block 1 does not
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("0.")) < 1e-6
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("1.")) > 1e-4
+    # in the ablation the "before" chain is the student chain: same before-drift as forward order
+    for t in range(T):
+        assert flat.report["drift"]["before"][t] == pytest.approx(fwd.report["drift"]["before"][t], rel=1e-5)
+    # and it still calibrates
+    backbone, base, experts, merged_sd, calib, test = clip_world
+    merged = backbone.with_state_dict(base, merged_sd)
+    before = _final_drift(backbone, merged, experts, test)
+    after = _final_drift(backbone, flat.model, experts, test)
+    assert sum(after) < sum(before)
+
+
+def test_clip_nan_statistics_raise_naming_the_module(clip_world):
+    backbone, base, experts, merged_sd, calib, _ = clip_world
+    bad = [list(c) for c in calib]
+    bad[1] = [bad[1][0].clone()]
+    bad[1][0][0, :, 5, 5] = float("nan")
+    merged = backbone.with_state_dict(base, merged_sd)
+    with pytest.raises(FloatingPointError, match=r"vision_model\.encoder\.layers\.0\.\w+"):
+        FeatCal(progress=False).calibrate(backbone, merged, base, experts, bad)
+
+
+def test_clip_inplace_false_leaves_merged_untouched(clip_world):
+    backbone, base, experts, merged_sd, calib, _ = clip_world
+    merged = backbone.with_state_dict(base, merged_sd)
+    out = FeatCal(progress=False, inplace=False).calibrate(backbone, merged, base, experts, calib)
+    assert out.model is not merged
+    for n, p in merged.state_dict().items():
+        assert torch.equal(p, merged_sd[n])
+
+
+# ----------------------------------------------------------------------------- Llama
+
+VOCAB, SEQ = 64, 12
+
+
+@pytest.fixture(scope="module")
+def llama_world(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from featcal.backbone.llama import LlamaBackbone
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(root / "base")
+
+    def data(t, n, seed, pad=True):
+        # task t: sequences over its own 16-token slice of the vocabulary, a fixed stride
+        gen = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, 16, (n, 1), generator=gen)
+        ids = 16 * t + (start + (t + 1) * torch.arange(SEQ)) % 16
+        mask = torch.ones(n, SEQ, dtype=torch.long)
+        if pad:  # right-padding on a few rows
+            lengths = torch.randint(SEQ // 2, SEQ + 1, (n,), generator=gen)
+            mask = (torch.arange(SEQ)[None] < lengths[:, None]).long()
+        return {"input_ids": ids, "attention_mask": mask}
+
+    for t in range(T):
+        e = copy.deepcopy(base)
+        batch = data(t, 32, 300 + t, pad=False)
+        params = [p for n, p in e.named_parameters() if ".layers." in n]
+        _finetune(e, params, lambda m: m(**batch, labels=batch["input_ids"]).loss, 15, 3e-3)
+        e.save_pretrained(root / f"expert{t}")
+    backbone = LlamaBackbone(
+        [f"task{t}" for t in range(T)], base=str(root / "base"), experts=[str(root / f"expert{t}") for t in range(T)]
+    )
+    b = backbone.load_base()
+    experts = backbone.load_experts()
+    merged_sd = task_arithmetic(
+        b.state_dict(), [e.state_dict() for e in experts], 0.3, exclude=backbone.merge_excluded
+    )
+    calib = [[data(t, 16, t), data(t, 16, 10 + t)] for t in range(T)]
+    test = [data(t, 48, 50 + t) for t in range(T)]
+    return backbone, b, experts, merged_sd, calib, test
+
+
+def test_llama_featcal_lowers_final_drift_to_every_expert(llama_world):
+    backbone, base, experts, merged_sd, calib, test = llama_world
+    merged = backbone.with_state_dict(base, merged_sd)
+    before = _final_drift(backbone, merged, experts, test)
+    out = _calibrate(llama_world)
+    after = _final_drift(backbone, out.model, experts, test)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    json.dumps(out.report)
+    # every module of every block (q/k/v/o, gate/up/down, both RMSNorms) was calibrated
+    names = set()
+    for i, blk in enumerate(backbone.blocks(out.model)):
+        for n, p in blk.named_parameters():
+            assert not torch.equal(p, merged_sd[f"model.layers.{i}.{n}"]), (i, n)
+            names.add(n.rsplit(".", 1)[0])
+    assert names >= {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+    }
+    # outside the blocks: merged values (embeddings and lm_head are the base's: excluded from merging)
+    inside = {id(p) for blk in backbone.blocks(out.model) for p in blk.parameters()}
+    for n, p in out.model.named_parameters():
+        if id(p) not in inside:
+            assert torch.equal(p, merged_sd[n]), n
+    assert torch.equal(out.model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_llama_backbone_matches_the_model_forward(llama_world):
+    backbone, base, experts, merged_sd, calib, test = llama_world
+    batch = dict(test[0])
+    batch["attention_mask"] = batch["attention_mask"].clone()
+    batch["attention_mask"][0, :3] = 0  # left padding too
+    with torch.no_grad():
+        ref = base(**batch, output_hidden_states=True).hidden_states[-1]
+        state = backbone.embed(base, batch)
+        for blk in backbone.blocks(base):
+            state = backbone.run_block(blk, state)
+        z = backbone.readout(base, state)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(base.model.norm(state.hidden)[real], ref[real])
+    expect = (ref * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+    torch.testing.assert_close(z, expect)
+    assert torch.equal(state.token_mask.bool(), real) and torch.equal(state.readout_mask, real)
+
+
+def test_llama_missing_source_raises_source_unavailable(tmp_path):
+    from featcal.backbone.llama import LlamaBackbone
+    from featcal.hub import SourceUnavailable
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    backbone = LlamaBackbone(["a"], base=str(empty), experts=[str(tmp_path / "nope")])
+    with pytest.raises(SourceUnavailable, match="offline|local folder"):
+        backbone.load_base()
+    with pytest.raises(SourceUnavailable):
+        backbone.load_expert("a")

@@ -1,0 +1,314 @@
+"""FeatCal closed forms against brute-force least squares on the stacked problem."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from featcal.calibration.featcal import (
+    FeatCal,
+    MomentAccumulator,
+    SolveInfo,
+    check_finite,
+    ridge_solve,
+    solve_layernorm,
+    solve_linear_bias,
+    solve_linear_weight,
+    solve_rmsnorm,
+    task_scale,
+)
+
+torch.set_default_dtype(torch.float32)
+D = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: thread hand-offs cost more than the work on a shared 2-core box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _problem(T=3, n=40, d_in=5, d_out=4, alpha=0.3, seed=0, weighted=True):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d_in, generator=g, dtype=D) * (1 + t) + t for t in range(T)]
+    xe = [x + 0.5 * torch.randn(n, d_in, generator=g, dtype=D) for x in xs]
+    xt = [alpha * e + (1 - alpha) * s for s, e in zip(xs, xe)]
+    ws = [torch.rand(n, generator=g, dtype=D) + 0.05 if weighted else torch.ones(n, dtype=D) for _ in range(T)]
+    wts = [torch.randn(d_out, d_in, generator=g, dtype=D) for _ in range(T)]
+    bts = [torch.randn(d_out, generator=g, dtype=D) for _ in range(T)]
+    anc_w = torch.randn(d_out, d_in, generator=g, dtype=D)
+    anc_b = torch.randn(d_out, generator=g, dtype=D)
+    return xs, xe, xt, ws, wts, bts, anc_w, anc_b
+
+
+def _stats(xs, xt, ws, wts):
+    """Per-task w-weighted statistics through the driver's accumulator."""
+    c_ss, cross, mu_s, mu_t = [], [], [], []
+    for x, y, w, wt in zip(xs, xt, ws, wts):
+        acc = MomentAccumulator(x.shape[1], "cpu", dtype=D)
+        acc.add(x[:17], w[:17])  # two "batches"
+        acc.add(x[17:], w[17:])
+        c_ss.append(acc.second())
+        mu_s.append(acc.mean())
+        sw = w.sum()
+        cross.append((x * w[:, None]).T @ (y @ wt.T) / sw)  # E[x_s (W_t x_t)^T]
+        mu_t.append((y * w[:, None]).sum(0) / sw)
+    return c_ss, cross, mu_s, mu_t
+
+
+def test_linear_weight_matches_stacked_lstsq():
+    xs, xe, xt, ws, wts, bts, anc_w, _ = _problem()
+    lam, eps = 0.05, 1e-3  # a visible ε so its role in the stacked problem is checked too
+    c_ss, cross, _, _ = _stats(xs, xt, ws, wts)
+    w = solve_linear_weight(c_ss, cross, anc_w, lam, eps, dtype=D)
+
+    # brute force: minimise Σ_t s_t E_w‖W x_s − W_t x_t‖² + λ‖W − A‖² + ε‖W‖²
+    rows_a, rows_b = [], []
+    for x, y, wt_, wt in zip(xs, xt, ws, wts):
+        s = 1.0 / torch.linalg.matrix_norm((x * wt_[:, None]).T @ x / wt_.sum())
+        r = torch.sqrt(s * wt_ / wt_.sum())[:, None]
+        rows_a.append(r * x)
+        rows_b.append(r * (y @ wt.T))
+    d_in = xs[0].shape[1]
+    rows_a += [lam**0.5 * torch.eye(d_in, dtype=D), eps**0.5 * torch.eye(d_in, dtype=D)]
+    rows_b += [lam**0.5 * anc_w.T, torch.zeros_like(anc_w.T)]
+    ref = torch.linalg.lstsq(torch.cat(rows_a), torch.cat(rows_b)).solution.T
+    torch.testing.assert_close(w, ref, rtol=1e-8, atol=1e-9)
+
+
+def test_per_task_scaling_is_inverse_frobenius_norm():
+    c = torch.randn(6, 6, dtype=D)
+    c = c @ c.T
+    assert task_scale(c) == pytest.approx(1.0 / float(torch.linalg.matrix_norm(c)))
+    # the scaling makes the solution invariant to rescaling one task's inputs and targets
+    xs, xe, xt, ws, wts, bts, anc_w, _ = _problem(weighted=False)
+    c_ss, cross, _, _ = _stats(xs, xt, ws, wts)
+    w1 = solve_linear_weight(c_ss, cross, anc_w, 0.05, dtype=D)
+    c_ss[1], cross[1] = 100.0 * c_ss[1], 100.0 * cross[1]
+    w2 = solve_linear_weight(c_ss, cross, anc_w, 0.05, dtype=D)
+    torch.testing.assert_close(w1, w2)
+
+
+def test_linear_bias_matches_stacked_lstsq():
+    xs, xe, xt, ws, wts, bts, anc_w, anc_b = _problem()
+    lam = 0.05
+    c_ss, cross, mu_s, mu_t = _stats(xs, xt, ws, wts)
+    w = solve_linear_weight(c_ss, cross, anc_w, lam, dtype=D)
+    scales = [task_scale(c) for c in c_ss]
+    targets = [b + wt @ m for b, wt, m in zip(bts, wts, mu_t)]
+    b = solve_linear_bias(w, scales, mu_s, targets, anc_b, lam)
+
+    # brute force over b with W fixed: Σ_t s_t E_w‖W x_s + b − W_t x_t − b_t‖² + λ‖b − A_b‖²
+    rows_a, rows_b = [], []
+    for x, y, wt_, wt, bt, s in zip(xs, xt, ws, wts, bts, scales):
+        r = torch.sqrt(s * wt_ / wt_.sum())[:, None]
+        rows_a.append(r)
+        rows_b.append(r * (y @ wt.T + bt - x @ w.T))
+    rows_a.append(torch.full((1, 1), lam**0.5, dtype=D))
+    rows_b.append(lam**0.5 * anc_b[None])
+    ref = torch.linalg.lstsq(torch.cat(rows_a), torch.cat(rows_b)).solution[0]
+    torch.testing.assert_close(b, ref, rtol=1e-8, atol=1e-9)
+
+
+def _norm_problem(T=3, n=50, d=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    zs = [torch.randn(n, d, generator=g, dtype=D) * 0.8 + 0.3 * t for t in range(T)]
+    ws = [torch.rand(n, generator=g, dtype=D) + 0.05 for _ in range(T)]
+    gammas = torch.randn(T, d, generator=g, dtype=D)
+    betas = torch.randn(T, d, generator=g, dtype=D)
+    e = torch.stack([(w[:, None] * z * z).sum(0) / w.sum() for z, w in zip(zs, ws)])
+    m = torch.stack([(w[:, None] * z).sum(0) / w.sum() for z, w in zip(zs, ws)])
+    return zs, ws, gammas, betas, e, m, torch.randn(d, generator=g, dtype=D), torch.randn(d, generator=g, dtype=D)
+
+
+def test_layernorm_matches_per_dimension_lstsq():
+    zs, ws, gammas, betas, e, m, a_g, a_b = _norm_problem()
+    lam = 0.05
+    gamma, beta = solve_layernorm(e, m, gammas, betas, a_g, a_b, lam)
+    d = e.shape[1]
+    for j in range(d):
+        rows_a, rows_b = [], []
+        for t, (z, w) in enumerate(zip(zs, ws)):
+            r = torch.sqrt(w / w.sum())[:, None]
+            zj = z[:, j : j + 1]
+            rows_a.append(r * torch.cat([zj, torch.ones_like(zj)], 1))
+            rows_b.append(r * (gammas[t, j] * zj + betas[t, j]))
+        rows_a.append(lam**0.5 * torch.eye(2, dtype=D))
+        rows_b.append(lam**0.5 * torch.stack([a_g[j], a_b[j]])[:, None])
+        ref = torch.linalg.lstsq(torch.cat(rows_a), torch.cat(rows_b)).solution[:, 0]
+        torch.testing.assert_close(torch.stack([gamma[j], beta[j]]), ref, rtol=1e-8, atol=1e-9)
+
+
+def test_rmsnorm_matches_per_dimension_lstsq():
+    zs, ws, gammas, _, e, _, a_g, _ = _norm_problem(seed=2)
+    lam = 0.05
+    gamma = solve_rmsnorm(e, gammas, a_g, lam)
+    for j in range(e.shape[1]):
+        rows_a, rows_b = [], []
+        for t, (z, w) in enumerate(zip(zs, ws)):
+            r = torch.sqrt(w / w.sum())[:, None]
+            rows_a.append(r * z[:, j : j + 1])
+            rows_b.append(r * gammas[t, j] * z[:, j : j + 1])
+        rows_a.append(torch.full((1, 1), lam**0.5, dtype=D))
+        rows_b.append(torch.full((1, 1), lam**0.5 * float(a_g[j]), dtype=D))
+        ref = torch.linalg.lstsq(torch.cat(rows_a), torch.cat(rows_b)).solution[0, 0]
+        torch.testing.assert_close(gamma[j], ref, rtol=1e-8, atol=1e-9)
+
+
+def test_huge_ridge_returns_the_anchor():
+    xs, xe, xt, ws, wts, bts, anc_w, anc_b = _problem()
+    lam = 1e12
+    c_ss, cross, mu_s, mu_t = _stats(xs, xt, ws, wts)
+    w = solve_linear_weight(c_ss, cross, anc_w, lam, dtype=D)
+    torch.testing.assert_close(w, anc_w, rtol=0, atol=1e-8)
+    scales = [task_scale(c) for c in c_ss]
+    b = solve_linear_bias(w, scales, mu_s, [b + wt @ m for b, wt, m in zip(bts, wts, mu_t)], anc_b, lam)
+    torch.testing.assert_close(b, anc_b, rtol=0, atol=1e-8)
+    zs, _, gammas, betas, e, m, a_g, a_b = _norm_problem()
+    gamma, beta = solve_layernorm(e, m, gammas, betas, a_g, a_b, lam)
+    torch.testing.assert_close(gamma, a_g, rtol=0, atol=1e-8)
+    torch.testing.assert_close(beta, a_b, rtol=0, atol=1e-8)
+    torch.testing.assert_close(solve_rmsnorm(e, gammas, a_g, lam), a_g, rtol=0, atol=1e-8)
+
+
+def test_one_task_alpha_one_no_ridge_identical_inputs_recovers_the_expert():
+    xs, _, _, ws, wts, bts, anc_w, anc_b = _problem(T=1)
+    xt = xs  # identical student and expert inputs; α = 1 makes the teacher input x_e = x_s
+    lam = 1e-12
+    c_ss, cross, mu_s, mu_t = _stats(xs, xt, ws, wts)
+    w = solve_linear_weight(c_ss, cross, anc_w, lam, eps=0.0, dtype=D)
+    torch.testing.assert_close(w, wts[0], rtol=1e-7, atol=1e-7)
+    b = solve_linear_bias(w, [task_scale(c_ss[0])], mu_s, [bts[0] + wts[0] @ mu_t[0]], anc_b, lam)
+    torch.testing.assert_close(b, bts[0], rtol=1e-7, atol=1e-7)
+    zs, _, gammas, betas, e, m, a_g, a_b = _norm_problem(T=1)
+    gamma, beta = solve_layernorm(e, m, gammas, betas, a_g, a_b, lam, eps=0.0)
+    torch.testing.assert_close(gamma, gammas[0], rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(beta, betas[0], rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(solve_rmsnorm(e, gammas, a_g, lam), gammas[0], rtol=1e-7, atol=1e-7)
+
+
+def test_singular_system_falls_back_to_pinv():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 5, generator=g, dtype=D)
+    x[:, 2] = 0.0  # an input dimension that never fires: C_ss is exactly singular
+    c = x.T @ x / 30
+    rhs = torch.randn(5, 3, generator=g, dtype=D)
+    rhs[2] = 0.0
+    info = SolveInfo()
+    sol = ridge_solve(c, rhs, 0.0, dtype=D, info=info)
+    assert info.method == "pinv"
+    assert torch.isfinite(sol).all()
+    torch.testing.assert_close(sol, torch.linalg.pinv(c) @ rhs)
+    # and a regular system takes the Cholesky path
+    info = SolveInfo()
+    ridge_solve(c, rhs, 0.05, dtype=D, info=info)
+    assert info.method == "cholesky"
+
+
+def test_non_finite_statistics_raise_naming_the_module():
+    with pytest.raises(FloatingPointError, match="encoder.layers.3.mlp.fc1"):
+        check_finite("encoder.layers.3.mlp.fc1", C_ss=torch.tensor([[float("nan")]]))
+    with pytest.raises(FloatingPointError, match="blk.norm"):
+        check_finite("blk.norm", e=torch.tensor([1.0, float("inf")]))
+    check_finite("ok", C_ss=torch.eye(2), s_t=1.0)
+
+
+
+def _tiny_stack(dtype):
+    from featcal.backbone.base import Backbone, BlockState
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return x + self.norm(self.fc(x))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    class StackBackbone(Backbone):
+        def load_base(self):
+            raise NotImplementedError
+
+        def load_expert(self, task):
+            raise NotImplementedError
+
+        def blocks(self, model):
+            return list(model.layers)
+
+        def embed(self, model, inputs):
+            x = inputs.to(next(model.parameters()).dtype)
+            b, n, _ = x.shape
+            return BlockState(x, torch.ones(b, n), torch.ones(b, n, dtype=torch.bool), {})
+
+        def run_block(self, block, state):
+            return state.with_hidden(block(state.hidden))
+
+        def readout(self, model, state):
+            return state.hidden.mean(1)
+
+    torch.manual_seed(0)
+    base = Stack().to(dtype)
+    experts = []
+    for _ in range(2):
+        e = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in e.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        experts.append(e)
+    return StackBackbone(["a", "b"]), base, experts
+
+
+def test_bf16_statistics_accumulate_in_float32():
+    # 4096 tokens of ≈1: a bf16 running sum would stall at 256 (8 mantissa bits)
+    x = (1.0 + 0.01 * torch.randn(4096, 4)).to(torch.bfloat16)
+    acc = MomentAccumulator(4, "cpu", dtype=x.dtype)
+    for chunk in x.split(64):
+        acc.add(chunk.reshape(4, 16, 4))
+    assert acc.first.dtype == torch.float32 and acc.raw_second.dtype == torch.float32
+    ref = x.double()
+    torch.testing.assert_close(acc.mean().double(), ref.mean(0), rtol=1e-4, atol=0)
+    torch.testing.assert_close(acc.second().double(), ref.T @ ref / 4096, rtol=1e-4, atol=0)
+
+    # and the driver on a bf16 model: float32 statistics, bf16 parameters back, finite
+    backbone, base, experts = _tiny_stack(torch.bfloat16)
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for pm, *pe in zip(merged.parameters(), *[e.parameters() for e in experts]):
+            pm.copy_(sum(p.float() for p in pe) / len(pe))
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    import featcal.calibration.featcal as fc
+
+    captured, accumulators = [], []
+    orig_capture, orig_add = fc.capture_inputs, MomentAccumulator.add
+
+    def spy_capture(*args, **kwargs):
+        store, order, out = orig_capture(*args, **kwargs)
+        captured.extend(v.dtype for v in store.values())
+        return store, order, out
+
+    def spy_add(self, x, w=None):
+        accumulators.append(self.first.dtype)
+        return orig_add(self, x, w)
+
+    fc.capture_inputs, MomentAccumulator.add = spy_capture, spy_add
+    try:
+        calib = [[torch.randn(4, 6, 8)] for _ in range(2)]
+        FeatCal(progress=False).calibrate(backbone, merged, base, experts, calib)
+    finally:
+        fc.capture_inputs, MomentAccumulator.add = orig_capture, orig_add
+    assert captured and all(d == torch.bfloat16 for d in captured)  # the model really ran in bf16
+    assert accumulators and all(d == torch.float32 for d in accumulators)
+    for k, v in merged.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all()
+    assert any(not torch.equal(v, before[k]) for k, v in merged.state_dict().items())
