@@ -1,0 +1,41 @@
+"""The embedded default, exactly as a new user runs it: `featcal-run` with no overrides.
+
+Cold: the benchmark is built into an empty cache (FEATCAL_CACHE), then merged with Task
+Arithmetic, calibrated with FeatCal, evaluated and logged to an offline W&B run. This is
+the slowest test (a few minutes on 2 CPU cores) and the one closest to what users see.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+
+from featcal.wandb_log import read_offline_run
+
+
+def test_featcal_run_default(tmp_path):
+    env = dict(os.environ, FEATCAL_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"), WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run(["featcal-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (res_file,) = list((tmp_path / "outputs").rglob("results.json"))
+    res = json.loads(res_file.read_text())
+    acc = res["accuracy"]
+    assert res["backbone"] == "embedded" and res["merge"] == "task_arithmetic" and res["calibration"] == "featcal"
+    assert len(res["tasks"]) >= 6
+    # the phenomenon the benchmark exists to show
+    assert acc["experts"]["average"] >= 90.0
+    assert acc["merged"]["average"] <= acc["experts"]["average"] - 10.0
+    # FeatCal raises accuracy over the merged model on the embedded benchmark
+    assert acc["calibrated"]["average"] > acc["merged"]["average"] + 3.0
+    # and reduces the final-block feature drift for every task
+    drift = pd.read_csv(res_file.parent / "drift.csv")
+    last = drift["block"].max()
+    for task in res["tasks"]:
+        before = drift[(drift.task == task) & (drift.block == last) & (drift["when"] == "before")].drift.item()
+        after = drift[(drift.task == task) & (drift.block == last) & (drift["when"] == "after")].drift.item()
+        assert after < before, task
+    assert "| average" in proc.stdout
+    (run,) = list(res_file.parent.glob("wandb/offline-run-*"))
+    assert read_offline_run(run)["summary"]["acc/calibrated/average"] == acc["calibrated"]["average"]
