@@ -52,7 +52,7 @@ def _sweep_group() -> tuple[str | None, str | None]:
         hc = HydraConfig.get()
     except Exception:
         return None, None
-    name = hc.job.override_dirname or "default"
+    name = (hc.job.override_dirname or "default").replace("'", "")
     if str(hc.mode) == "RunMode.MULTIRUN":
         sweep = Path(hc.sweep.dir)
         return "sweep-" + "_".join(sweep.parts[-2:]), name
@@ -151,6 +151,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)
         report = dict(calibrated.report or {})
         report["rss_increase_mib"] = current_rss_mib() - rss_before
+        if cfg.get("save_calibrated", False):
+            calibrated.save(out_dir / calibrated.save_name)
         with timer.stage("evaluate_calibrated"):
             calibrated.eval()
             accuracy["calibrated"] = with_average(

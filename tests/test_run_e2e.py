@@ -44,7 +44,7 @@ def offline_runs(run_dir: Path):
 
 def test_single_run_writes_results_and_wandb(env, tmp_path):
     out = tmp_path / "run"
-    proc = featcal_run(SMALL + ["calibration=featcal", "budget=32", f"hydra.run.dir={out}"], env, tmp_path)
+    proc = featcal_run(SMALL + ["calibration=featcal", "budget=32", "save_calibrated=true", f"hydra.run.dir={out}"], env, tmp_path)
     res = json.loads((out / "results.json").read_text())
     tasks = res["tasks"]
     assert set(res["accuracy"]) == {"experts", "base", "merged", "calibrated"}
@@ -78,6 +78,11 @@ def test_single_run_writes_results_and_wandb(env, tmp_path):
     keys = {k.split("/")[0] for k in logged["summary"]}
     assert {"per_task_accuracy", "feature_drift"} <= keys
     assert logged["group"] is None
+    # the calibrated weights were saved and load back into the same architecture
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "calibrated_model.safetensors"))
+    assert any(".encoder.layers." in k for k in saved)
 
 
 def test_sweep_shares_group_collects_and_is_deterministic(env, tmp_path):

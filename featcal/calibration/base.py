@@ -31,9 +31,32 @@ class CalibratedModel(nn.Module):
         self.model = model
         self.report: dict[str, Any] = {}
 
+    #: file name used by the run's ``save_calibrated=true``
+    save_name = "calibrated_model.safetensors"
+
     @torch.no_grad()
     def represent(self, inputs: Inputs, task_index: int) -> torch.Tensor:
         return self.backbone.represent(self.model, inputs)
+
+    def save(self, path) -> None:
+        """Save the calibrated weights (safetensors)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path, backbone: Backbone, model: nn.Module) -> "CalibratedModel":
+        """Load weights saved by ``save`` into ``model`` (same architecture)."""
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return cls(backbone, model.eval())
 
 
 class Calibrator(abc.ABC):

@@ -119,6 +119,8 @@ class SurgeryBank(nn.Module):
 class SurgeryCalibratedModel(CalibratedModel):
     """Merged model + per-task residual modules: represent(x, t) = z − module_t(z)."""
 
+    save_name = "surgery_modules.pt"
+
     def __init__(self, backbone: Backbone, model: nn.Module, bank: SurgeryBank):
         super().__init__(backbone, model)
         self.surgery = bank
