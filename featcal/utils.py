@@ -71,6 +71,23 @@ def resolve_device(name: str) -> torch.device:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def as_torch_dtype(dtype: "str | torch.dtype") -> torch.dtype:
+    """``torch.float32``, "float32", "fp32", "torch.bfloat16", "bf16", ... -> a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(sorted(_DTYPE_NAMES))}")
+    return _DTYPE_NAMES[name]
+
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB."""

@@ -30,24 +30,9 @@ from torch import nn
 
 from featcal.backbone.base import Backbone, BlockState, Inputs
 from featcal.hub import SourceUnavailable, offline_hint, resolve_model_dir
+from featcal.utils import as_torch_dtype
 
 _LLM_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.tiktoken"]
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return _DTYPES[str(dtype).replace("torch.", "")]
-
 
 def load_causal_lm(source: str, dtype: str | torch.dtype = "float32", attn_implementation: str | None = "sdpa") -> nn.Module:
     """A causal LM from a hub id or a local folder (eval mode, on CPU).
@@ -58,7 +43,7 @@ def load_causal_lm(source: str, dtype: str | torch.dtype = "float32", attn_imple
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_dir(source, allow_patterns=_LLM_FILES)
-    kwargs = {"dtype": _dtype(dtype)}
+    kwargs = {"dtype": as_torch_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -55,25 +55,16 @@ from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, BlockState, Inputs, is_norm, is_rms_norm, move_inputs
 from featcal.calibration.base import CalibratedModel, Calibrator
+from featcal.utils import as_torch_dtype
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-}
-
-
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).replace("torch.", "")]
-    except KeyError as err:
-        raise ValueError(f"solve dtype must be float32 or float64, got {dtype!r}") from err
+    """The dtype of the linear solves: float32 or float64."""
+    out = as_torch_dtype(dtype)
+    if out not in (torch.float32, torch.float64):
+        raise ValueError(f"solve dtype must be float32 or float64, got {dtype!r}")
+    return out
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
