@@ -138,3 +138,19 @@ def test_bad_config_fails_before_loading(env, tmp_path):
 def test_cfg_job_prints_config(env, tmp_path):
     proc = featcal_run(["--cfg", "job"], env, tmp_path)
     assert "backbone:" in proc.stdout and "task_arithmetic" in proc.stdout
+
+
+def test_surgery_run_logs_loss_curve(env, tmp_path):
+    out = tmp_path / "run"
+    featcal_run(
+        SMALL + ["calibration=surgery", "calibration.iterations=25", "budget=16", "evaluate_base=false", f"hydra.run.dir={out}"],
+        env,
+        tmp_path,
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["calibration"] == "surgery"
+    curve = res["loss_curve"]
+    assert curve and curve[-1]["loss"] < curve[0]["loss"]
+    (run,) = offline_runs(out)
+    logged = [h["calibration/loss"] for h in read_offline_run(run)["history"] if "calibration/loss" in h]
+    assert logged == pytest.approx([p["loss"] for p in curve])
