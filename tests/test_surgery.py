@@ -276,3 +276,14 @@ def test_fabric_bf16_mixed_and_auto_accelerator(setup):
     assert next(cal.surgery.parameters()).dtype == torch.float32
     for t in TASKS:
         assert cal.report["l1_after"][t] < cal.report["l1_before"][t]
+
+
+def test_misaligned_inputs_are_rejected():
+    import torch.nn as nn
+
+    from featcal.calibration.base import Calibrator
+
+    with pytest.raises(ValueError, match="2 experts but 1 calibration sets"):
+        Calibrator.check_inputs([nn.Linear(1, 1), nn.Linear(1, 1)], [[torch.zeros(1)]])
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        Calibrator.check_inputs([nn.Linear(1, 1)], [[]])

@@ -76,6 +76,17 @@ class Calibrator(abc.ABC):
     ) -> CalibratedModel:
         """``calibration[t]`` is task t's list of input batches (n examples in total)."""
 
+    @staticmethod
+    def check_inputs(experts: list[nn.Module], calibration: list[list[Inputs]]) -> int:
+        """The number of tasks; raises if experts and calibration sets do not line up."""
+        if not experts:
+            raise ValueError("calibration needs at least one expert")
+        if len(calibration) != len(experts):
+            raise ValueError(f"{len(experts)} experts but {len(calibration)} calibration sets")
+        if any(len(c) == 0 for c in calibration):
+            raise ValueError("every task needs at least one calibration batch")
+        return len(experts)
+
 
 class NoCalibration(Calibrator):
     """The merged model as it is."""

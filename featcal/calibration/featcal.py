@@ -547,11 +547,7 @@ class FeatCal(Calibrator):
     ) -> CalibratedModel:
         start = time.perf_counter()
         device = torch.device(device)
-        num_tasks = len(experts)
-        if len(calibration) != num_tasks:
-            raise ValueError(f"{len(calibration)} calibration sets for {num_tasks} experts")
-        if any(len(c) == 0 for c in calibration):
-            raise ValueError("every task needs at least one calibration batch")
+        num_tasks = self.check_inputs(experts, calibration)
         if not self.inplace:
             import copy
 

@@ -336,11 +336,7 @@ class _SurgeryBase(Calibrator):
         device: torch.device | str = "cpu",
     ) -> SurgeryCalibratedModel:
         t0 = time.perf_counter()
-        if len(experts) != len(calibration):
-            raise ValueError(f"{len(experts)} experts but {len(calibration)} calibration sets")
-        T = len(experts)
-        if T == 0:
-            raise ValueError("surgery needs at least one expert")
+        T = self.check_inputs(experts, calibration)
         names = list(backbone.tasks) if len(backbone.tasks) == T else [str(i) for i in range(T)]
         fabric = _resolve_fabric(self.accelerator, self.devices, self.precision, device)
 
