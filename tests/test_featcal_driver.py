@@ -331,3 +331,27 @@ def test_llama_missing_source_raises_source_unavailable(tmp_path):
         backbone.load_base()
     with pytest.raises(SourceUnavailable):
         backbone.load_expert("a")
+
+
+def test_drift_examples_caps_the_diagnostic_chain_only(clip_world):
+    """The drift report uses the first k examples per task; the calibration itself uses all."""
+    full = _calibrate(clip_world, drift_examples=None)
+    few = _calibrate(clip_world, drift_examples=5)
+    off = _calibrate(clip_world, drift_examples=0)
+    assert full.report["drift_examples_per_task"] == {t: 32 for t in range(len(clip_world[2]))}
+    assert few.report["drift_examples_per_task"] == {t: 5 for t in range(len(clip_world[2]))}
+    assert off.report["drift"] == {}
+    for a, b, c in zip(full.model.parameters(), few.model.parameters(), off.model.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert few.report["drift"]["before"] != full.report["drift"]["before"]
+
+
+def test_block_state_take_cuts_batch_tensors_in_extras(llama_world):
+    backbone, base, *_ , calib, _ = llama_world
+    state = backbone.embed(base, calib[0][0])
+    part = state.take(3)
+    assert part.hidden.shape[0] == 3 and part.token_mask.shape[0] == 3
+    ref = backbone.run_block(backbone.blocks(base)[0], state).hidden[:3]
+    got = backbone.run_block(backbone.blocks(base)[0], part).hidden
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert state.take(99) is state

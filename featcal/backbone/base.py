@@ -59,6 +59,24 @@ class BlockState:
     def with_hidden(self, hidden: torch.Tensor) -> "BlockState":
         return BlockState(hidden, self.token_mask, self.readout_mask, self.extras)
 
+    def take(self, k: int) -> "BlockState":
+        """The first ``k`` examples of the batch (views). Tensors in ``extras`` whose first
+        dimension is the batch size are cut too; broadcast ones (batch dim 1) are kept."""
+        b = self.hidden.shape[0]
+        if k >= b:
+            return self
+
+        def cut(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v[:k] if v.dim() > 0 and v.shape[0] == b else v
+            if isinstance(v, (tuple, list)):
+                return type(v)(cut(x) for x in v)
+            if isinstance(v, Mapping):
+                return {key: cut(x) for key, x in v.items()}
+            return v
+
+        return BlockState(self.hidden[:k], self.token_mask[:k], self.readout_mask[:k], cut(self.extras))
+
     def to(self, device: torch.device | str) -> "BlockState":
         return BlockState(
             self.hidden.to(device),

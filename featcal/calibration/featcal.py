@@ -470,9 +470,10 @@ class FeatCal(Calibrator):
             float32 or wider. Σ_t s_t C_ss has norm ≤ T and the ridge is λ, so the system's
             condition number is at most (T + λ)/λ: float32 is ample at λ = 0.05.
         cross_route: "auto", "direct" (E[x_s (W_t x_t)ᵀ]) or "gram" ((α C_se + (1−α) C_ss) W_tᵀ).
-        drift_batches: calibration batches per task used for the drift diagnostics
-            (None: all). The uncalibrated-model chain for "before" costs one extra block
-            forward on those batches.
+        drift_examples: calibration examples per task used for the per-block drift
+            diagnostics (None: all, 0: off). The uncalibrated-model chain for "before"
+            costs one extra block forward on those examples; the default 8 keeps it to a
+            few per cent of the calibration time.
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
     """
@@ -493,7 +494,7 @@ class FeatCal(Calibrator):
         forward_order: bool = True,
         dtype: str = "float32",
         cross_route: str = "auto",
-        drift_batches: int | None = 1,
+        drift_examples: int | None = 8,
         inplace: bool = True,
         progress: bool = True,
     ):
@@ -511,7 +512,7 @@ class FeatCal(Calibrator):
         self.forward_order = bool(forward_order)
         self.dtype = as_dtype(dtype)
         self.cross_route = cross_route
-        self.drift_batches = drift_batches
+        self.drift_examples = drift_examples
         self.inplace = bool(inplace)
         self.progress = bool(progress)
 
@@ -567,14 +568,30 @@ class FeatCal(Calibrator):
         # per-block activations only: student (merged) and expert states, per task
         student = [[embed(merged, b) for b in calibration[t]] for t in range(num_tasks)]
         expert = [[embed(experts[t], b) for b in calibration[t]] for t in range(num_tasks)]
-        k = self.drift_batches
+        k = self.drift_examples
         track = k is None or k > 0
-        nd = [len(student[t]) if k is None else min(k, len(student[t])) for t in range(num_tasks)]
+
+        def drift_plan(states: list[BlockState]) -> list[int]:
+            """How many examples of each batch the drift diagnostics use (k in total)."""
+            counts, left = [], float("inf") if k is None else k
+            for s in states:
+                if left <= 0:
+                    break
+                c = int(min(backbone_batch(s), left))
+                counts.append(c)
+                left -= c
+            return counts
+
+        plan = [drift_plan(student[t]) for t in range(num_tasks)] if track else []
+
+        def cut(states: list[BlockState], t: int) -> list[BlockState]:
+            return [s.take(c) for s, c in zip(states, plan[t])]
+
         # drift chains: the uncalibrated merged model and the calibrated one
         if self.forward_order:
-            uncal = [list(student[t][: nd[t]]) for t in range(num_tasks)] if track else None
+            uncal = [cut(student[t], t) for t in range(num_tasks)] if track else None
         else:
-            cal = [list(student[t][: nd[t]]) for t in range(num_tasks)] if track else None
+            cal = [cut(student[t], t) for t in range(num_tasks)] if track else None
         drift_before: dict[int, list[float]] = {t: [] for t in range(num_tasks)}
         drift_after: dict[int, list[float]] = {t: [] for t in range(num_tasks)}
         fallbacks: list[str] = []
@@ -643,9 +660,9 @@ class FeatCal(Calibrator):
                     cal = [[backbone.run_block(blk, s) for s in cal[t]] for t in range(num_tasks)]
             if track:
                 for t in range(num_tasks):
-                    ref = expert[t][: nd[t]]
-                    before = uncal[t] if self.forward_order else student[t][: nd[t]]
-                    after = student[t][: nd[t]] if self.forward_order else cal[t]
+                    ref = cut(expert[t], t)
+                    before = uncal[t] if self.forward_order else cut(student[t], t)
+                    after = cut(student[t], t) if self.forward_order else cal[t]
                     drift_before[t].append(_token_drift(before, ref))
                     drift_after[t].append(_token_drift(after, ref))
                 bar.set_postfix(
@@ -658,9 +675,7 @@ class FeatCal(Calibrator):
         out.report = {
             "calibration_seconds": time.perf_counter() - start,
             "drift": {"before": drift_before, "after": drift_after} if track else {},
-            "drift_examples_per_task": {t: sum(backbone_batch(s) for s in student[t][: nd[t]]) for t in range(num_tasks)}
-            if track
-            else {},
+            "drift_examples_per_task": {t: sum(plan[t]) for t in range(num_tasks)} if track else {},
             "solver_fallbacks": fallbacks,
             "cross_routes": routes,
             "settings": {

@@ -81,11 +81,13 @@ def evaluate(
         if only is not None and i not in only:
             continue
         head = task.head.to(device)
-        correct = total = 0
+        # counts stay on the device: no host round trip per batch
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        total = 0
         for inputs, labels in tqdm(task.test_batches(batch_size), desc=f"{desc}:{task.name}", leave=False):
             z = represent(move_inputs(inputs, device), i)
-            pred = head(z).argmax(-1).cpu()
-            correct += int((pred == labels.cpu()).sum())
+            pred = head(z).argmax(-1)
+            correct += (pred == labels.to(pred.device, non_blocking=True)).sum()
             total += int(labels.numel())
-        out[task.name] = 100.0 * correct / max(total, 1)
+        out[task.name] = 100.0 * int(correct.item()) / max(total, 1)
     return out
