@@ -104,6 +104,18 @@ def current_rss_mib() -> float:
         return float("nan")
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` intra-op CPU threads (None: leave the setting), then restore it."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class StageTimer:
     """Wall-clock per named stage; CUDA work is synchronised at stage boundaries."""
 

@@ -18,13 +18,7 @@ from featcal.merge import task_arithmetic
 T = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: thread hand-offs cost more than the work on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _finetune(model, params, loss_fn, steps, lr):
@@ -42,12 +36,11 @@ def _finetune(model, params, loss_fn, steps, lr):
 
 
 @pytest.fixture(scope="module")
-def clip_world(tmp_path_factory):
+def clip_world(tmp_path_factory, one_thread):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from featcal.backbone.clip import CLIPVisionBackbone
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(
@@ -230,12 +223,11 @@ VOCAB, SEQ = 64, 12
 
 
 @pytest.fixture(scope="module")
-def llama_world(tmp_path_factory):
+def llama_world(tmp_path_factory, one_thread):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from featcal.backbone.llama import LlamaBackbone
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(

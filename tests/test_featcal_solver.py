@@ -24,13 +24,7 @@ torch.set_default_dtype(torch.float32)
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: thread hand-offs cost more than the work on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(T=3, n=40, d_in=5, d_out=4, alpha=0.3, seed=0, weighted=True):

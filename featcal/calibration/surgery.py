@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, Inputs, move_inputs
 from featcal.calibration.base import CalibratedModel, Calibrator
+from featcal.utils import torch_threads
 
 # --------------------------------------------------------------------------- modules
 
@@ -352,13 +353,8 @@ class _SurgeryBase(Calibrator):
 
         # The modules are tiny (a [16, D] minibatch through a D→h→D MLP): on CPU, intra-op
         # threads only add hand-off cost, so the loop runs single-threaded (restored after).
-        threads = torch.get_num_threads()
-        if fabric.device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
+        with torch_threads(1 if fabric.device.type == "cpu" else None):
             step, curve, task_curve = self._train(fabric, wrapped, optimizer, merged_feats, expert_feats, names)
-        finally:
-            torch.set_num_threads(threads)
         t_train = time.perf_counter() - t0 - t_cache
 
         bank.eval()

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
 from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool
+from featcal.utils import torch_threads
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 1
@@ -592,13 +593,8 @@ def build(
     stalls when other processes share the cores (two spinning threads on a busy
     2-core machine ran 4-10× slower than one in our measurements).
     """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
+    with torch_threads(threads):
         return _build(spec, Path(out), device, progress)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _build(spec: EmbeddedSpec, out: Path, device: str | torch.device | None, progress: bool) -> dict[str, Any]:
