@@ -701,7 +701,31 @@ def _spec_from(tasks: list[str] | None, spec: Any, overrides: Mapping[str, Any])
     return EmbeddedSpec.from_config(given)
 
 
-class EmbeddedBackbone(CLIPVisionBackbone):
+class _EmbeddedBuild:
+    """The spec, cache location and build device of one embedded suite, and its cache
+    folder: built (or validated) on first use, then remembered."""
+
+    def _init_build(
+        self,
+        tasks: list[str] | None,
+        spec: Mapping[str, Any] | EmbeddedSpec | None,
+        cache_dir: str | None,
+        build_device: str | None,
+        spec_overrides: Mapping[str, Any],
+    ) -> None:
+        self.spec = _spec_from(tasks, spec, spec_overrides)
+        self.cache_dir = cache_dir
+        self.build_device = build_device
+        self._folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        if self._folder is None:
+            self._folder = ensure_built(self.spec, self.cache_dir, device=self.build_device)
+        return self._folder
+
+
+class EmbeddedBackbone(_EmbeddedBuild, CLIPVisionBackbone):
     """The embedded suite's CLIP vision towers, built on first load and read from the cache.
 
     ``EmbeddedBackbone(spec={...}, cache_dir=None)`` or with spec fields as keyword
@@ -716,31 +740,17 @@ class EmbeddedBackbone(CLIPVisionBackbone):
         build_device: str | None = None,
         **spec_overrides: Any,
     ):
-        self.spec = _spec_from(tasks, spec, spec_overrides)
-        self.cache_dir = cache_dir
-        self.build_device = build_device
-        self._folder: Path | None = None
+        self._init_build(tasks, spec, cache_dir, build_device, spec_overrides)
         super().__init__(list(self.spec.tasks), base="", experts={t: "" for t in self.spec.tasks})
 
-    @property
-    def folder(self) -> Path:
-        if self._folder is None:
-            self._folder = ensure_built(self.spec, self.cache_dir, device=self.build_device)
-            self.base_source = str(self._folder / "base")
-            self.projection_source = self.base_source
-            self.expert_sources = {t: str(self._folder / "experts" / t) for t in self.tasks}
-        return self._folder
-
     def load_base(self) -> nn.Module:
-        self.folder
-        return load_clip_vision(self.base_source)
+        return load_clip_vision(str(self.folder / "base"))
 
     def load_expert(self, task: str) -> nn.Module:
-        self.folder
-        return load_clip_vision(self.expert_sources[task], projection_source=self.projection_source)
+        return load_clip_vision(str(self.folder / "experts" / task), projection_source=str(self.folder / "base"))
 
 
-class EmbeddedTaskPool(TaskPool):
+class EmbeddedTaskPool(_EmbeddedBuild, TaskPool):
     """The embedded suite's tasks: cached splits and frozen zero-shot prototype heads."""
 
     def __init__(
@@ -751,19 +761,13 @@ class EmbeddedTaskPool(TaskPool):
         build_device: str | None = None,
         **spec_overrides: Any,
     ):
-        self.spec = _spec_from(tasks, spec, spec_overrides)
-        self.cache_dir = cache_dir
-        self.build_device = build_device
+        self._init_build(tasks, spec, cache_dir, build_device, spec_overrides)
         self._tasks: list[Task] | None = None
         self._data: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def names(self) -> list[str]:
         return list(self.spec.tasks)
-
-    @property
-    def folder(self) -> Path:
-        return ensure_built(self.spec, self.cache_dir, device=self.build_device)
 
     def split(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel values [N,3,H,W] float32, labels [N]) of a task's split."""
