@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,9 +32,9 @@ from featcal.wandb_log import WandbLogger
 log = logging.getLogger("featcal")
 
 
-def _build(node: DictConfig, drop: tuple[str, ...] = ("name",)) -> Any:
-    """Hydra-instantiate a config node, leaving out descriptive keys."""
-    data = OmegaConf.to_container(node, resolve=True)
+def _build(node: DictConfig | dict, drop: tuple[str, ...] = ("name",)) -> Any:
+    """Hydra-instantiate a config node (or its resolved dict), leaving out descriptive keys."""
+    data = dict(node) if isinstance(node, dict) else OmegaConf.to_container(node, resolve=True)
     for key in drop:
         data.pop(key, None)
     return instantiate(data)
@@ -53,7 +54,7 @@ def _sweep_group() -> tuple[str | None, str | None]:
     except Exception:
         return None, None
     name = (hc.job.override_dirname or "default").replace("'", "")
-    if str(hc.mode) == "RunMode.MULTIRUN":
+    if hc.mode == RunMode.MULTIRUN:
         sweep = Path(hc.sweep.dir)
         return "sweep-" + "_".join(sweep.parts[-2:]), name
     return None, name
@@ -72,7 +73,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     cal_node = OmegaConf.to_container(cfg.calibration, resolve=True)
     if "seed" in cal_node:  # one run seed drives data order and calibrator training alike
         cal_node["seed"] = int(cfg.seed)
-    calibrator = _build(OmegaConf.create(cal_node))
+    calibrator = _build(cal_node)
     adapter: Backbone = _build(cfg.backbone.adapter)
     pool: TaskPool = _build(cfg.backbone.taskpool)
     if torch.cuda.is_available() and device.type == "cuda":

@@ -72,10 +72,11 @@ class WandbLogger:
                 rows = [[r["task"], r["block"], r["when"], r["drift"]] for r in drift]
                 dtab = wandb.Table(columns=["task", "block", "when", "drift"], data=rows)
                 self.run.log({"feature_drift": dtab})
+                value = {(r["when"], r["task"], r["block"]): r["drift"] for r in drift}
+                tasks = sorted({r["task"] for r in drift})
+                blocks = sorted({r["block"] for r in drift})
                 for when in sorted({r["when"] for r in drift}):
-                    tasks = sorted({r["task"] for r in drift})
-                    blocks = sorted({r["block"] for r in drift})
-                    ys = [[next(r["drift"] for r in drift if r["task"] == t and r["block"] == b and r["when"] == when) for b in blocks] for t in tasks]
+                    ys = [[value[(when, t, b)] for b in blocks] for t in tasks]
                     self.run.log({f"drift_chart/{when}": wandb.plot.line_series(xs=blocks, ys=ys, keys=tasks, title=f"feature drift per block ({when} calibration)", xname="block")})
             curve = results.get("loss_curve")
             if curve:
