@@ -134,6 +134,8 @@ def validate(cfg: DictConfig) -> None:
         "hidden_dim": (lambda x: _is_int(x) and x >= 1, "must be a positive integer"),
         "kl_weight": (lambda x: _is_num(x) and x >= 0, "must be a number >= 0"),
         "last_block_patch_weight": (lambda x: _is_num(x) and x >= 0, "must be a number >= 0"),
+        "drift_examples": (lambda x: x is None or (_is_int(x) and x >= 0), "must be an integer >= 0 or null (all)"),
+        "pass_tokens": (lambda x: x is None or (_is_int(x) and x >= 0), "must be an integer >= 0 or null (no joining)"),
     }
     cal = _get(cfg, "calibration")
     if cal is not None:

@@ -90,6 +90,8 @@ def test_unknown_key_is_rejected():
         ("logger.mode=sometimes", "logger.mode", "allowed: offline, online, disabled"),
         ("calibration.alpha=1.5", "calibration.alpha", "[0, 1]"),
         ("calibration.lambda_ratio=-1", "calibration.lambda_ratio", ">= 0"),
+        ("calibration.pass_tokens=-5", "calibration.pass_tokens", "integer >= 0"),
+        ("calibration.drift_examples=2.5", "calibration.drift_examples", "integer >= 0"),
     ],
 )
 def test_bad_values_name_key_and_allowed(override, key, hint):

@@ -347,3 +347,34 @@ def test_block_state_take_cuts_batch_tensors_in_extras(llama_world):
     got = backbone.run_block(backbone.blocks(base)[0], part).hidden
     assert torch.allclose(got, ref, atol=1e-5)
     assert state.take(99) is state
+
+
+def test_joined_llama_batches_run_like_separate_ones(llama_world):
+    """Joining padded batches (attention masks per example, rotary tables shared) gives the
+    same block outputs; batches of another length are left as they are."""
+    from featcal.backbone.base import join_states
+    from featcal.calibration.featcal import pack_passes
+
+    backbone, base, *_, calib, _ = llama_world
+    a, b = (backbone.embed(base, batch) for batch in calib[0])
+    joined = join_states([a, b])
+    assert joined is not None and joined.hidden.shape[0] == a.hidden.shape[0] + b.hidden.shape[0]
+    blk = backbone.blocks(base)[0]
+    ref = torch.cat([backbone.run_block(blk, a).hidden, backbone.run_block(blk, b).hidden])
+    assert torch.allclose(backbone.run_block(blk, joined).hidden, ref, atol=1e-5)
+
+    short = backbone.embed(base, {k: v[:, :-2] for k, v in calib[0][1].items()})
+    assert join_states([a, short]) is None
+    s_out, e_out = pack_passes([a, short, b], [a, short, b], 10**6)
+    assert [s.hidden.shape for s in s_out] == [a.hidden.shape, short.hidden.shape, b.hidden.shape]
+    s_out, _ = pack_passes([a, b, short], [a, b, short], 10**6)
+    assert [s.hidden.shape[0] for s in s_out] == [2 * a.hidden.shape[0], short.hidden.shape[0]]
+    s_out, _ = pack_passes([a, b, a], [a, b, a], a.token_mask.numel() * 2)  # the token cap
+    assert [s.hidden.shape[0] for s in s_out] == [2 * a.hidden.shape[0], a.hidden.shape[0]]
+
+
+def test_llama_joined_passes_give_the_same_calibration(llama_world):
+    one = _calibrate(llama_world, pass_tokens=0, drift_examples=0)
+    joined = _calibrate(llama_world, drift_examples=0)
+    for (n, p), q in zip(one.model.named_parameters(), joined.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)

@@ -306,3 +306,97 @@ def test_bf16_statistics_accumulate_in_float32():
     for k, v in merged.state_dict().items():
         assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all()
     assert any(not torch.equal(v, before[k]) for k, v in merged.state_dict().items())
+
+
+def test_moment_accumulator_upper_triangle_norm_and_reuse():
+    """Wide inputs: only the upper block triangle is multiplied; the mirrored moment, its
+    Frobenius norm and a reset-and-reuse all match the plain formulas."""
+    g = torch.Generator().manual_seed(3)
+    x1, w1 = torch.randn(30, 10, generator=g, dtype=D), torch.rand(30, generator=g, dtype=D)
+    x2 = torch.randn(25, 10, generator=g, dtype=D) + 1.0
+    acc = MomentAccumulator(10, "cpu", dtype=D, chunk=3)  # 10 > 2·3: panels of 3 rows
+    acc.add(x1[:11], w1[:11])
+    acc.add(x1[11:], w1[11:])
+    raw = (x1 * w1[:, None]).T @ x1
+    assert torch.count_nonzero(torch.tril(acc.raw_upper(), -3)) == 0  # nothing below the diagonal blocks
+    torch.testing.assert_close(acc.second(), raw / w1.sum())
+    assert acc.raw_norm() == pytest.approx(float(torch.linalg.matrix_norm(raw)), rel=1e-12)
+    torch.testing.assert_close(acc.raw_full(), raw)
+    acc.reset()
+    acc.add(x2)
+    torch.testing.assert_close(acc.second(), x2.T @ x2 / 25)
+    torch.testing.assert_close(acc.mean(), x2.mean(0))
+    assert acc.raw_norm() == pytest.approx(float(torch.linalg.matrix_norm(x2.T @ x2)), rel=1e-12)
+
+
+def _plain_featcal(backbone, merged, base, experts, calib, lam, rho, alpha, eps):
+    """FeatCal on the tiny stack written out per module with the plain formulas (no shared
+    statistics, no cross-term routes, no joined passes, float64), for the driver to match."""
+    from featcal.calibration.featcal import anchor
+
+    model = copy.deepcopy(merged).double()
+    base64 = copy.deepcopy(base).double()
+    experts64 = [copy.deepcopy(e).double() for e in experts]
+    hs = [torch.cat(c).double() for c in calib]
+    he = [h.clone() for h in hs]
+    for l, blk in enumerate(model.layers):
+        b0 = base64.layers[l]
+        eb = [e.layers[l] for e in experts64]
+        xs_fc, xe_fc = [h.reshape(-1, 8) for h in hs], [h.reshape(-1, 8) for h in he]
+        xs_nm = [blk.fc(h).reshape(-1, 8) for h in hs]  # the not-yet-updated merged block
+        # Linear: per-task C_ss, C_st W_tᵀ, then the closed forms
+        c_ss, cross, mu_s, targets = [], [], [], []
+        for xs, xe, e in zip(xs_fc, xe_fc, eb):
+            xt = alpha * xe + (1 - alpha) * xs
+            c_ss.append(xs.T @ xs / len(xs))
+            cross.append(xs.T @ (xt @ e.fc.weight.T) / len(xs))
+            mu_s.append(xs.mean(0))
+            targets.append(e.fc.bias + e.fc.weight @ xt.mean(0))
+        w = solve_linear_weight(c_ss, cross, anchor(blk.fc.weight, b0.fc.weight, rho), lam, eps, dtype=D)
+        b = solve_linear_bias(w, [task_scale(c) for c in c_ss], mu_s, targets, anchor(blk.fc.bias, b0.fc.bias, rho), lam)
+        # LayerNorm: moments of the affine-free normalised student input
+        z = [torch.nn.functional.layer_norm(x, (8,), eps=blk.norm.eps) for x in xs_nm]
+        gamma, beta = solve_layernorm(
+            torch.stack([(v * v).mean(0) for v in z]), torch.stack([v.mean(0) for v in z]),
+            torch.stack([e.norm.weight for e in eb]), torch.stack([e.norm.bias for e in eb]),
+            anchor(blk.norm.weight, b0.norm.weight, rho), anchor(blk.norm.bias, b0.norm.bias, rho), lam, eps,
+        )
+        with torch.no_grad():
+            blk.fc.weight.copy_(w)
+            blk.fc.bias.copy_(b)
+            blk.norm.weight.copy_(gamma)
+            blk.norm.bias.copy_(beta)
+            hs = [blk(h) for h in hs]
+            he = [e(h) for e, h in zip(eb, he)]
+    return model
+
+
+@pytest.mark.parametrize(
+    "route,pass_tokens,chunk",
+    [("gram", 0, None), ("direct", 0, None), ("gram", 4096, 2), ("direct", 4096, 2), ("auto", 50, 3)],
+)
+def test_driver_matches_plain_per_module_formulas(route, pass_tokens, chunk, monkeypatch):
+    """The driver's fast paths (shared statistics, cross-term routes, joined passes,
+    upper-triangle Gram products, accumulators reused across tasks) give the plain result."""
+    import featcal.calibration.featcal as fc
+
+    if chunk:
+        monkeypatch.setattr(fc, "GRAM_CHUNK", chunk)  # 8-wide inputs in panels: the wide-input path
+    backbone, base, experts = _tiny_stack(torch.float32)
+    g = torch.Generator().manual_seed(7)
+    calib = [[torch.randn(4, 6, 8, generator=g) + t for _ in range(3)] for t in range(2)]
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for pm, p0, *pe in zip(merged.parameters(), base.parameters(), *[e.parameters() for e in experts]):
+            pm.copy_(p0 + 0.3 * sum(p - p0 for p in pe))
+    lam, rho, alpha, eps = 0.05, 2.2, 0.25, 1e-8
+    with torch.no_grad():
+        ref = _plain_featcal(backbone, merged, base, experts, calib, lam, rho, alpha, eps)
+    out = FeatCal(
+        lambda_ratio=lam, rho=rho, alpha=alpha, eps=eps, cross_route=route, pass_tokens=pass_tokens,
+        drift_examples=None, inplace=False, progress=False,
+    ).calibrate(backbone, merged, base, experts, calib)
+    for (name, got), want in zip(out.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-5, msg=name)
+    # and it really moved the parameters away from the merge
+    assert any(not torch.allclose(a, b) for a, b in zip(out.model.parameters(), merged.parameters()))

@@ -86,6 +86,58 @@ class BlockState:
         )
 
 
+class _NoJoin(Exception):
+    pass
+
+
+def _join_values(values: list[Any], sizes: list[int]) -> Any:
+    """Join one extras entry across states: per-example tensors (first dim = that state's
+    batch size) are concatenated, shared ones (same value in every state) are kept once."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise _NoJoin
+        if all(v.dim() > 0 and v.shape[0] == b and v.shape[1:] == first.shape[1:] for v, b in zip(values, sizes)):
+            return torch.cat(values, 0)
+        if all(v is first or (v.shape == first.shape and torch.equal(v, first)) for v in values):
+            return first
+        raise _NoJoin
+    if isinstance(first, (tuple, list)):
+        if not all(isinstance(v, type(first)) and len(v) == len(first) for v in values):
+            raise _NoJoin
+        parts = [_join_values(list(items), sizes) for items in zip(*values)]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    if isinstance(first, Mapping):
+        if not all(isinstance(v, Mapping) and v.keys() == first.keys() for v in values):
+            raise _NoJoin
+        return {k: _join_values([v[k] for v in values], sizes) for k in first}
+    if all(v is first or v == first for v in values):
+        return first
+    raise _NoJoin
+
+
+def join_states(states: list[BlockState]) -> BlockState | None:
+    """One state holding the examples of ``states`` in order, or None if they cannot be
+    joined (different token counts or hidden widths, or extras that are neither
+    per-example nor shared). Lets a block run on larger batches than the data loader's."""
+    if len(states) == 1:
+        return states[0]
+    first = states[0]
+    if any(s.hidden.shape[1:] != first.hidden.shape[1:] or s.hidden.dtype != first.hidden.dtype for s in states):
+        return None
+    sizes = [int(s.hidden.shape[0]) for s in states]
+    try:
+        extras = _join_values([s.extras for s in states], sizes)
+    except _NoJoin:
+        return None
+    return BlockState(
+        torch.cat([s.hidden for s in states], 0),
+        torch.cat([s.token_mask for s in states], 0),
+        torch.cat([s.readout_mask for s in states], 0),
+        extras,
+    )
+
+
 def is_norm(module: nn.Module) -> bool:
     """LayerNorm (weight + bias) or an RMSNorm-style scale-only norm."""
     if isinstance(module, nn.LayerNorm):

@@ -39,7 +39,13 @@ Efficiency choices (the results are those of the plain formulas):
   the last module's input is captured (its output is not needed); one pass of the
   expert block, whose output is the next expert input;
 * only the block in work and the expert copies of that block are on the device; only
-  one block's worth of activations (per task, student and expert) is kept.
+  one block's worth of activations (per task, student and expert) is kept;
+* consecutive calibration batches run as one block pass of up to ``pass_tokens`` tokens
+  (larger GEMMs; the statistics are sums over tokens, so the result is unchanged);
+* symmetric Gram products of wide inputs are multiplied on their upper block triangle
+  only, summed over tasks in that form and mirrored once per block; per-task
+  accumulators are allocated once per block and reused;
+* after the last block only the drift examples are pushed through the calibrated block.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcal.backbone.base import Backbone, BlockState, Inputs, is_norm, is_rms_norm, move_inputs
+from featcal.backbone.base import Backbone, BlockState, Inputs, is_norm, is_rms_norm, join_states, move_inputs
 from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.utils import as_torch_dtype
 
@@ -103,15 +109,15 @@ def ridge_solve(
 ) -> torch.Tensor:
     """X solving (lhs + ridge·I) X = rhs for a symmetric PSD ``lhs``.
 
-    Cholesky first; if it fails (indefinite or singular), an LU solve; if that fails or
+    Cholesky first (it reads the lower triangle of the symmetric ``lhs``); if it fails
+    (indefinite or singular), an LU solve of the symmetrised matrix; if that fails or
     gives a non-finite result, the pseudo-inverse (minimum-norm least squares).
     Computed in ``dtype`` (float32 or wider) and returned in ``dtype``.
     """
     dtype = as_dtype(dtype)
-    a = lhs.to(dtype)
-    a = 0.5 * (a + a.T)
+    a = lhs.to(dtype=dtype, copy=True)
     if ridge:
-        a = a + ridge * torch.eye(a.shape[0], dtype=dtype, device=a.device)
+        a.diagonal().add_(ridge)
     b = rhs.to(dtype)
     info = info if info is not None else SolveInfo()
     chol, status = torch.linalg.cholesky_ex(a)
@@ -121,6 +127,8 @@ def ridge_solve(
         if _all_finite(x):
             info.method = "cholesky"
             return x
+    del chol
+    a = 0.5 * (a + a.T)
     lu, pivots, status = torch.linalg.lu_factor_ex(a)
     if int(status) == 0:
         x = torch.linalg.lu_solve(lu, pivots, b)
@@ -270,28 +278,59 @@ def check_finite(module: str, **tensors: torch.Tensor) -> None:
 # =============================================================================
 
 
-def _gram_upper_(acc: torch.Tensor, xw: torch.Tensor, x: torch.Tensor, chunk: int = 768, beta: float = 1.0) -> None:
+#: panel height of the symmetric Gram products: for inputs wider than two panels only the
+#: upper block triangle is multiplied (≈ half the multiply-adds for wide inputs such as a
+#: ViT MLP's 3072-wide fc2 input); 256-row panels keep the GEMMs near full speed on CPUs.
+GRAM_CHUNK = 256
+
+
+def _chunk(chunk: int | None) -> int:
+    return int(chunk) if chunk else GRAM_CHUNK
+
+
+def _upper_mode(dim: int, chunk: int | None) -> bool:
+    return dim > 2 * _chunk(chunk)
+
+
+def _gram_upper_(acc: torch.Tensor, xw: torch.Tensor, x: torch.Tensor, chunk: int | None = None, beta: float = 1.0) -> None:
     """acc[i, j] = beta·acc[i, j] + (xwᵀ x)[i, j] on the upper block triangle only
-    (symmetric products; ``finish_gram`` mirrors it). Saves up to half the multiply-adds
-    for wide inputs. beta = 0 ignores acc's previous content (may be uninitialised)."""
+    (symmetric products; ``finish_gram`` mirrors it). Blocks below the diagonal are not
+    touched. beta = 0 ignores acc's previous content (may be uninitialised)."""
     d = x.shape[1]
-    if d <= 2 * chunk:
+    if not _upper_mode(d, chunk):
         acc.addmm_(xw.T, x, beta=beta)
         return
+    chunk = _chunk(chunk)
     for i in range(0, d, chunk):
         acc[i : i + chunk, i:].addmm_(xw[:, i : i + chunk].T, x[:, i:], beta=beta)
 
 
-def finish_gram(acc: torch.Tensor, chunk: int = 768) -> torch.Tensor:
+def finish_gram(acc: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Mirror the upper block triangle filled by ``_gram_upper_`` into a full symmetric
     matrix (in place: diagonal blocks are already full, only the blocks below are copied)."""
     d = acc.shape[0]
-    if d <= 2 * chunk:
+    if not _upper_mode(d, chunk):
         return acc
+    chunk = _chunk(chunk)
     for i in range(0, d, chunk):
-        for j in range(i + chunk, d, chunk):
-            acc[j : j + chunk, i : i + chunk] = acc[i : i + chunk, j : j + chunk].T
+        if i + chunk < d:
+            acc[i + chunk :, i : i + chunk] = acc[i : i + chunk, i + chunk :].T
     return acc
+
+
+def gram_norm(acc: torch.Tensor, chunk: int | None = None) -> float:
+    """Frobenius norm of the symmetric matrix whose upper block triangle ``acc`` holds
+    (whatever lies below the diagonal blocks is ignored)."""
+    d = acc.shape[0]
+    if not _upper_mode(d, chunk):
+        return float(torch.linalg.vector_norm(acc))
+    chunk = _chunk(chunk)
+    sq = 0.0
+    for i in range(0, d, chunk):
+        sq += float(torch.linalg.vector_norm(acc[i : i + chunk, i : i + chunk])) ** 2
+        if i + chunk < d:
+            sq += 2.0 * float(torch.linalg.vector_norm(acc[i : i + chunk, i + chunk :])) ** 2
+    return math.sqrt(sq)
 
 
 class MomentAccumulator:
@@ -299,16 +338,31 @@ class MomentAccumulator:
 
     ``add(x, w)`` with x [..., D] in any dtype (bf16/fp16 models included) and w the
     token weights ([...] or None for all ones). ``mean()`` = E[x], ``second()`` = E[x xᵀ].
+    The raw second moment Σ w x xᵀ is kept on its upper block triangle (``raw_upper``,
+    zero below), ``raw_norm()`` is its Frobenius norm; ``reset()`` starts over in the
+    same buffers (the driver reuses one accumulator for every task of a block).
     """
 
-    def __init__(self, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32, second: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        second: bool = True,
+        chunk: int | None = None,
+    ):
         self.dtype = stat_dtype(dtype)
+        self.chunk = _chunk(chunk)
         self.weight_sum = 0.0
         self.first = torch.zeros(dim, dtype=self.dtype, device=device)
-        # uninitialised: the first add overwrites it (beta = 0), saving a pass over D² memory
-        self.raw_second = torch.empty(dim, dim, dtype=self.dtype, device=device) if second else None
-        self._mirrored = False
+        # zeros, not empty: the blocks below the diagonal are never written and must read 0
+        self.raw_second = torch.zeros(dim, dim, dtype=self.dtype, device=device) if second else None
         self._empty = True
+
+    def reset(self) -> None:
+        self.weight_sum = 0.0
+        self.first.zero_()
+        self._empty = True  # the next add overwrites the upper block triangle (beta = 0)
 
     def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
@@ -321,21 +375,32 @@ class MomentAccumulator:
             self.weight_sum += float(w.sum())
         self.first += xw.sum(0)
         if self.raw_second is not None:
-            self._mirrored = False
-            _gram_upper_(self.raw_second, xw, x, beta=0.0 if self._empty else 1.0)
+            _gram_upper_(self.raw_second, xw, x, chunk=self.chunk, beta=0.0 if self._empty else 1.0)
             self._empty = False
 
     def mean(self) -> torch.Tensor:
         return self.first / max(self.weight_sum, 1e-30)
 
-    def second(self) -> torch.Tensor:
+    def raw_upper(self) -> torch.Tensor:
+        """Σ w x xᵀ on the upper block triangle (the buffer itself; zero below)."""
         if self._empty:
             self.raw_second.zero_()
             self._empty = False
-        if not self._mirrored:
-            finish_gram(self.raw_second)
-            self._mirrored = True
-        return self.raw_second / max(self.weight_sum, 1e-30)
+        return self.raw_second
+
+    def raw_norm(self) -> float:
+        """‖Σ w x xᵀ‖_F (so ‖E[x xᵀ]‖_F = raw_norm / weight_sum)."""
+        return gram_norm(self.raw_upper(), self.chunk)
+
+    def raw_full(self) -> torch.Tensor:
+        """Σ w x xᵀ as a full symmetric matrix (a new tensor when only the upper block
+        triangle is stored, else the buffer itself)."""
+        raw = self.raw_upper()
+        return finish_gram(raw.clone(), self.chunk) if _upper_mode(raw.shape[0], self.chunk) else raw
+
+    def second(self) -> torch.Tensor:
+        """E[x xᵀ], full and symmetric (a new tensor)."""
+        return finish_gram(self.raw_upper().clone(), self.chunk).div_(max(self.weight_sum, 1e-30))
 
 
 # =============================================================================
@@ -429,6 +494,7 @@ class _LinearGroup:
     mu_s_sum: torch.Tensor | None = None
     target_sum: torch.Tensor | None = None  # Σ_t s_t (b_t + W_t μ_t), concatenated outputs
     has_bias: list[bool] = field(default_factory=list)
+    chunk: int | None = None  # Gram panel height the lhs was summed with
 
 
 @dataclass
@@ -474,6 +540,10 @@ class FeatCal(Calibrator):
             diagnostics (None: all, 0: off). The uncalibrated-model chain for "before"
             costs one extra block forward on those examples; the default 8 keeps it to a
             few per cent of the calibration time.
+        pass_tokens: consecutive calibration batches are joined into block passes of up to
+            this many tokens (None/0: one pass per batch). The statistics are sums over
+            tokens, so this changes speed (larger GEMMs), not the result beyond float
+            rounding; memory grows with it (per-block activations of one pass).
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
     """
@@ -495,6 +565,7 @@ class FeatCal(Calibrator):
         dtype: str = "float32",
         cross_route: str = "auto",
         drift_examples: int | None = 8,
+        pass_tokens: int | None = 4096,
         inplace: bool = True,
         progress: bool = True,
     ):
@@ -513,6 +584,7 @@ class FeatCal(Calibrator):
         self.dtype = as_dtype(dtype)
         self.cross_route = cross_route
         self.drift_examples = drift_examples
+        self.pass_tokens = int(pass_tokens) if pass_tokens else None
         self.inplace = bool(inplace)
         self.progress = bool(progress)
 
@@ -568,6 +640,9 @@ class FeatCal(Calibrator):
         # per-block activations only: student (merged) and expert states, per task
         student = [[embed(merged, b) for b in calibration[t]] for t in range(num_tasks)]
         expert = [[embed(experts[t], b) for b in calibration[t]] for t in range(num_tasks)]
+        # statistics are sums over tokens: consecutive batches may run as one larger pass
+        for t in range(num_tasks):
+            student[t], expert[t] = pack_passes(student[t], expert[t], self.pass_tokens)
         k = self.drift_examples
         track = k is None or k > 0
 
@@ -609,6 +684,7 @@ class FeatCal(Calibrator):
             norms: dict[str, _NormStats] = {}
             stop_after: str | None = None
             next_student: list[list[BlockState]] = [[] for _ in range(num_tasks)]
+            block_acc = None  # per-task accumulators, reused across the tasks of this block
 
             for t in range(num_tasks):
                 eblk = blocks_e[t][l]
@@ -618,7 +694,8 @@ class FeatCal(Calibrator):
                 if set(emods) != set(mods):
                     raise ValueError(f"expert {t} block {l} has different calibratable modules")
                 tokens = sum(s.token_mask.numel() for s in student[t])
-                task_acc = None
+                if block_acc is not None:
+                    self._reset_task_acc(block_acc)
                 next_expert = []
                 for b, (s_state, e_state) in enumerate(zip(student[t], expert[t])):
                     xs, order, s_out = capture_inputs(
@@ -634,11 +711,11 @@ class FeatCal(Calibrator):
                             routes[f"{qual[g.leader]}" + ("[readout-weighted]" if g.weighted else "")] = g.route
                     if stop_after is None and self.forward_order:
                         stop_after = order[-1]
-                    if task_acc is None:
-                        task_acc = self._new_task_acc(groups, norms, device)
-                    self._accumulate(task_acc, groups, norms, mods, emods, xs, xe, s_state)
+                    if block_acc is None:
+                        block_acc = self._new_block_acc(groups, norms, device)
+                    self._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state)
                     del xs, xe
-                self._finish_task(task_acc, groups, norms, mods, emods, qual)
+                self._finish_task(block_acc, groups, norms, mods, emods, qual)
                 expert[t] = next_expert
                 eblk.to(ehome)
 
@@ -653,6 +730,10 @@ class FeatCal(Calibrator):
                 param.copy_(value.to(device=param.device, dtype=param.dtype))
 
             if self.forward_order:
+                # the calibrated block gives the next student inputs; after the last block
+                # only the drift report needs them
+                if last:
+                    student = [cut(student[t], t) if track else [] for t in range(num_tasks)]
                 student = [[backbone.run_block(blk, s) for s in student[t]] for t in range(num_tasks)]
             else:
                 student = next_student
@@ -718,23 +799,32 @@ class FeatCal(Calibrator):
             g.route = self._route(tokens, g.in_dim, sum(g.out_dims))
         return list(groups.values()), norms
 
-    def _new_task_acc(self, groups, norms, device):
-        acc: dict[str, Any] = {}
+    def _new_block_acc(self, groups, norms, device):
+        """Per-task accumulators for one block, allocated once and reset for every task."""
+        acc: dict[Any, dict[str, Any]] = {}
         for g in groups:
             d, o = g.in_dim, sum(g.out_dims)
-            entry = {
+            acc[("g", g.leader, g.weighted)] = {
                 "mom": MomentAccumulator(d, device),
                 "sum_e": torch.zeros(d, dtype=torch.float32, device=device),
+                # gram: Σ w x_s x_eᵀ [in, in]; direct: Σ w x_s (W_t x_t)ᵀ [in, out]
+                "cross_raw": torch.empty(d, d if g.route == "gram" else o, dtype=torch.float32, device=device),
             }
-            entry["empty"] = True
-            if g.route == "gram":
-                entry["cross_raw"] = torch.empty(d, d, dtype=torch.float32, device=device)  # Σ w x_s x_eᵀ
-            else:
-                entry["cross_raw"] = torch.empty(d, o, dtype=torch.float32, device=device)  # Σ w x_s (W_t x_t)ᵀ
-            acc[("g", g.leader, g.weighted)] = entry
-        for n, ns in norms.items():
-            acc[("n", n)] = {"w": 0.0, "m": None, "e": None}
+        for n in norms:
+            acc[("n", n)] = {}
+        self._reset_task_acc(acc)
         return acc
+
+    @staticmethod
+    def _reset_task_acc(acc) -> None:
+        for key, entry in acc.items():
+            if key[0] == "g":
+                entry["mom"].reset()
+                entry["sum_e"].zero_()
+                entry["empty"] = True  # the first batch overwrites cross_raw (beta = 0)
+                entry["w_t"] = None  # this task's expert weights
+            else:
+                entry.update(w=0.0, m=None, e=None)
 
     def _expert_weight(self, emods, g: _LinearGroup) -> torch.Tensor:
         return torch.cat([emods[n].weight for n in g.names], 0).float()
@@ -769,7 +859,7 @@ class FeatCal(Calibrator):
                 entry["cross_raw"].addmm_(xsw.T, x_e, beta=beta)
             else:
                 x_t = torch.lerp(x_s, x_e, a)  # α x_e + (1 − α) x_s
-                if "w_t" not in entry:
+                if entry["w_t"] is None:
                     entry["w_t"] = self._expert_weight(emods, g)
                 y = x_t @ entry["w_t"].T  # expert module applied to the teacher input
                 entry["cross_raw"].addmm_(xsw.T, y, beta=beta)
@@ -787,41 +877,44 @@ class FeatCal(Calibrator):
             entry["e"] = e if entry["e"] is None else entry["e"] + e
 
     def _finish_task(self, acc, groups, norms, mods, emods, qual):
+        """Add one task's statistics to the block totals: with s_t = 1/‖C_ss‖_F,
+        lhs += s_t C_ss, rhs += s_t C_st W_tᵀ, and the bias sums."""
         a = self.alpha
         for g in groups:
             entry = acc[("g", g.leader, g.weighted)]
             mom: MomentAccumulator = entry["mom"]
             label = ", ".join(qual[n] for n in g.names)
             sw = max(mom.weight_sum, 1e-30)
-            c_ss = mom.second()
+            raw = mom.raw_upper()  # Σ w x_s x_sᵀ, upper block triangle
+            check_finite(label, C_ss=raw, cross=entry["cross_raw"])
+            s = 1.0 / max(mom.raw_norm() / sw, 1e-12)  # 1 / ‖C_ss‖_F
+            check_finite(label, s_t=s)
             mu_s = mom.mean()
             mu_t = a * (entry["sum_e"] / sw) + (1.0 - a) * mu_s
-            w_t = self._expert_weight(emods, g)
+            check_finite(label, mu_s=mu_s, mu_t=mu_t)
+            w_t = entry["w_t"] if entry["w_t"] is not None else self._expert_weight(emods, g)
+            d, o = g.in_dim, sum(g.out_dims)
+            if g.lhs is None:
+                g.lhs = torch.zeros(d, d, dtype=torch.float32, device=raw.device)  # upper block triangle
+                g.rhs = torch.zeros(d, o, dtype=torch.float32, device=raw.device)
+                g.mu_s_sum = torch.zeros(d, dtype=torch.float32, device=raw.device)
+                g.target_sum = torch.zeros(o, dtype=torch.float32, device=raw.device)
+                g.chunk = mom.chunk
+            g.lhs.add_(raw, alpha=s / sw)
             if g.route == "gram":
-                c_st = entry["cross_raw"].mul_(a / sw).add_(c_ss, alpha=1.0 - a)  # α C_se + (1−α) C_ss
-                cross = c_st @ w_t.T
+                # C_st = α C_se + (1 − α) C_ss, then s_t C_st W_tᵀ straight into the total
+                c_st = entry["cross_raw"].mul_(a / sw).add_(mom.raw_full(), alpha=(1.0 - a) / sw)
+                g.rhs.addmm_(c_st, w_t.T, alpha=s)
             else:
-                cross = entry["cross_raw"].div_(sw)
-            check_finite(label, C_ss=c_ss, cross=cross, mu_s=mu_s, mu_t=mu_t)
-            s = task_scale(c_ss)
-            check_finite(label, s_t=s)
+                g.rhs.add_(entry["cross_raw"], alpha=s / sw)
             b_t = torch.cat(
                 [
-                    emods[n].bias.float() if emods[n].bias is not None else torch.zeros(o, device=w_t.device)
-                    for n, o in zip(g.names, g.out_dims)
+                    emods[n].bias.float() if emods[n].bias is not None else torch.zeros(o_n, device=w_t.device)
+                    for n, o_n in zip(g.names, g.out_dims)
                 ]
             )
-            target = b_t + w_t @ mu_t
-            if g.lhs is None:
-                g.lhs = c_ss.mul_(s)  # the task's accumulator is not needed any more
-                g.rhs = cross.mul_(s)
-                g.mu_s_sum = s * mu_s
-                g.target_sum = s * target
-            else:
-                g.lhs.add_(c_ss, alpha=s)
-                g.rhs.add_(cross, alpha=s)
-                g.mu_s_sum += s * mu_s
-                g.target_sum += s * target
+            g.mu_s_sum += s * mu_s
+            g.target_sum += s * (b_t + w_t @ mu_t)
             g.scale_sum += s
         for n, ns in norms.items():
             entry = acc[("n", n)]
@@ -848,7 +941,9 @@ class FeatCal(Calibrator):
                 [anchor(mods[n].weight.to(dt), base_mods[n].weight.to(device=device, dtype=dt), rho) for n in g.names], 0
             )
             info = SolveInfo()
-            w_new = solve_weight_from_sums(g.lhs, g.rhs, anc_w, lam, self.eps, dt, info)
+            lhs = finish_gram(g.lhs, g.chunk)  # Σ_t s_t C_ss summed on its upper block triangle
+            check_finite(", ".join(qual[n] for n in g.names), lhs=lhs, rhs=g.rhs)
+            w_new = solve_weight_from_sums(lhs, g.rhs, anc_w, lam, self.eps, dt, info)
             if info.method != "cholesky":
                 fallbacks.append(f"{', '.join(qual[n] for n in g.names)}: {info.method}")
                 log.warning("FeatCal: %s solved by %s", ", ".join(qual[n] for n in g.names), info.method)
@@ -886,6 +981,39 @@ class FeatCal(Calibrator):
                 out.append((mod.bias, beta))
             check_finite(qual[n], solved_norm=out[-1][1])
         return out
+
+
+def pack_passes(
+    student: list[BlockState], expert: list[BlockState], max_tokens: int | None
+) -> tuple[list[BlockState], list[BlockState]]:
+    """Join consecutive batches into passes of at most ``max_tokens`` tokens (student and
+    expert alike, so they stay aligned). Batches that cannot be joined (different
+    sequence lengths, per-batch extras) stay as they are; ``max_tokens`` None/0: no joining."""
+    if not max_tokens or len(student) < 2:
+        return student, expert
+    out_s: list[BlockState] = []
+    out_e: list[BlockState] = []
+    i = 0
+    while i < len(student):
+        j, tokens = i + 1, student[i].token_mask.numel()
+        shape = student[i].hidden.shape[1:]
+        while (
+            j < len(student)
+            and student[j].hidden.shape[1:] == shape
+            and tokens + student[j].token_mask.numel() <= max_tokens
+        ):
+            tokens += student[j].token_mask.numel()
+            j += 1
+        s_joined = join_states(student[i:j])
+        e_joined = join_states(expert[i:j]) if s_joined is not None else None
+        if s_joined is None or e_joined is None:
+            out_s.extend(student[i:j])
+            out_e.extend(expert[i:j])
+        else:
+            out_s.append(s_joined)
+            out_e.append(e_joined)
+        i = j
+    return out_s, out_e
 
 
 def backbone_batch(state: BlockState) -> int:
