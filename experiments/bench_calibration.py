@@ -15,6 +15,10 @@ the ratios to the first method, all from this one run.
 
     python experiments/bench_calibration.py                   # featcal,surgery,probsurgery, n=32
     python experiments/bench_calibration.py --methods featcal,none --n 8
+    python experiments/bench_calibration.py --methods featcal,featcal:pass_tokens=0:drift_examples=0
+
+A method is a yaml name, optionally followed by ``:key=value`` overrides of that yaml
+(values parsed as YAML), so variants of one calibrator can be compared in one run.
 """
 from __future__ import annotations
 
@@ -68,6 +72,20 @@ def build_workload(num_experts: int, n: int, delta: float, seed: int):
     return backbone, merged, base, experts, calibration
 
 
+def split_method(method: str) -> tuple[str, dict]:
+    """"featcal:pass_tokens=0:drift_examples=0" -> ("featcal", {"pass_tokens": 0, "drift_examples": 0})."""
+    import yaml
+
+    name, *parts = method.split(":")
+    overrides = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"override {part!r} in {method!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name.strip(), overrides
+
+
 def run_one(method: str, args) -> dict:
     """In this (fresh) process: build the workload, run one calibrator, measure it."""
     import psutil
@@ -77,12 +95,17 @@ def run_one(method: str, args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = OmegaConf.load(CONF / f"{method}.yaml")
+    name, overrides = split_method(method)
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
     if "defaults" in cfg:  # compose a yaml that extends another one of the group
         parts = []
         for item in cfg.defaults:
             parts.append(cfg if item == "_self_" else OmegaConf.load(CONF / f"{item}.yaml"))
         cfg = OmegaConf.merge(*[OmegaConf.masked_copy(p, [k for k in p if k != "defaults"]) for p in parts])
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise KeyError(f"{name}.yaml has no key {key!r}")
+        cfg[key] = value
     if "progress" in cfg:
         cfg.progress = False
     calibrator = instantiate(cfg)
@@ -145,8 +168,8 @@ def main(argv=None) -> None:
         f"n={args.n} per task, batch 16, CPU, {os.cpu_count()} cores"
     )
     for method in methods:
-        if not (CONF / f"{method}.yaml").exists():
-            print(f"skip {method}: conf/calibration/{method}.yaml not found")
+        if not (CONF / f"{split_method(method)[0]}.yaml").exists():
+            print(f"skip {method}: conf/calibration/{split_method(method)[0]}.yaml not found")
             continue
         cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
                "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads)]
