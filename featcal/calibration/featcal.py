@@ -770,6 +770,9 @@ class FeatCal(Calibrator):
                 "last_block_patch_weight": self.last_block_patch_weight,
                 "forward_order": self.forward_order,
                 "dtype": str(self.dtype).replace("torch.", ""),
+                "cross_route": self.cross_route,
+                "pass_tokens": self.pass_tokens,
+                "drift_examples": self.drift_examples,
             },
         }
         return out
