@@ -168,8 +168,9 @@ def main(argv=None) -> None:
         f"n={args.n} per task, batch 16, CPU, {os.cpu_count()} cores"
     )
     for method in methods:
-        if not (CONF / f"{split_method(method)[0]}.yaml").exists():
-            print(f"skip {method}: conf/calibration/{split_method(method)[0]}.yaml not found")
+        name = split_method(method)[0]
+        if not (CONF / f"{name}.yaml").exists():
+            print(f"skip {method}: conf/calibration/{name}.yaml not found")
             continue
         cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
                "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads)]

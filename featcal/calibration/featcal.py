@@ -90,7 +90,12 @@ def anchor(merged: torch.Tensor, base: torch.Tensor, rho: float) -> torch.Tensor
 
 def task_scale(c_ss: torch.Tensor, eps: float = 1e-12) -> float:
     """s_t = 1 / ‖C_ss^(t)‖_F."""
-    return 1.0 / max(float(torch.linalg.vector_norm(c_ss)), eps)
+    return scale_from_norm(float(torch.linalg.vector_norm(c_ss)), eps)
+
+
+def scale_from_norm(norm: float, eps: float = 1e-12) -> float:
+    """s_t from an already computed ‖C_ss^(t)‖_F (floored at ``eps``)."""
+    return 1.0 / max(norm, eps)
 
 
 @dataclass
@@ -288,19 +293,18 @@ def _chunk(chunk: int | None) -> int:
     return int(chunk) if chunk else GRAM_CHUNK
 
 
-def _upper_mode(dim: int, chunk: int | None) -> bool:
-    return dim > 2 * _chunk(chunk)
+def _upper_mode(dim: int, chunk: int) -> bool:
+    return dim > 2 * chunk
 
 
 def _gram_upper_(acc: torch.Tensor, xw: torch.Tensor, x: torch.Tensor, chunk: int | None = None, beta: float = 1.0) -> None:
     """acc[i, j] = beta·acc[i, j] + (xwᵀ x)[i, j] on the upper block triangle only
     (symmetric products; ``finish_gram`` mirrors it). Blocks below the diagonal are not
     touched. beta = 0 ignores acc's previous content (may be uninitialised)."""
-    d = x.shape[1]
+    d, chunk = x.shape[1], _chunk(chunk)
     if not _upper_mode(d, chunk):
         acc.addmm_(xw.T, x, beta=beta)
         return
-    chunk = _chunk(chunk)
     for i in range(0, d, chunk):
         acc[i : i + chunk, i:].addmm_(xw[:, i : i + chunk].T, x[:, i:], beta=beta)
 
@@ -308,10 +312,9 @@ def _gram_upper_(acc: torch.Tensor, xw: torch.Tensor, x: torch.Tensor, chunk: in
 def finish_gram(acc: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Mirror the upper block triangle filled by ``_gram_upper_`` into a full symmetric
     matrix (in place: diagonal blocks are already full, only the blocks below are copied)."""
-    d = acc.shape[0]
+    d, chunk = acc.shape[0], _chunk(chunk)
     if not _upper_mode(d, chunk):
         return acc
-    chunk = _chunk(chunk)
     for i in range(0, d, chunk):
         if i + chunk < d:
             acc[i + chunk :, i : i + chunk] = acc[i : i + chunk, i + chunk :].T
@@ -321,10 +324,9 @@ def finish_gram(acc: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
 def gram_norm(acc: torch.Tensor, chunk: int | None = None) -> float:
     """Frobenius norm of the symmetric matrix whose upper block triangle ``acc`` holds
     (whatever lies below the diagonal blocks is ignored)."""
-    d = acc.shape[0]
+    d, chunk = acc.shape[0], _chunk(chunk)
     if not _upper_mode(d, chunk):
         return float(torch.linalg.vector_norm(acc))
-    chunk = _chunk(chunk)
     sq = 0.0
     for i in range(0, d, chunk):
         sq += float(torch.linalg.vector_norm(acc[i : i + chunk, i : i + chunk])) ** 2
@@ -400,7 +402,7 @@ class MomentAccumulator:
 
     def second(self) -> torch.Tensor:
         """E[x xᵀ], full and symmetric (a new tensor)."""
-        return finish_gram(self.raw_upper().clone(), self.chunk).div_(max(self.weight_sum, 1e-30))
+        return self.raw_full() / max(self.weight_sum, 1e-30)
 
 
 # =============================================================================
@@ -494,7 +496,6 @@ class _LinearGroup:
     mu_s_sum: torch.Tensor | None = None
     target_sum: torch.Tensor | None = None  # Σ_t s_t (b_t + W_t μ_t), concatenated outputs
     has_bias: list[bool] = field(default_factory=list)
-    chunk: int | None = None  # Gram panel height the lhs was summed with
 
 
 @dataclass
@@ -890,7 +891,7 @@ class FeatCal(Calibrator):
             sw = max(mom.weight_sum, 1e-30)
             raw = mom.raw_upper()  # Σ w x_s x_sᵀ, upper block triangle
             check_finite(label, C_ss=raw, cross=entry["cross_raw"])
-            s = 1.0 / max(mom.raw_norm() / sw, 1e-12)  # 1 / ‖C_ss‖_F
+            s = scale_from_norm(mom.raw_norm() / sw)  # 1 / ‖C_ss‖_F
             check_finite(label, s_t=s)
             mu_s = mom.mean()
             mu_t = a * (entry["sum_e"] / sw) + (1.0 - a) * mu_s
@@ -902,7 +903,6 @@ class FeatCal(Calibrator):
                 g.rhs = torch.zeros(d, o, dtype=torch.float32, device=raw.device)
                 g.mu_s_sum = torch.zeros(d, dtype=torch.float32, device=raw.device)
                 g.target_sum = torch.zeros(o, dtype=torch.float32, device=raw.device)
-                g.chunk = mom.chunk
             g.lhs.add_(raw, alpha=s / sw)
             if g.route == "gram":
                 # C_st = α C_se + (1 − α) C_ss, then s_t C_st W_tᵀ straight into the total
@@ -944,7 +944,7 @@ class FeatCal(Calibrator):
                 [anchor(mods[n].weight.to(dt), base_mods[n].weight.to(device=device, dtype=dt), rho) for n in g.names], 0
             )
             info = SolveInfo()
-            lhs = finish_gram(g.lhs, g.chunk)  # Σ_t s_t C_ss summed on its upper block triangle
+            lhs = finish_gram(g.lhs)  # Σ_t s_t C_ss summed on its upper block triangle
             check_finite(", ".join(qual[n] for n in g.names), lhs=lhs, rhs=g.rhs)
             w_new = solve_weight_from_sums(lhs, g.rhs, anc_w, lam, self.eps, dt, info)
             if info.method != "cholesky":
