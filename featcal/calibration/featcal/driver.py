@@ -1,59 +1,11 @@
-"""FeatCal: closed-form, forward-order feature calibration of a merged model.
-
-The method (see METHOD.md, "FeatCal"): walk the backbone's blocks in order. For
-block l and every task t, run the *current* merged block on the student inputs
-H̃_t (from the already calibrated blocks < l) and expert t's block l on the expert
-inputs H_t, capturing the input of every calibratable module (every Linear and
-every norm): x_s and x_e. The teacher input is x_t = α·x_e + (1 − α)·x_s. From
-w-weighted token averages of those inputs each module is solved in closed form,
-pulled towards the anchor A = ρ·θ_m + (1 − ρ)·θ₀ with ridge strength λ:
-
-* Linear weight, s_t = 1/‖C_ss^(t)‖_F:
-  (Σ_t s_t C_ss^(t) + (λ + ε) I) Wᵀ = Σ_t s_t C_st^(t) W_tᵀ + λ A_Wᵀ
-* Linear bias: b = [Σ_t s_t (b_t + W_t μ_t − W μ_s) + λ A_b] / (Σ_t s_t + λ)
-* LayerNorm (γ, β): a per-dimension 2×2 system; RMSNorm (scale only): γ = r_γ / a11.
-
-All of a block's new parameters are written at once; then the updated merged block
-gives the next student inputs and expert block l (already run) the next expert inputs.
-
-This file has three layers:
-
-1. the closed forms as small pure functions over statistics (unit-tested against
-   brute-force least squares in ``tests/test_featcal_solver.py``);
-2. statistics accumulation (w-weighted token averages, float32 or wider whatever the
-   model dtype; a non-finite statistic is an error naming the module);
-3. the forward-order driver ``FeatCal`` that walks ``backbone.blocks(...)`` and knows
-   nothing about any model family.
-
-Efficiency choices (the results are those of the plain formulas):
-
-* modules that read the same tensor (q/k/v, gate/up) share x_s statistics and are
-  solved as one system with concatenated right-hand sides;
-* the cross term Σ_t s_t C_st W_tᵀ is formed without building it from scratch when that
-  is cheaper: either ``direct`` — E[x_s (W_t x_t)ᵀ], the student input against the expert
-  module's output on the teacher input — or ``gram`` — (α E[x_s x_eᵀ] + (1 − α) C_ss) W_tᵀ,
-  reusing C_ss. ``cross_route="auto"`` picks, per module group, whichever costs fewer
-  multiply-adds for the number of calibration tokens (direct wins when tokens are few
-  relative to the input width, e.g. a ViT MLP's second layer; gram wins for q/k/v);
-* one pass of the not-yet-updated merged block per batch and task, stopped right after
-  the last module's input is captured (its output is not needed); one pass of the
-  expert block, whose output is the next expert input;
-* only the block in work and the expert copies of that block are on the device; only
-  one block's worth of activations (per task, student and expert) is kept;
-* consecutive calibration batches run as one block pass of up to ``pass_tokens`` tokens
-  (larger GEMMs; the statistics are sums over tokens, so the result is unchanged);
-* symmetric Gram products of wide inputs are multiplied on their upper block triangle
-  only, summed over tasks in that form and mirrored once per block; per-task
-  accumulators are allocated once per block and reused;
-* after the last block only the drift examples are pushed through the calibrated block.
-"""
+"""The forward-order FeatCal driver: walks ``backbone.blocks(...)`` and knows nothing
+about any model family (see the package docstring)."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,422 +13,22 @@ from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, BlockState, Inputs, is_norm, is_rms_norm, join_states, move_inputs
 from featcal.calibration.base import CalibratedModel, Calibrator
-from featcal.utils import as_torch_dtype
+from featcal.calibration.featcal.capture import capture_inputs
+from featcal.calibration.featcal.drift import token_drift
+from featcal.calibration.featcal.solver import (
+    SolveInfo,
+    anchor,
+    as_dtype,
+    check_finite,
+    scale_from_norm,
+    solve_bias_from_sums,
+    solve_layernorm,
+    solve_rmsnorm,
+    solve_weight_from_sums,
+)
+from featcal.calibration.featcal.stats import MomentAccumulator, normalise_without_affine, finish_gram
 
 log = logging.getLogger(__name__)
-
-def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The dtype of the linear solves: float32 or float64."""
-    out = as_torch_dtype(dtype)
-    if out not in (torch.float32, torch.float64):
-        raise ValueError(f"solve dtype must be float32 or float64, got {dtype!r}")
-    return out
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32, or wider if the data already is."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# =============================================================================
-# 1. Closed forms: pure functions over statistics
-# =============================================================================
-
-
-def anchor(merged: torch.Tensor, base: torch.Tensor, rho: float) -> torch.Tensor:
-    """A = ρ·θ_m + (1 − ρ)·θ₀ (ρ = 1: the merged weights; ρ > 1 extrapolates away from θ₀)."""
-    return rho * merged + (1.0 - rho) * base
-
-
-def task_scale(c_ss: torch.Tensor, eps: float = 1e-12) -> float:
-    """s_t = 1 / ‖C_ss^(t)‖_F."""
-    return scale_from_norm(float(torch.linalg.vector_norm(c_ss)), eps)
-
-
-def scale_from_norm(norm: float, eps: float = 1e-12) -> float:
-    """s_t from an already computed ‖C_ss^(t)‖_F (floored at ``eps``)."""
-    return 1.0 / max(norm, eps)
-
-
-@dataclass
-class SolveInfo:
-    """How a linear system was solved (``method`` in cholesky / lu / pinv)."""
-
-    method: str = "cholesky"
-
-
-def ridge_solve(
-    lhs: torch.Tensor,
-    rhs: torch.Tensor,
-    ridge: float,
-    dtype: torch.dtype = torch.float64,
-    info: SolveInfo | None = None,
-) -> torch.Tensor:
-    """X solving (lhs + ridge·I) X = rhs for a symmetric PSD ``lhs``.
-
-    Cholesky first (it reads the lower triangle of the symmetric ``lhs``); if it fails
-    (indefinite or singular), an LU solve of the symmetrised matrix; if that fails or
-    gives a non-finite result, the pseudo-inverse (minimum-norm least squares).
-    Computed in ``dtype`` (float32 or wider) and returned in ``dtype``.
-    """
-    dtype = as_dtype(dtype)
-    a = lhs.to(dtype=dtype, copy=True)
-    if ridge:
-        a.diagonal().add_(ridge)
-    b = rhs.to(dtype)
-    info = info if info is not None else SolveInfo()
-    chol, status = torch.linalg.cholesky_ex(a)
-    if int(status) == 0 and _all_finite(chol):
-        y = torch.linalg.solve_triangular(chol, b, upper=False)
-        x = torch.linalg.solve_triangular(chol.T, y, upper=True)
-        if _all_finite(x):
-            info.method = "cholesky"
-            return x
-    del chol
-    a = 0.5 * (a + a.T)
-    lu, pivots, status = torch.linalg.lu_factor_ex(a)
-    if int(status) == 0:
-        x = torch.linalg.lu_solve(lu, pivots, b)
-        if _all_finite(x):
-            info.method = "lu"
-            return x
-    info.method = "pinv"
-    return torch.linalg.pinv(a, hermitian=True) @ b
-
-
-def solve_weight_from_sums(
-    lhs_sum: torch.Tensor,
-    rhs_sum: torch.Tensor,
-    anchor_w: torch.Tensor,
-    lam: float,
-    eps: float = 1e-8,
-    dtype: torch.dtype = torch.float64,
-    info: SolveInfo | None = None,
-) -> torch.Tensor:
-    """W from aggregated statistics.
-
-    lhs_sum = Σ_t s_t C_ss^(t)          [in, in]
-    rhs_sum = Σ_t s_t C_st^(t) W_tᵀ     [in, out]
-    anchor_w = A_W                      [out, in]
-    Solves (lhs_sum + (λ + ε) I) Wᵀ = rhs_sum + λ A_Wᵀ; returns W [out, in].
-    """
-    dtype = as_dtype(dtype)
-    rhs = rhs_sum.to(dtype) + lam * anchor_w.to(dtype).T
-    return ridge_solve(lhs_sum, rhs, lam + eps, dtype, info).T
-
-
-def solve_linear_weight(
-    c_ss: Sequence[torch.Tensor],
-    cross: Sequence[torch.Tensor],
-    anchor_w: torch.Tensor,
-    lam: float,
-    eps: float = 1e-8,
-    dtype: torch.dtype = torch.float64,
-    info: SolveInfo | None = None,
-) -> torch.Tensor:
-    """The FeatCal linear weight from per-task statistics.
-
-    c_ss[t]  = E[x_s x_sᵀ]                       [in, in]
-    cross[t] = E[x_s (W_t x_t)ᵀ] = C_st W_tᵀ      [in, out]
-    Minimises Σ_t s_t E‖W x_s − W_t x_t‖² + λ‖W − A_W‖² (+ ε‖W‖²), s_t = 1/‖C_ss^(t)‖_F.
-    """
-    dtype = as_dtype(dtype)
-    scales = [task_scale(c) for c in c_ss]
-    lhs = sum(s * c.to(dtype) for s, c in zip(scales, c_ss))
-    rhs = sum(s * m.to(dtype) for s, m in zip(scales, cross))
-    return solve_weight_from_sums(lhs, rhs, anchor_w, lam, eps, dtype, info)
-
-
-def solve_linear_bias(
-    weight: torch.Tensor,
-    scales: Sequence[float],
-    mu_s: Sequence[torch.Tensor],
-    targets: Sequence[torch.Tensor],
-    anchor_b: torch.Tensor,
-    lam: float,
-) -> torch.Tensor:
-    """b = [Σ_t s_t (b_t + W_t μ_t − W μ_s) + λ A_b] / (Σ_t s_t + λ).
-
-    ``targets[t]`` = b_t + W_t μ_t (the expert module's mean output on the teacher input),
-    ``mu_s[t]`` = E[x_s], ``weight`` = the W just solved.
-    """
-    dtype = weight.dtype
-    num = lam * anchor_b.to(dtype)
-    for s, m, tgt in zip(scales, mu_s, targets):
-        num = num + s * (tgt.to(dtype) - weight @ m.to(dtype))
-    return num / (sum(scales) + lam)
-
-
-def solve_bias_from_sums(
-    weight: torch.Tensor,
-    scale_sum: float,
-    mu_s_sum: torch.Tensor,
-    target_sum: torch.Tensor,
-    anchor_b: torch.Tensor,
-    lam: float,
-) -> torch.Tensor:
-    """``solve_linear_bias`` from Σ_t s_t, Σ_t s_t μ_s and Σ_t s_t (b_t + W_t μ_t)."""
-    dtype = weight.dtype
-    num = target_sum.to(dtype) - weight @ mu_s_sum.to(dtype) + lam * anchor_b.to(dtype)
-    return num / (scale_sum + lam)
-
-
-def solve_layernorm(
-    e: torch.Tensor,
-    m: torch.Tensor,
-    gammas: torch.Tensor,
-    betas: torch.Tensor,
-    anchor_gamma: torch.Tensor,
-    anchor_beta: torch.Tensor,
-    lam: float,
-    eps: float = 1e-8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm affine (γ, β), per dimension, from per-task statistics [T, D].
-
-    e[t] = E[z_s²], m[t] = E[z_s] with z_s the student input normalised without affine;
-    gammas/betas = the experts' affine. Minimises
-    Σ_t E(γ z_s + β − γ_t z_s − β_t)² + λ[(γ − A_γ)² + (β − A_β)²] per dimension.
-    """
-    e, m, gammas, betas = (v.double() for v in (e, m, gammas, betas))
-    num_tasks = e.shape[0]
-    a11 = e.sum(0) + lam
-    a12 = m.sum(0)
-    a22 = num_tasks + lam
-    r_g = (e * gammas + m * betas).sum(0) + lam * anchor_gamma.double()
-    r_b = (m * gammas + betas).sum(0) + lam * anchor_beta.double()
-    det = (a11 * a22 - a12 * a12).clamp_min(eps)
-    gamma = (a22 * r_g - a12 * r_b) / det
-    beta = (a11 * r_b - a12 * r_g) / det
-    return gamma, beta
-
-
-def solve_rmsnorm(e: torch.Tensor, gammas: torch.Tensor, anchor_gamma: torch.Tensor, lam: float) -> torch.Tensor:
-    """Scale-only norm (RMSNorm, T5 LayerNorm): the LayerNorm objective with β = 0,
-    γ = r_γ / a11 = (Σ_t e_t γ_t + λ A_γ) / (Σ_t e_t + λ)."""
-    e, gammas = e.double(), gammas.double()
-    return ((e * gammas).sum(0) + lam * anchor_gamma.double()) / (e.sum(0) + lam)
-
-
-def _all_finite(value: torch.Tensor) -> bool:
-    """True if no NaN/inf (one reduction: NaN and inf propagate through a sum)."""
-    return math.isfinite(float(value.sum()))
-
-
-def check_finite(module: str, **tensors: torch.Tensor) -> None:
-    """Raise ``FloatingPointError`` naming ``module`` if any statistic is NaN/inf."""
-    for what, value in tensors.items():
-        if value is None:
-            continue
-        if isinstance(value, torch.Tensor):
-            ok = _all_finite(value)
-        else:
-            ok = math.isfinite(float(value))
-        if not ok:
-            raise FloatingPointError(
-                f"FeatCal: non-finite calibration statistic '{what}' for module '{module}' "
-                "(NaN/inf in the activations feeding it: check the models and inputs)"
-            )
-
-
-# =============================================================================
-# 2. Statistics accumulation
-# =============================================================================
-
-
-#: panel height of the symmetric Gram products: for inputs wider than two panels only the
-#: upper block triangle is multiplied (≈ half the multiply-adds for wide inputs such as a
-#: ViT MLP's 3072-wide fc2 input); 256-row panels keep the GEMMs near full speed on CPUs.
-GRAM_CHUNK = 256
-
-
-def _chunk(chunk: int | None) -> int:
-    return int(chunk) if chunk else GRAM_CHUNK
-
-
-def _upper_mode(dim: int, chunk: int) -> bool:
-    return dim > 2 * chunk
-
-
-def _gram_upper_(acc: torch.Tensor, xw: torch.Tensor, x: torch.Tensor, chunk: int | None = None, beta: float = 1.0) -> None:
-    """acc[i, j] = beta·acc[i, j] + (xwᵀ x)[i, j] on the upper block triangle only
-    (symmetric products; ``finish_gram`` mirrors it). Blocks below the diagonal are not
-    touched. beta = 0 ignores acc's previous content (may be uninitialised)."""
-    d, chunk = x.shape[1], _chunk(chunk)
-    if not _upper_mode(d, chunk):
-        acc.addmm_(xw.T, x, beta=beta)
-        return
-    for i in range(0, d, chunk):
-        acc[i : i + chunk, i:].addmm_(xw[:, i : i + chunk].T, x[:, i:], beta=beta)
-
-
-def finish_gram(acc: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Mirror the upper block triangle filled by ``_gram_upper_`` into a full symmetric
-    matrix (in place: diagonal blocks are already full, only the blocks below are copied)."""
-    d, chunk = acc.shape[0], _chunk(chunk)
-    if not _upper_mode(d, chunk):
-        return acc
-    for i in range(0, d, chunk):
-        if i + chunk < d:
-            acc[i + chunk :, i : i + chunk] = acc[i : i + chunk, i + chunk :].T
-    return acc
-
-
-def gram_norm(acc: torch.Tensor, chunk: int | None = None) -> float:
-    """Frobenius norm of the symmetric matrix whose upper block triangle ``acc`` holds
-    (whatever lies below the diagonal blocks is ignored)."""
-    d, chunk = acc.shape[0], _chunk(chunk)
-    if not _upper_mode(d, chunk):
-        return float(torch.linalg.vector_norm(acc))
-    sq = 0.0
-    for i in range(0, d, chunk):
-        sq += float(torch.linalg.vector_norm(acc[i : i + chunk, i : i + chunk])) ** 2
-        if i + chunk < d:
-            sq += 2.0 * float(torch.linalg.vector_norm(acc[i : i + chunk, i + chunk :])) ** 2
-    return math.sqrt(sq)
-
-
-class MomentAccumulator:
-    """w-weighted token moments of one capture point, accumulated in float32 or wider.
-
-    ``add(x, w)`` with x [..., D] in any dtype (bf16/fp16 models included) and w the
-    token weights ([...] or None for all ones). ``mean()`` = E[x], ``second()`` = E[x xᵀ].
-    The raw second moment Σ w x xᵀ is kept on its upper block triangle (``raw_upper``,
-    zero below), ``raw_norm()`` is its Frobenius norm; ``reset()`` starts over in the
-    same buffers (the driver reuses one accumulator for every task of a block).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        device: torch.device | str,
-        dtype: torch.dtype = torch.float32,
-        second: bool = True,
-        chunk: int | None = None,
-    ):
-        self.dtype = stat_dtype(dtype)
-        self.chunk = _chunk(chunk)
-        self.weight_sum = 0.0
-        self.first = torch.zeros(dim, dtype=self.dtype, device=device)
-        # zeros, not empty: the blocks below the diagonal are never written and must read 0
-        self.raw_second = torch.zeros(dim, dim, dtype=self.dtype, device=device) if second else None
-        self._empty = True
-
-    def reset(self) -> None:
-        self.weight_sum = 0.0
-        self.first.zero_()
-        self._empty = True  # the next add overwrites the upper block triangle (beta = 0)
-
-    def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        if w is None:
-            xw = x
-            self.weight_sum += x.shape[0]
-        else:
-            w = w.reshape(-1).to(self.dtype)
-            xw = x * w[:, None]
-            self.weight_sum += float(w.sum())
-        self.first += xw.sum(0)
-        if self.raw_second is not None:
-            _gram_upper_(self.raw_second, xw, x, chunk=self.chunk, beta=0.0 if self._empty else 1.0)
-            self._empty = False
-
-    def mean(self) -> torch.Tensor:
-        return self.first / max(self.weight_sum, 1e-30)
-
-    def raw_upper(self) -> torch.Tensor:
-        """Σ w x xᵀ on the upper block triangle (the buffer itself; zero below)."""
-        if self._empty:
-            self.raw_second.zero_()
-            self._empty = False
-        return self.raw_second
-
-    def raw_norm(self) -> float:
-        """‖Σ w x xᵀ‖_F (so ‖E[x xᵀ]‖_F = raw_norm / weight_sum)."""
-        return gram_norm(self.raw_upper(), self.chunk)
-
-    def raw_full(self) -> torch.Tensor:
-        """Σ w x xᵀ as a full symmetric matrix (a new tensor when only the upper block
-        triangle is stored, else the buffer itself)."""
-        raw = self.raw_upper()
-        return finish_gram(raw.clone(), self.chunk) if _upper_mode(raw.shape[0], self.chunk) else raw
-
-    def second(self) -> torch.Tensor:
-        """E[x xᵀ], full and symmetric (a new tensor)."""
-        return self.raw_full() / max(self.weight_sum, 1e-30)
-
-
-# =============================================================================
-# 3. The forward-order driver
-# =============================================================================
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook once every needed input is captured."""
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    for v in kwargs.values():
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError("could not find the input tensor of a calibratable module")
-
-
-def capture_inputs(
-    backbone: Backbone,
-    block: nn.Module,
-    modules: dict[str, nn.Module],
-    state: BlockState,
-    stop_after: str | None = None,
-) -> tuple[dict[str, torch.Tensor], list[str], BlockState | None]:
-    """Run ``block`` on ``state`` and capture the input of every module in ``modules``.
-
-    Returns (inputs by name, call order, output state). With ``stop_after`` the forward
-    is cut short right after that module's input is captured (output state is None).
-    """
-    store: dict[str, torch.Tensor] = {}
-    order: list[str] = []
-    handles = []
-
-    def make_hook(name):
-        def hook(mod, args, kwargs):
-            if name in store:
-                raise RuntimeError(
-                    f"FeatCal: module '{name}' is called more than once per block forward; "
-                    "such weight sharing is not supported"
-                )
-            store[name] = _first_tensor(args, kwargs)
-            order.append(name)
-            if name == stop_after:
-                raise _StopForward
-
-        return hook
-
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_pre_hook(make_hook(name), with_kwargs=True))
-    out = None
-    try:
-        out = backbone.run_block(block, state)
-    except _StopForward:
-        out = None
-    finally:
-        for h in handles:
-            h.remove()
-    return store, order, out
-
-
-def _token_drift(student: list[BlockState], expert: list[BlockState]) -> float:
-    """Mean over real tokens of ‖student − expert‖ / ‖expert‖."""
-    num = 0.0
-    den = 0.0
-    for s, e in zip(student, expert):
-        a, b = s.hidden.float(), e.hidden.float()
-        rel = (a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)
-        mask = e.token_mask.float().reshape(rel.shape)
-        num += float((rel * mask).sum())
-        den += float(mask.sum())
-    return num / max(den, 1e-12)
 
 
 @dataclass
@@ -507,16 +59,6 @@ class _NormStats:
     m: list[torch.Tensor] = field(default_factory=list)
     gammas: list[torch.Tensor] = field(default_factory=list)
     betas: list[torch.Tensor] = field(default_factory=list)
-
-
-def _normalise(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The norm module's output with unit scale and zero shift: z = norm(x) without affine."""
-    from torch.func import functional_call
-
-    params = {"weight": torch.ones_like(module.weight, dtype=dtype)}
-    if getattr(module, "bias", None) is not None:
-        params["bias"] = torch.zeros_like(module.bias, dtype=dtype)
-    return functional_call(module, params, (x.to(dtype),)).to(dtype)
 
 
 class FeatCal(Calibrator):
@@ -745,8 +287,8 @@ class FeatCal(Calibrator):
                     ref = cut(expert[t], t)
                     before = uncal[t] if self.forward_order else cut(student[t], t)
                     after = cut(student[t], t) if self.forward_order else cal[t]
-                    drift_before[t].append(_token_drift(before, ref))
-                    drift_after[t].append(_token_drift(after, ref))
+                    drift_before[t].append(token_drift(before, ref))
+                    drift_after[t].append(token_drift(after, ref))
                 bar.set_postfix(
                     drift=f"{sum(v[-1] for v in drift_before.values()) / num_tasks:.3f}"
                     f"->{sum(v[-1] for v in drift_after.values()) / num_tasks:.3f}"
@@ -871,7 +413,7 @@ class FeatCal(Calibrator):
             if n not in xs:
                 continue
             entry = acc[("n", n)]
-            z = _normalise(mods[n], xs[n], torch.float32)
+            z = normalise_without_affine(mods[n], xs[n], torch.float32)
             z = z.reshape(-1, z.shape[-1])
             w = weights(ns.weighted)
             zw = z if w is None else z * w[:, None]
