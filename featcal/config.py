@@ -13,9 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from featcal.errors import ConfigError  # noqa: F401  (re-exported: featcal.config.ConfigError)
 
-class ConfigError(ValueError):
-    """The run config is invalid; the message lists every problem."""
+
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -63,6 +63,9 @@ def validate(cfg: DictConfig) -> None:
         v = _get(cfg, key)
         if not _is_int(v) or v < 1:
             bad(key, v, "must be a positive integer")
+    debug = _get(cfg, "debug", False)
+    if not isinstance(debug, bool):
+        bad("debug", debug, "must be true or false (true: full tracebacks for user errors)")
     v = _get(cfg, "num_workers")
     if not _is_int(v) or v < 0:
         bad("num_workers", v, "must be a non-negative integer")

@@ -1,26 +1,59 @@
 """Resolving model and dataset sources: a local folder, or a Hugging Face hub id.
 
-Hub access is optional. Every failure to reach a model or dataset raises
-``SourceUnavailable`` naming it and saying how to run offline.
+Hub access is optional. Every failure to reach or read a model or dataset raises
+``featcal.errors.SourceUnavailable`` (importable from here too) naming it and saying
+how to run offline; the hub's own exception is chained, not printed.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from featcal.errors import CheckpointMismatch, SourceUnavailable  # noqa: F401  (re-exported: featcal.hub.SourceUnavailable)
 
-class SourceUnavailable(RuntimeError):
-    """A model or dataset could not be found locally nor fetched from the hub."""
+
+def _hf_home() -> str:
+    return os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+
+
+def _offline() -> bool:
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        import huggingface_hub.constants as c
+
+        return bool(getattr(c, "HF_HUB_OFFLINE", False))
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def hub_failure_reason(kind: str, name: str, err: BaseException | None = None) -> str:
+    """Why a hub id could not be loaded, in words (the hub's own exception stays chained)."""
+    cause = type(err).__name__ if err is not None else ""
+    if cause in ("RepositoryNotFoundError", "GatedRepoError", "DisabledRepoError", "RevisionNotFoundError"):
+        what = {"GatedRepoError": "is gated (accept its terms on the hub and log in with `hf auth login`)",
+                "DisabledRepoError": "is disabled on the hub",
+                "RevisionNotFoundError": "has no such revision on the hub"}.get(cause, "does not exist on the Hugging Face hub (check the spelling)")
+        return f"{kind} '{name}' {what}"
+    where = f"HF_HOME={_hf_home()}"
+    if _offline():
+        return f"{kind} '{name}' is not in the local Hugging Face cache ({where}) and hub access is off (HF_HUB_OFFLINE=1)"
+    return f"{kind} '{name}' is neither a local folder nor in the Hugging Face cache ({where}), and the hub could not be reached"
 
 
 def offline_hint(kind: str, name: str) -> str:
+    """What to do when a hub model or dataset cannot be loaded here."""
     cmd = "hf download" if kind == "model" else "hf download --repo-type dataset"
     return (
-        f"could not load {kind} '{name}'. It is neither a local folder nor reachable on the "
-        f"Hugging Face hub from here. To run offline: on a machine with hub access run "
-        f"`{cmd} {name}` (fills the cache under $HF_HOME), copy that cache here and set "
-        f"HF_HOME to it with HF_HUB_OFFLINE=1; or pass a local folder path instead of the hub id."
+        f"To run offline: on a machine with hub access run `{cmd} {name}` (fills the cache under "
+        f"$HF_HOME), copy that cache here and set HF_HOME to it with HF_HUB_OFFLINE=1; or pass a "
+        f"local folder path instead of the hub id."
     )
+
+
+def _looks_like_path(source: str) -> bool:
+    s = str(source)
+    return os.path.isabs(os.path.expanduser(s)) or s.startswith((".", "~")) or s.count("/") > 1 or "\\" in s or s.endswith("/")
 
 
 def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
@@ -28,8 +61,13 @@ def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | Non
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
         return path
-    if path.is_absolute() or str(source).startswith((".", "~")):
-        raise SourceUnavailable(f"model folder '{source}' does not exist")
+    if path.exists():
+        raise SourceUnavailable(f"model source '{source}' is a file, not a folder", "Pass the folder holding config.json and the weights.")
+    if _looks_like_path(str(source)):
+        raise SourceUnavailable(
+            f"model folder '{source}' does not exist",
+            "Check the path (relative paths are resolved from the current directory), or give a hub id like owner/name.",
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -39,26 +77,54 @@ def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | Non
             or ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.pt", "*.pth"],
         )
     except Exception as err:  # network errors, missing repos, offline mode
-        raise SourceUnavailable(offline_hint("model", str(source)) + f" (cause: {type(err).__name__}: {err})") from err
+        if type(err).__name__ == "HFValidationError":
+            raise SourceUnavailable(
+                f"model source '{source}' is neither an existing folder nor a valid hub id",
+                "Check the path, or give a hub id like owner/name.",
+            ) from err
+        raise SourceUnavailable(hub_failure_reason("model", str(source), err), offline_hint("model", str(source))) from err
     return Path(local)
 
 
-def load_raw_state_dict(folder: Path) -> dict:
-    """Read a checkpoint folder's weights: safetensors (sharded or not) or pytorch .bin."""
+def _unreadable(file: Path, source: str | None, err: BaseException) -> SourceUnavailable:
+    name = f" of model '{source}'" if source and str(source) != str(file.parent) else ""
+    hub = source and not _looks_like_path(str(source)) and not Path(str(source)).exists()
+    redo = (f"Delete it and download it again (`hf download {source}`)" if hub
+            else "Save or copy the checkpoint again (an interrupted download or copy leaves a short file)")
+    return SourceUnavailable(
+        f"weights file '{file}'{name} cannot be read: it is truncated or corrupt ({type(err).__name__})", redo + "."
+    )
+
+
+def load_raw_state_dict(folder: Path, source: str | None = None) -> dict:
+    """Read a checkpoint folder's weights: safetensors (sharded or not) or pytorch .bin.
+
+    ``source`` (the hub id or path the user gave) only serves the error messages.
+    """
     import torch
 
+    folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file
 
         sd: dict = {}
         for f in files:
-            sd.update(load_file(str(f)))
+            try:
+                sd.update(load_file(str(f)))
+            except Exception as err:  # SafetensorError (truncated header/data), OSError
+                raise _unreadable(f, source, err) from err
         return sd
     files = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.bin"))
     if files:
         sd = {}
         for f in files:
-            sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
+            try:
+                sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
+            except Exception as err:  # truncated zip, unpickling errors
+                raise _unreadable(f, source, err) from err
         return sd
-    raise SourceUnavailable(f"no weights (*.safetensors or *.bin) in model folder '{folder}'")
+    raise SourceUnavailable(
+        f"no weights (*.safetensors or *.bin) in model folder '{folder}'" + (f" for '{source}'" if source and str(source) != str(folder) else ""),
+        "Point the config at the folder that holds the checkpoint's weights and config.json.",
+    )

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from featcal import errors
 from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, NoCalibration
 from featcal.config import ConfigError, validate
@@ -220,13 +221,30 @@ def _quote_numeric_group_choices(argv: list[str]) -> list[str]:
     return out
 
 
+def _job() -> tuple[bool, dict]:
+    """(multirun?, {job_num, overrides}) of the running Hydra job."""
+    try:
+        hc = HydraConfig.get()
+    except Exception:
+        return False, {}
+    job = {"overrides": [str(o) for o in hc.overrides.task]}
+    try:
+        job["job_num"] = int(hc.job.num)
+    except Exception:
+        pass
+    return hc.mode == RunMode.MULTIRUN, job
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    try:
-        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        print(f"featcal: {err}", file=sys.stderr)
-        sys.exit(2)
+    # user-fixable errors are reported here (one paragraph, failed.json), never by Hydra:
+    # a single run exits with code 2 (3: out of GPU memory); a multirun job returns nan
+    # and the sweep goes on. See featcal/errors.py.
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun, job = _job()
+    results = errors.guard(lambda: run(cfg, out_dir), cfg, out_dir, multirun, job)
+    if results is None:
+        return float("nan")
     return float(results["accuracy"]["calibrated"]["average"])
 
 
@@ -236,6 +254,9 @@ def main() -> None:
     flags = [a for a in args if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in args if a not in flags]
     _hydra_main()
+    code = errors.pending_exit_code()  # a multirun whose jobs failed with user errors
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,12 @@ class StageTimer:
         start = time.perf_counter()
         try:
             yield
+        except BaseException as err:
+            # name the stage on the exception (innermost wins) for featcal.errors' report
+            if getattr(err, "featcal_stage", None) is None:
+                with contextlib.suppress(AttributeError, TypeError):
+                    err.featcal_stage = name
+            raise
         finally:
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,385 @@
+"""User-fixable failures, and how ``featcal-run`` reports them.
+
+Every problem a user can fix by changing their setup or config raises a
+:class:`FeatcalError`. Its message says *what* is wrong (naming the model, dataset,
+file or config key) and *what to do*. The original exception (hub, safetensors,
+transformers...) is chained (``raise ... from err``) but not printed by default.
+
+Classes (all importable from here; the older paths ``featcal.config.ConfigError`` and
+``featcal.hub.SourceUnavailable`` still work)::
+
+    FeatcalError
+    ├── ConfigError           a config value is invalid (checked before loading, or only
+    │   │                     when loading shows it: a missing split or column, ...)
+    │   ├── BudgetTooLarge    the calibration budget exceeds a task's split
+    │   └── TaskMismatch      the task pool's tasks are not the backbone's experts
+    ├── SourceUnavailable     a model or dataset is missing or unreadable (offline, wrong
+    │   │                     path, truncated weights file)
+    │   └── CheckpointMismatch  a checkpoint that does not fit the architecture
+    └── CorruptCache          a cache entry is invalid and cannot be rebuilt here
+
+Exit codes of ``featcal-run`` (see README): 0 success, 1 crash (a bug: Hydra's
+traceback), 2 user-fixable error (:class:`FeatcalError`), 3 out of GPU memory.
+
+The run-time half of this module (``guard``, ``SweepReport``) is used by
+``featcal/run.py``: it turns these errors into one ``featcal: ...`` paragraph on
+stderr, writes ``failed.json`` into the run folder, and keeps multirun sweeps going.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+EXIT_OK = 0
+EXIT_CRASH = 1  # Hydra's own code for an uncaught exception
+EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
+
+FAILED_FILE = "failed.json"
+
+
+class FeatcalError(Exception):
+    """A failure the user can fix (setup, data, config), reported without a traceback.
+
+    ``FeatcalError(reason, hint=None)``: ``reason`` says what went wrong (naming the
+    model / dataset / file / key), ``hint`` what to do about it. ``str(err)`` is both.
+    """
+
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, reason: str, hint: str | None = None):
+        self.reason = str(reason)
+        self.hint = hint
+        self.context: list[str] = []  # "while loading ..." notes added by ``loading()``
+        super().__init__(self.reason)
+
+    def __str__(self) -> str:
+        text = self.reason
+        if self.context:
+            text += " (" + "; ".join(self.context) + ")"
+        if self.hint:
+            text += ". " + self.hint if not text.rstrip().endswith((".", ":", "\n")) else " " + self.hint
+        return text
+
+    @property
+    def one_line(self) -> str:
+        """The reason (and context) on one line, without the advice: for tables and logs."""
+        text = self.reason + (" (" + "; ".join(self.context) + ")" if self.context else "")
+        return one_line(text)
+
+
+class ConfigError(FeatcalError, ValueError):
+    """A config value is invalid; the message lists every problem and the allowed values."""
+
+
+class BudgetTooLarge(ConfigError):
+    """The calibration budget (examples per task) exceeds the split a task draws it from."""
+
+
+class TaskMismatch(ConfigError):
+    """The task pool's tasks differ from the backbone's (one expert per task, same order)."""
+
+
+class SourceUnavailable(FeatcalError, RuntimeError):
+    """A model or dataset could not be found locally, fetched from the hub, or read."""
+
+
+class CheckpointMismatch(SourceUnavailable):
+    """A checkpoint was found and read but does not fit the architecture it is loaded as."""
+
+
+class CorruptCache(FeatcalError, RuntimeError):
+    """A cache entry is invalid and could not be rebuilt (e.g. the folder is read-only)."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Whitespace collapsed, at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Add ``what`` (e.g. "expert of task 'mnist', backbone.adapter.experts.mnist") to any
+    :class:`FeatcalError` raised inside, so the message names the config key to change."""
+    try:
+        yield
+    except FeatcalError as err:
+        if what not in err.context:
+            err.context.append(what)
+        raise
+
+
+def check_tasks(pool_tasks: list[str], backbone_tasks: list[str]) -> None:
+    """Raise :class:`TaskMismatch` unless the task pool lists the backbone's tasks in order."""
+    if list(pool_tasks) != list(backbone_tasks):
+        raise TaskMismatch(
+            f"the task pool's tasks {list(pool_tasks)} do not match the backbone's tasks {list(backbone_tasks)}",
+            "Both come from the backbone config: set backbone.taskpool.tasks to ${backbone.adapter.tasks} "
+            "(one expert per task, same order).",
+        )
+
+
+# ---------------------------------------------------------------------------
+# classifying an exception that ended a run
+
+
+def user_error_of(err: BaseException) -> FeatcalError | None:
+    """The :class:`FeatcalError` behind ``err``: itself, or the cause of a Hydra
+    ``InstantiationException`` (a constructor called by ``instantiate`` raised it)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, FeatcalError):
+            return err
+        if type(err).__name__ != "InstantiationException":
+            return None
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    kinds = tuple(k for k in (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None)) if k)
+    return bool(kinds) and isinstance(err, kinds)
+
+
+# stage (as named by StageTimer in run.py) -> config keys that lower memory there
+_MEMORY_KNOBS: dict[str, list[tuple[str, str]]] = {
+    "load": [("precision", "bf16")],
+    "merge": [("precision", "bf16")],
+    "evaluate": [("eval_batch_size", "half"), ("precision", "bf16")],
+    "calibration_data": [("budget.batch_size", "half"), ("calibration.batch_size", "half")],
+    "calibrate": [
+        ("calibration.pass_tokens", "half"),
+        ("budget.batch_size", "half"),
+        ("calibration.batch_size", "half"),
+        ("calibration.drift_examples", "half"),
+        ("budget.per_task", "half"),
+        ("precision", "bf16"),
+    ],
+}
+
+
+def _stage_key(stage: str | None) -> str | None:
+    if not stage:
+        return None
+    if stage.startswith("evaluate"):
+        return "evaluate"
+    return stage if stage in _MEMORY_KNOBS else None
+
+
+def memory_advice(stage: str | None, cfg: Any = None) -> str:
+    """Which settings lower memory in ``stage``, with their current values from ``cfg``."""
+    from omegaconf import OmegaConf
+
+    key = _stage_key(stage)
+    knobs = _MEMORY_KNOBS[key] if key else [k for v in _MEMORY_KNOBS.values() for k in v]
+    out, seen = [], set()
+    for name, how in knobs:
+        if name in seen:
+            continue
+        seen.add(name)
+        current = None
+        if cfg is not None:
+            with contextlib.suppress(Exception):
+                current = OmegaConf.select(cfg, name, default=None)
+        if cfg is not None and current is None and name != "precision":
+            continue  # this config has no such key (e.g. a calibrator without pass_tokens)
+        if how == "bf16":
+            if current in ("bf16", "fp16"):
+                continue
+            out.append("precision=bf16" + (f" (now {current})" if current else ""))
+        elif isinstance(current, int) and not isinstance(current, bool) and current > 1:
+            out.append(f"{name}={max(1, current // 2)} (now {current})")
+        else:
+            out.append(f"a smaller {name}" + (f" (now {current})" if current is not None else ""))
+    if key == "calibrate" or key is None:
+        out.append("a smaller budget (budget=8|16|32...)")
+    out.append("or device=cpu")
+    return "; ".join(dict.fromkeys(out))
+
+
+def describe(err: BaseException, stage: str | None = None, cfg: Any = None) -> tuple[str, str, int, str]:
+    """(kind, paragraph, exit code, one-line reason) for an exception that ended a run.
+
+    kind: ``user_error`` (a FeatcalError), ``out_of_memory`` or ``crash``.
+    """
+    user = user_error_of(err)
+    if user is not None:
+        return "user_error", str(user), user.exit_code, user.one_line
+    if is_out_of_memory(err):
+        where = f" during stage '{stage}'" if stage else ""
+        first = one_line(str(err).split("\n")[0], 200)
+        reason = f"out of GPU memory{where} ({first})"
+        return "out_of_memory", f"{reason}. To use less memory there, set: {memory_advice(stage, cfg)}.", EXIT_OUT_OF_MEMORY, one_line(reason)
+    reason = one_line(f"{type(err).__name__}: {err}")
+    return "crash", reason, EXIT_CRASH, reason
+
+
+def stage_of(err: BaseException) -> str | None:
+    """The run stage (StageTimer name) during which ``err`` was raised, if known."""
+    return getattr(err, "featcal_stage", None)
+
+
+# ---------------------------------------------------------------------------
+# the task-function guard used by featcal/run.py
+
+
+def debug_requested(cfg: Any = None) -> bool:
+    """``debug=true`` in the config or ``HYDRA_FULL_ERROR=1`` in the environment."""
+    if os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0"):
+        return True
+    if cfg is not None:
+        with contextlib.suppress(Exception):
+            return bool(cfg.get("debug", False))
+    return False
+
+
+_in_process_failures: list[dict] = []
+
+
+def failures_in_this_process() -> list[dict]:
+    return list(_in_process_failures)
+
+
+def write_failed(out_dir: Path, record: dict) -> None:
+    from featcal.utils import atomic_write_json
+
+    atomic_write_json(Path(out_dir) / FAILED_FILE, record)
+
+
+def guard(fn: Callable[[], Any], cfg: Any, out_dir: Path, multirun: bool, job: dict | None = None) -> Any:
+    """Run ``fn()`` (one run) and report how it ended.
+
+    - success: returns ``fn()``'s value; a stale ``failed.json`` in ``out_dir`` is removed.
+    - FeatcalError / out of GPU memory: ``failed.json`` is written into ``out_dir``, one
+      ``featcal: ...`` paragraph goes to stderr (the traceback first when
+      :func:`debug_requested`), then a single run exits with the error's code
+      (``SystemExit``, which Hydra passes through) while a multirun job returns None
+      so the sweep goes on.
+    - anything else (a crash): ``failed.json`` is written and the exception re-raised
+      for Hydra to report as usual (exit code 1).
+    """
+    out_dir = Path(out_dir)
+    with contextlib.suppress(FileNotFoundError):
+        (out_dir / FAILED_FILE).unlink()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - classified below; crashes are re-raised
+        stage = stage_of(err)
+        kind, paragraph, code, reason = describe(err, stage, cfg)
+        job = dict(job or {})
+        user = user_error_of(err)
+        record = {
+            "status": "failed",
+            "kind": kind,
+            "error": type(user or err).__name__,
+            "reason": reason,
+            "message": paragraph if kind != "crash" else one_line(str(err), 2000),
+            "stage": stage,
+            "exit_code": code,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **job,
+        }
+        with contextlib.suppress(Exception):
+            write_failed(out_dir, record)
+        _in_process_failures.append({**record, "run_dir": str(out_dir)})
+        if kind == "crash":
+            raise
+        if debug_requested(cfg):
+            traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        prefix = "featcal: "
+        if multirun:
+            overrides = " ".join(job.get("overrides") or []) or "(no overrides)"
+            prefix += f"job {job.get('job_num', '?')} [{overrides}] failed: "
+        tail = "" if debug_requested(cfg) else "\n(debug=true or HYDRA_FULL_ERROR=1 shows the traceback)"
+        sys.stderr.write(prefix + paragraph + tail + "\n")
+        sys.stderr.flush()
+        if multirun:
+            return None
+        raise SystemExit(code) from None
+
+
+# ---------------------------------------------------------------------------
+# multirun: a Hydra callback summarising failed jobs in the launching process
+
+
+def failed_runs(folder: Path, since: float | None = None) -> list[dict]:
+    """Every ``failed.json`` under ``folder`` (newer than ``since``, a time.time()),
+    with ``run_dir`` added, skipping runs whose ``results.json`` is newer."""
+    out = []
+    for f in sorted(Path(folder).rglob(FAILED_FILE)):
+        try:
+            mtime = f.stat().st_mtime
+            if since is not None and mtime < since:
+                continue
+            res = f.parent / "results.json"
+            if res.exists() and res.stat().st_mtime > mtime:
+                continue
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        out.append({**data, "run_dir": str(f.parent)})
+    return out
+
+
+def sweep_exit_code(failures: list[dict]) -> int:
+    """2 when a job failed with a user error, 3 when the only failures were out of memory."""
+    codes = {int(f.get("exit_code", EXIT_USER_ERROR)) for f in failures}
+    if not codes:
+        return EXIT_OK
+    if EXIT_USER_ERROR in codes:
+        return EXIT_USER_ERROR
+    return min(codes)
+
+
+_sweep_exit: list[int] = []
+
+
+def pending_exit_code() -> int:
+    """The exit code a finished multirun asked for (0: none); read by ``featcal.run.main``."""
+    return max(_sweep_exit, default=EXIT_OK)
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object  # type: ignore[misc,assignment]
+
+
+class SweepReport(_HydraCallback):  # type: ignore[misc]
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): at the end of a multirun it
+    lists the jobs that failed with a user error (from their ``failed.json``, whichever
+    launcher ran them) and makes ``featcal-run`` exit with code 2 (3: out of memory only)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self.started = time.time() - 1.0
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+        except Exception:  # pragma: no cover
+            return
+        failures = failed_runs(sweep_dir, since=self.started) if sweep_dir.is_dir() else []
+        if not failures:
+            return
+        lines = [f"featcal: {len(failures)} job(s) of the sweep in {sweep_dir} failed; the others finished:"]
+        for f in failures:
+            lines.append(f"  - {Path(f['run_dir']).name} [{' '.join(f.get('overrides') or [])}]: {f.get('error')}: {f.get('reason')}")
+        lines.append(f"Details in each job's {FAILED_FILE}; `featcal-collect {sweep_dir}` lists them with the results.")
+        sys.stderr.write("\n".join(lines) + "\n")
+        _sweep_exit.append(sweep_exit_code(failures))
