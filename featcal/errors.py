@@ -300,9 +300,8 @@ def guard(fn: Callable[[], Any], cfg: Any, out_dir: Path, multirun: bool, job: d
         if debug_requested(cfg):
             traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
         prefix = "featcal: "
-        if multirun:
-            overrides = " ".join(job.get("overrides") or []) or "(no overrides)"
-            prefix += f"job {job.get('job_num', '?')} [{overrides}] failed: "
+        if multirun:  # its overrides are in Hydra's "#<num> : ..." line above
+            prefix += f"job #{job.get('job_num', '?')} failed ({out_dir}): "
         tail = "" if debug_requested(cfg) else "\n(debug=true or HYDRA_FULL_ERROR=1 shows the traceback)"
         sys.stderr.write(prefix + paragraph + tail + "\n")
         sys.stderr.flush()
@@ -332,6 +331,26 @@ def failed_runs(folder: Path, since: float | None = None) -> list[dict]:
             continue
         out.append({**data, "run_dir": str(f.parent)})
     return out
+
+
+def varying_overrides(sweep_dir: Path) -> set[str]:
+    """Override keys whose value differs between the jobs under ``sweep_dir`` (read from
+    each job's ``.hydra/overrides.yaml``): what tells the jobs of a sweep apart."""
+    import yaml
+
+    jobs: list[dict[str, str]] = []
+    for f in Path(sweep_dir).rglob("overrides.yaml"):
+        if f.parent.name != ".hydra":
+            continue
+        try:
+            items = yaml.safe_load(f.read_text()) or []
+        except Exception:
+            continue
+        jobs.append(dict(str(item).partition("=")[::2] for item in items))
+    if len(jobs) < 2:
+        return set()
+    keys = set().union(*jobs)
+    return {k for k in keys if len({j.get(k) for j in jobs}) > 1}
 
 
 def sweep_exit_code(failures: list[dict]) -> int:
@@ -378,8 +397,10 @@ class SweepReport(_HydraCallback):  # type: ignore[misc]
         if not failures:
             return
         lines = [f"featcal: {len(failures)} job(s) of the sweep in {sweep_dir} failed; the others finished:"]
+        varying = varying_overrides(sweep_dir)
         for f in failures:
-            lines.append(f"  - {Path(f['run_dir']).name} [{' '.join(f.get('overrides') or [])}]: {f.get('error')}: {f.get('reason')}")
+            shown = [o for o in f.get("overrides") or [] if o.split("=", 1)[0] in varying] if varying else f.get("overrides") or []
+            lines.append(f"  - #{Path(f['run_dir']).name} [{' '.join(shown)}]: {f.get('error')}: {f.get('reason')}")
         lines.append(f"Details in each job's {FAILED_FILE}; `featcal-collect {sweep_dir}` lists them with the results.")
         sys.stderr.write("\n".join(lines) + "\n")
         _sweep_exit.append(sweep_exit_code(failures))
