@@ -119,6 +119,31 @@ def test_expert_of_another_shape_is_a_checkpoint_mismatch(tmp_path):
         check_same_architecture(base, wider, "base", str(other))
 
 
+def test_llm_loader_errors(tmp_path):
+    from featcal.backbone.llama import LlamaBackbone, load_causal_lm
+
+    make_tiny_clip(tmp_path / "clip")
+    with pytest.raises(CheckpointMismatch, match="'clip' checkpoint, which is not a causal language model"):
+        load_causal_lm(str(tmp_path / "clip"))
+    llama = _tiny_llama(tmp_path / "llama")
+    assert load_causal_lm(str(llama)) is not None
+    deeper = tmp_path / "deeper"
+    shutil.copytree(llama, deeper)
+    cfg = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2}))
+    with pytest.raises(CheckpointMismatch, match="do not cover the model .*model.layers.1"):
+        load_causal_lm(str(deeper))
+    (deeper / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    with pytest.raises(CheckpointMismatch, match="shapes differ"):
+        load_causal_lm(str(deeper))
+    (deeper / "config.json").write_text(json.dumps(cfg))
+    bad = _truncate(deeper)
+    backbone = LlamaBackbone(["a"], str(llama), {"a": str(deeper)})
+    with pytest.raises(SourceUnavailable, match="truncated or corrupt") as info:
+        backbone.load_expert("a")
+    assert str(bad) in str(info.value) and "backbone.adapter.experts.a" in str(info.value)
+
+
 def test_missing_local_folder_and_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
