@@ -17,7 +17,7 @@ def _hf_home() -> str:
 
 
 def _offline() -> bool:
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")):
         return True
     try:
         import huggingface_hub.constants as c
@@ -30,14 +30,14 @@ def _offline() -> bool:
 def hub_failure_reason(kind: str, name: str, err: BaseException | None = None) -> str:
     """Why a hub id could not be loaded, in words (the hub's own exception stays chained)."""
     cause = type(err).__name__ if err is not None else ""
-    if cause in ("RepositoryNotFoundError", "GatedRepoError", "DisabledRepoError", "RevisionNotFoundError"):
+    where = f"HF_HOME={_hf_home()}"
+    if _offline():
+        return f"{kind} '{name}' is not in the local Hugging Face cache ({where}) and hub access is off (HF_HUB_OFFLINE=1)"
+    if cause in ("RepositoryNotFoundError", "GatedRepoError", "DisabledRepoError", "RevisionNotFoundError", "DatasetNotFoundError"):
         what = {"GatedRepoError": "is gated (accept its terms on the hub and log in with `hf auth login`)",
                 "DisabledRepoError": "is disabled on the hub",
                 "RevisionNotFoundError": "has no such revision on the hub"}.get(cause, "does not exist on the Hugging Face hub (check the spelling)")
         return f"{kind} '{name}' {what}"
-    where = f"HF_HOME={_hf_home()}"
-    if _offline():
-        return f"{kind} '{name}' is not in the local Hugging Face cache ({where}) and hub access is off (HF_HUB_OFFLINE=1)"
     return f"{kind} '{name}' is neither a local folder nor in the Hugging Face cache ({where}), and the hub could not be reached"
 
 

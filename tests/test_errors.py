@@ -300,6 +300,28 @@ def _replace(overrides, key, value):
     return [o for o in overrides if not o.startswith(key + "=")] + [f"{key}={value}"]
 
 
+def test_clip_pool_budget_too_large_and_unreadable_head_cache(tmp_path, bench):
+    from featcal.tasks.clip_vision import CLIPVisionTaskPool
+
+    root, _ = bench
+
+    def pool():
+        return CLIPVisionTaskPool(["mnist"], str(root / "clip_base"), datasets={"mnist": str(root / "clip_data_mnist")},
+                                  cache_dir=str(tmp_path / "heads"), device="cpu")
+
+    with pytest.raises(BudgetTooLarge, match="budget 9 .*8 examples") as info:
+        pool().calibration_indices("mnist", 9, seed=0)
+    assert "budget.per_task=8" in str(info.value)
+    first = pool().build_heads()["mnist"]
+    cached = pool().head_cache_file("mnist")
+    cached.write_bytes(cached.read_bytes()[:20])  # a cut-off cache file is rebuilt, not fatal
+    with pytest.warns(RuntimeWarning, match="rebuilding"):
+        again = pool().build_heads()["mnist"]
+    torch.testing.assert_close(again.class_embeddings, first.class_embeddings)
+    with pytest.raises(ConfigError, match="unknown CLIP tasks"):
+        CLIPVisionTaskPool(["no-such-task"], str(root / "clip_base"))
+
+
 @pytest.mark.slow
 def test_run_missing_hub_model_offline(tmp_path):
     proc = featcal_run(["backbone=clip_vit_b32", *FAST, f"hydra.run.dir={tmp_path / 'r'}"], _env(tmp_path), tmp_path)

@@ -29,7 +29,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from featcal.backbone.clip import CLIPVisionBackbone
+from featcal.backbone.clip import CLIPVisionBackbone, shapes_of
+from featcal.errors import CheckpointMismatch, ConfigError, loading
 from featcal.hub import SourceUnavailable
 
 # ---------------------------------------------------------------------------
@@ -99,14 +100,20 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
         raise SourceUnavailable(
-            f"open_clip checkpoint '{path}' does not exist. Download the task-vectors release "
-            f"checkpoints (zeroshot.pt and <Dataset>/finetuned.pt) and set backbone.adapter.checkpoint_dir "
-            f"to the folder holding them."
+            f"open_clip checkpoint '{path}' does not exist",
+            "Download the task-vectors release checkpoints (zeroshot.pt and <Dataset>/finetuned.pt) and set "
+            "backbone.adapter.checkpoint_dir to the folder holding them.",
         )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
+        except Exception as err:  # truncated zip, not a torch file
+            raise SourceUnavailable(
+                f"open_clip checkpoint '{path}' cannot be read: it is truncated, corrupt or not a torch file ({type(err).__name__})",
+                "Download or copy it again (an interrupted download leaves a short file).",
+            ) from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping):
@@ -115,7 +122,10 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         tensors = _module_tensors(obj)
         if tensors:
             return tensors
-    raise SourceUnavailable(f"'{path}' holds neither a state dict nor a module ({type(obj).__name__})")
+    raise CheckpointMismatch(
+        f"'{path}' holds neither a state dict nor a module ({type(obj).__name__})",
+        "Use a task-vectors style checkpoint: a pickled ImageEncoder or its state dict.",
+    )
 
 
 def visual_state_dict(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,7 +141,10 @@ def visual_state_dict(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     if not out and any(k.startswith("conv1.") for k in raw):  # already a bare vision tower
         out = dict(raw)
     if not out:
-        raise SourceUnavailable("no open_clip vision tower (visual.* keys) in the checkpoint")
+        raise CheckpointMismatch(
+            f"no open_clip vision tower (visual.* keys) in the checkpoint (it has e.g. {sorted(raw)[:3]})",
+            "Use an open_clip image encoder checkpoint (task-vectors zeroshot.pt / finetuned.pt).",
+        )
     return out
 
 
@@ -152,18 +165,26 @@ def build_openclip_visual(model_name: str = "ViT-B-32", quick_gelu: bool = True,
     try:
         model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu, device="cpu")
     except RuntimeError as err:
-        raise SourceUnavailable(f"open_clip has no model config '{model_name}': {err}") from err
+        raise ConfigError(
+            f"open_clip has no model config '{model_name}' (backbone.adapter.model_name)",
+            "Use an open_clip model name (e.g. ViT-B-32), or register a custom one with backbone.adapter.model_config_path.",
+        ) from err
     return model.visual.eval()
 
 
 def load_openclip_visual(path: str | os.PathLike, model_name: str = "ViT-B-32", quick_gelu: bool = True, model_config_path: str | None = None) -> nn.Module:
     """The open_clip vision tower of a task-vectors style checkpoint, loaded strictly."""
     visual = build_openclip_visual(model_name, quick_gelu, model_config_path)
-    sd = visual_state_dict(read_torch_checkpoint(path))
+    with loading(f"file '{path}'"):
+        sd = visual_state_dict(read_torch_checkpoint(path))
     try:
         visual.load_state_dict(sd, strict=True)
     except RuntimeError as err:
-        raise SourceUnavailable(f"checkpoint '{path}' does not fit open_clip '{model_name}': {err}") from err
+        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()][:2]
+        raise CheckpointMismatch(
+            f"checkpoint '{path}' does not fit open_clip '{model_name}' ({'; '.join(lines)[:300]})",
+            "Set backbone.adapter.model_name to the checkpoint's architecture (e.g. ViT-B-16, ViT-L-14).",
+        ) from err
     return visual
 
 
@@ -253,7 +274,11 @@ def openclip_visual_to_hf(visual: nn.Module, dtype: torch.dtype = torch.float32)
 
 def load_openclip_as_hf(path: str | os.PathLike, model_name: str = "ViT-B-32", quick_gelu: bool = True, model_config_path: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A task-vectors checkpoint as a transformers ``CLIPVisionModelWithProjection``."""
-    return openclip_visual_to_hf(load_openclip_visual(path, model_name, quick_gelu, model_config_path), dtype)
+    visual = load_openclip_visual(path, model_name, quick_gelu, model_config_path)
+    try:
+        return openclip_visual_to_hf(visual, dtype)
+    except ValueError as err:  # an open_clip layout transformers CLIP cannot express
+        raise CheckpointMismatch(f"open_clip tower '{path}' ({model_name}) cannot be converted: {err}") from err
 
 
 class OpenCLIPVisionBackbone(CLIPVisionBackbone):
@@ -292,7 +317,13 @@ class OpenCLIPVisionBackbone(CLIPVisionBackbone):
         return load_openclip_as_hf(path, self.model_name, self.quick_gelu, self.model_config_path)
 
     def load_base(self) -> nn.Module:
-        return self._load(self.base_source)
+        with loading("the base model, set by backbone.adapter.base"):
+            model = self._load(self.base_source)
+        self._base_shapes = shapes_of(model)
+        return model
 
     def load_expert(self, task: str) -> nn.Module:
-        return self._load(self.expert_sources[task])
+        with loading(f"the expert of task '{task}', set by backbone.adapter.experts.{task}"):
+            model = self._load(self.expert_sources[task])
+            self._check_expert(model, task)
+        return model

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcal.errors import BudgetTooLarge, CheckpointMismatch, ConfigError, CorruptCache, loading
 from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
 from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool
 
@@ -61,8 +62,14 @@ def task_table(path: str | os.PathLike | None = None) -> dict[str, dict]:
 def _model_config(folder: Path) -> dict:
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
-        raise SourceUnavailable(f"no config.json in model folder '{folder}'")
-    return json.loads(cfg_file.read_text())
+        raise SourceUnavailable(
+            f"no config.json in model folder '{folder}'",
+            "A CLIP checkpoint folder holds config.json next to its weights (save it with save_pretrained).",
+        )
+    try:
+        return json.loads(cfg_file.read_text())
+    except ValueError as err:
+        raise SourceUnavailable(f"config.json in '{folder}' is not valid JSON", "Save or download the checkpoint again.") from err
 
 
 def canonical_clip_text_keys(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,6 +104,11 @@ def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.
 
     folder = resolve_model_dir(source)
     data = _model_config(folder)
+    if data.get("model_type") not in (None, "clip", "clip_text_model"):
+        raise CheckpointMismatch(
+            f"'{source}' is a '{data.get('model_type')}' checkpoint, not a CLIP model (its text tower builds the zero-shot heads)",
+            "The base must be a full CLIP model (CLIPModel with text and vision towers).",
+        )
     if data.get("model_type") == "clip" or "text_config" in data or "text_config_dict" in data:
         clean = {k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")}
         full = CLIPConfig(**clean)
@@ -104,16 +116,25 @@ def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.
         config.projection_dim = full.projection_dim
     else:
         config = CLIPTextConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")})
-    raw = load_raw_state_dict(folder)
+    raw = load_raw_state_dict(folder, str(source))
     sd = canonical_clip_text_keys(raw)
     if "text_projection.weight" not in sd:
-        raise SourceUnavailable(f"'{source}' has no text_projection: a full CLIPModel checkpoint is needed for zero-shot heads")
+        raise CheckpointMismatch(
+            f"'{source}' has no text_projection",
+            "A full CLIPModel checkpoint (text and vision towers) is needed as the base for zero-shot heads.",
+        )
     config.projection_dim = sd["text_projection.weight"].shape[0]
     model = CLIPTextModelWithProjection(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise CheckpointMismatch(
+            f"the text tower weights of '{source}' do not fit its config.json (tensor shapes differ)",
+            "The weights and config.json come from different models; save or download them together.",
+        ) from err
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise SourceUnavailable(f"'{source}' does not fit a CLIP text tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointMismatch(f"'{source}' does not fit a CLIP text tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if "logit_scale" in raw:
         logit_scale = float(raw["logit_scale"].float().exp())
     else:
@@ -132,7 +153,10 @@ def load_clip_tokenizer(source: str):
         try:
             return CLIPTokenizer.from_pretrained(str(folder))
         except Exception as err:
-            raise SourceUnavailable(f"no CLIP tokenizer in '{source}' ({type(err).__name__}: {err})") from err
+            raise SourceUnavailable(
+                f"no usable CLIP tokenizer in '{source}' ({type(err).__name__})",
+                "The base model's folder must hold its tokenizer files (vocab.json, merges.txt, tokenizer_config.json).",
+            ) from err
 
 
 class CLIPImagePreprocess:
@@ -257,7 +281,6 @@ def default_cache_dir() -> Path:
 def _pre_download_hint(source: str, config: str | None, task: str) -> str:
     cfg = f", '{config}'" if config else ""
     return (
-        f"could not load dataset '{source}'{' (config ' + config + ')' if config else ''} for task '{task}'. "
         f"To pre-download it, on a machine with hub access run "
         f"`python -c \"import datasets; datasets.load_dataset('{source}'{cfg})\"` (or "
         f"`hf download --repo-type dataset {source}`), copy $HF_HOME here and set HF_HOME to it "
@@ -272,16 +295,26 @@ def load_task_split(source: str, split: str, config: str | None = None, task: st
 
     path = Path(os.path.expanduser(str(source)))
     local = path.exists()
-    if not local and (path.is_absolute() or str(source).startswith((".", "~"))):
-        raise SourceUnavailable(f"dataset folder '{source}' for task '{task}' does not exist")
+    key = f"backbone.taskpool.datasets.{task}"
+    if not local and (path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1):
+        raise SourceUnavailable(
+            f"dataset folder '{source}' for task '{task}' does not exist ({key})",
+            "Check the path, or give the dataset's hub id.",
+        )
     if local and path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as err:
-            raise SourceUnavailable(f"could not read saved dataset '{source}' for task '{task}' ({type(err).__name__}: {err})") from err
+            raise SourceUnavailable(
+                f"could not read saved dataset '{source}' for task '{task}' ({type(err).__name__}; {key})",
+                "The folder is incomplete or corrupt: write it again with `save_to_disk`.",
+            ) from err
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"dataset '{source}' (task '{task}') has no split '{split}'; it has {list(ds)}")
+                raise ConfigError(
+                    f"dataset '{source}' (task '{task}') has no split '{split}'; it has {list(ds)}",
+                    f"Name the split with +backbone.taskpool.task_overrides.{task}.train_split=... (or test_split).",
+                )
             ds = ds[split]
         return ds
     try:
@@ -289,7 +322,14 @@ def load_task_split(source: str, split: str, config: str | None = None, task: st
             return datasets.load_dataset(str(source), config, split=split)
         return datasets.load_dataset(str(source), split=split)
     except Exception as err:  # connection errors, missing repos or splits, offline mode without cache
-        raise SourceUnavailable(_pre_download_hint(str(source), config, task) + f" (cause: {type(err).__name__}: {err})") from err
+        from featcal.hub import hub_failure_reason
+
+        where = f"task '{task}'" + (f", config {config}" if config else "") + f", {key}"
+        if local:
+            reason = f"could not load dataset '{source}' from its folder ({type(err).__name__}; {where})"
+        else:
+            reason = hub_failure_reason("dataset", str(source), err) + f" ({where})"
+        raise SourceUnavailable(reason, _pre_download_hint(str(source), config, task)) from err
 
 
 class _ImageLabelDataset(torch.utils.data.Dataset):
@@ -364,7 +404,7 @@ class CLIPVisionTaskPool(TaskPool):
         table = task_table(data_file)
         unknown = [t for t in tasks if t not in table]
         if unknown:
-            raise ValueError(f"unknown CLIP tasks {unknown}; known: {sorted(table)}")
+            raise ConfigError(f"unknown CLIP tasks {unknown} (backbone.adapter.tasks); known: {sorted(table)}")
         self.task_names = list(tasks)
         self.base = str(base)
         self.specs: dict[str, dict] = {}
@@ -394,7 +434,8 @@ class CLIPVisionTaskPool(TaskPool):
     @property
     def preprocess(self) -> CLIPImagePreprocess:
         if self._preprocess is None:
-            self._preprocess = CLIPImagePreprocess.from_pretrained(self.base)
+            with loading("the base model's image processor, set by backbone.taskpool.base"):
+                self._preprocess = CLIPImagePreprocess.from_pretrained(self.base)
         return self._preprocess
 
     def split_name(self, task: str, split: str) -> str:
@@ -410,12 +451,17 @@ class CLIPVisionTaskPool(TaskPool):
             ds = load_task_split(spec["dataset"], name, spec.get("config"), task)
             for col in (spec["image_column"], spec["label_column"]):
                 if col not in ds.column_names:
-                    raise ValueError(f"dataset '{spec['dataset']}' (task '{task}') has no column '{col}'; columns: {ds.column_names}")
+                    raise ConfigError(
+                        f"dataset '{spec['dataset']}' (task '{task}') has no column '{col}'; columns: {ds.column_names}",
+                        f"Name the columns with +backbone.taskpool.task_overrides.{task}.image_column=... / label_column=...",
+                    )
             feature = ds.features.get(spec["label_column"])
             n_classes = getattr(feature, "num_classes", None)
             if n_classes is not None and n_classes != len(spec["classnames"]):
-                raise ValueError(
-                    f"task '{task}': dataset '{spec['dataset']}' has {n_classes} classes but {len(spec['classnames'])} class names"
+                raise ConfigError(
+                    f"task '{task}': dataset '{spec['dataset']}' has {n_classes} classes but {len(spec['classnames'])} class names",
+                    f"Is backbone.taskpool.datasets.{task} the right dataset? Otherwise give its class names with "
+                    f"+backbone.taskpool.task_overrides.{task}.classnames=[...]",
                 )
             self._splits[key] = ds
         return self._splits[key]
@@ -437,7 +483,10 @@ class CLIPVisionTaskPool(TaskPool):
         """Rows of ``split`` used for calibration: a seeded permutation, first n."""
         size = len(self.dataset(task, split))
         if n > size:
-            raise ValueError(f"task '{task}': calibration budget {n} exceeds the {size} examples of split '{split}'")
+            raise BudgetTooLarge(
+                f"task '{task}': calibration budget {n} (budget.per_task) exceeds the {size} examples of its {split} split",
+                f"Use budget.per_task={size} or less (or another budget.split).",
+            )
         return np.random.default_rng(int(seed)).permutation(size)[: int(n)].tolist()
 
     def calibration_batches(self, task: str, n: int, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
@@ -467,21 +516,33 @@ class CLIPVisionTaskPool(TaskPool):
                 continue
             f = self.head_cache_file(t)
             if f.exists():
-                blob = torch.load(str(f), map_location="cpu", weights_only=True)
-                self._heads[t] = ClassEmbeddingHead(blob["class_embeddings"], float(blob["logit_scale"]))
-            else:
-                todo.append(t)
+                try:
+                    blob = torch.load(str(f), map_location="cpu", weights_only=True)
+                    self._heads[t] = ClassEmbeddingHead(blob["class_embeddings"], float(blob["logit_scale"]))
+                    continue
+                except Exception as err:  # a truncated or foreign file: rebuild it
+                    import warnings
+
+                    warnings.warn(f"zero-shot head cache {f} is unreadable ({type(err).__name__}); rebuilding it", RuntimeWarning, stacklevel=2)
+            todo.append(t)
         if todo:
-            text_model, logit_scale = load_clip_text(self.base)
-            tokenizer = load_clip_tokenizer(self.base)
+            with loading("the base model's text tower and tokenizer (zero-shot heads), set by backbone.taskpool.base"):
+                text_model, logit_scale = load_clip_text(self.base)
+                tokenizer = load_clip_tokenizer(self.base)
             for t in todo:
                 spec = self.specs[t]
                 emb = zeroshot_class_embeddings(text_model, tokenizer, spec["classnames"], spec["templates"], self.device, self.text_batch_size)
                 f = self.head_cache_file(t)
-                f.parent.mkdir(parents=True, exist_ok=True)
                 tmp = f.with_suffix(f".tmp{os.getpid()}")
-                torch.save({"class_embeddings": emb, "logit_scale": logit_scale, "base": self.base, "task": t}, str(tmp))
-                os.replace(tmp, f)
+                try:
+                    f.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"class_embeddings": emb, "logit_scale": logit_scale, "base": self.base, "task": t}, str(tmp))
+                    os.replace(tmp, f)
+                except OSError as err:
+                    raise CorruptCache(
+                        f"cannot write the zero-shot head cache {f} ({type(err).__name__})",
+                        "Set backbone.taskpool.cache_dir (or FEATCAL_CACHE) to a writable folder.",
+                    ) from err
                 self._heads[t] = ClassEmbeddingHead(emb, logit_scale)
             del text_model
         return {t: self._heads[t] for t in self.task_names}
