@@ -55,7 +55,7 @@ def failed_table(sweep_dir: Path) -> list[dict]:
             run = f["run_dir"]
         rows.append({
             "run": run,
-            "status": "failed",
+            "status": {"crash": "crashed", "out_of_memory": "out of memory"}.get(f.get("kind"), "failed"),
             "overrides": " ".join(shown),
             "stage": f.get("stage") or "",
             "error": f.get("error", ""),
