@@ -42,6 +42,13 @@ def hub_failure_reason(kind: str, name: str, err: BaseException | None = None) -
 
 
 def offline_hint(kind: str, name: str) -> str:
+    """A whole message for a hub model or dataset that cannot be loaded here (kept for
+    callers that build ``SourceUnavailable(offline_hint(...))``; new code passes
+    :func:`hub_failure_reason` and :func:`offline_advice` as reason and hint)."""
+    return f"could not load {kind} '{name}': it is neither a local folder nor reachable on the Hugging Face hub from here. " + offline_advice(kind, name)
+
+
+def offline_advice(kind: str, name: str) -> str:
     """What to do when a hub model or dataset cannot be loaded here."""
     cmd = "hf download" if kind == "model" else "hf download --repo-type dataset"
     return (
@@ -82,7 +89,7 @@ def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | Non
                 f"model source '{source}' is neither an existing folder nor a valid hub id",
                 "Check the path, or give a hub id like owner/name.",
             ) from err
-        raise SourceUnavailable(hub_failure_reason("model", str(source), err), offline_hint("model", str(source))) from err
+        raise SourceUnavailable(hub_failure_reason("model", str(source), err), offline_advice("model", str(source))) from err
     return Path(local)
 
 

@@ -149,10 +149,11 @@ def test_missing_local_folder_and_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(SourceUnavailable, match="does not exist"):
         load_clip_vision(str(tmp_path / "nope"))
-    from featcal.hub import hub_failure_reason, offline_hint
+    from featcal.hub import hub_failure_reason, offline_advice, offline_hint
 
-    msg = hub_failure_reason("model", "owner/model") + ". " + offline_hint("model", "owner/model")
+    msg = hub_failure_reason("model", "owner/model") + ". " + offline_advice("model", "owner/model")
     assert "owner/model" in msg and "HF_HUB_OFFLINE=1" in msg and "hf download owner/model" in msg
+    assert "'owner/model'" in offline_hint("model", "owner/model") and "hf download owner/model" in offline_hint("model", "owner/model")
 
 
 # ---- the report ---------------------------------------------------------------------------
