@@ -305,9 +305,19 @@ def guard(fn: Callable[[], Any], cfg: Any, out_dir: Path, multirun: bool, job: d
         tail = "" if debug_requested(cfg) else "\n(debug=true or HYDRA_FULL_ERROR=1 shows the traceback)"
         sys.stderr.write(prefix + paragraph + tail + "\n")
         sys.stderr.flush()
-        if multirun:
-            return None
-        raise SystemExit(code) from None
+        if not multirun:
+            raise SystemExit(code) from None
+    # a multirun job that failed: the sweep goes on; free what the failed job held on
+    # the GPU now that its traceback (and the frames' tensors) is gone
+    if kind == "out_of_memory":
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -249,6 +249,8 @@ def test_out_of_memory_names_the_stage_and_its_knobs(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "eval_batch_size=128 (now 256)" in err and "pass_tokens" not in err and "precision=bf16" not in err
     assert json.loads((tmp_path / "failed.json").read_text())["kind"] == "out_of_memory"
+    assert errors.guard(oom("calibrate"), _cfg(), tmp_path, multirun=True) is None  # a sweep goes on
+    assert errors.sweep_exit_code([{"exit_code": 3}]) == 3 and errors.sweep_exit_code([{"exit_code": 3}, {"exit_code": 2}]) == 2
 
 
 def test_collect_lists_failed_jobs(tmp_path, capsys):
