@@ -36,8 +36,10 @@ import torch
 from torch import nn
 
 from featcal.errors import BudgetTooLarge, CheckpointMismatch, ConfigError, CorruptCache, loading
+from featcal.backbone.clip import canonical_clip_keys, read_model_config
 from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
-from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
+from featcal.utils import cache_root
 
 DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
 CLIP_TASKS = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
@@ -59,38 +61,6 @@ def task_table(path: str | os.PathLike | None = None) -> dict[str, dict]:
 # text tower, tokenizer, image preprocessing of the base model
 
 
-def _model_config(folder: Path) -> dict:
-    cfg_file = folder / "config.json"
-    if not cfg_file.exists():
-        raise SourceUnavailable(
-            f"no config.json in model folder '{folder}'",
-            "A CLIP checkpoint folder holds config.json next to its weights (save it with save_pretrained).",
-        )
-    try:
-        return json.loads(cfg_file.read_text())
-    except ValueError as err:
-        raise SourceUnavailable(f"config.json in '{folder}' is not valid JSON", "Save or download the checkpoint again.") from err
-
-
-def canonical_clip_text_keys(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map CLIP checkpoint layouts (4.x / 5.x, CLIPModel / CLIPTextModel[WithProjection])
-    onto ``CLIPTextModelWithProjection`` keys (``text_model.*``, ``text_projection.*``)."""
-    roots = ("embeddings.", "encoder.", "final_layer_norm.")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        k = key
-        for prefix in ("model.", "clip_model.", "module."):
-            if k.startswith(prefix) and k[len(prefix):].startswith(("text_model.", "text_projection.")):
-                k = k[len(prefix):]
-        if k.startswith("text_model.text_model."):
-            k = k[len("text_model."):]
-        if k.startswith(roots):
-            k = "text_model." + k
-        if (k.startswith("text_model.") or k.startswith("text_projection.")) and not k.endswith("position_ids"):
-            out[k] = value
-    return out
-
-
 def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, float]:
     """The text tower + ``text_projection`` of a CLIP model, and its ``logit_scale.exp()``.
 
@@ -103,7 +73,7 @@ def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjection
 
     folder = resolve_model_dir(source)
-    data = _model_config(folder)
+    data = read_model_config(folder, str(source))
     if data.get("model_type") not in (None, "clip", "clip_text_model"):
         raise CheckpointMismatch(
             f"'{source}' is a '{data.get('model_type')}' checkpoint, not a CLIP model (its text tower builds the zero-shot heads)",
@@ -117,7 +87,7 @@ def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.
     else:
         config = CLIPTextConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")})
     raw = load_raw_state_dict(folder, str(source))
-    sd = canonical_clip_text_keys(raw)
+    sd = canonical_clip_keys(raw, "text")
     if "text_projection.weight" not in sd:
         raise CheckpointMismatch(
             f"'{source}' has no text_projection",
@@ -186,7 +156,7 @@ class CLIPImagePreprocess:
         folder = resolve_model_dir(source, allow_patterns=["*.json", "*.txt"])
         image_size = 224
         try:
-            data = _model_config(folder)
+            data = read_model_config(folder)
             vision = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})} or data
             image_size = int(vision.get("image_size", 224))
         except SourceUnavailable:
@@ -270,8 +240,7 @@ def _source_identity(source: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("FEATCAL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "featcal")
-    return Path(os.path.expanduser(root)) / "clip_heads"
+    return cache_root() / "clip_heads"
 
 
 # ---------------------------------------------------------------------------
@@ -366,7 +335,7 @@ class _Collate:
 # the task pool
 
 
-class CLIPVisionTaskPool(TaskPool):
+class CLIPVisionTaskPool(ClassificationTaskPool):
     """The CLIP image classification tasks, aligned with a CLIP backbone's experts.
 
     Args:
@@ -514,18 +483,43 @@ class CLIPVisionTaskPool(TaskPool):
         for t in self.task_names:
             if t in self._heads:
                 continue
-            f = self.head_cache_file(t)
-            if f.exists():
-                try:
-                    blob = torch.load(str(f), map_location="cpu", weights_only=True)
-                    self._heads[t] = ClassEmbeddingHead(blob["class_embeddings"], float(blob["logit_scale"]))
-                    continue
-                except Exception as err:  # a truncated or foreign file: rebuild it
-                    import warnings
-
-                    warnings.warn(f"zero-shot head cache {f} is unreadable ({type(err).__name__}); rebuilding it", RuntimeWarning, stacklevel=2)
-            todo.append(t)
+            if not self._load_cached_head(t):
+                todo.append(t)
         if todo:
+            self._build_heads(todo)
+        return {t: self._heads[t] for t in self.task_names}
+
+    def _load_cached_head(self, task: str) -> bool:
+        f = self.head_cache_file(task)
+        if not f.exists():
+            return False
+        try:
+            blob = torch.load(str(f), map_location="cpu", weights_only=True)
+            self._heads[task] = ClassEmbeddingHead(blob["class_embeddings"], float(blob["logit_scale"]))
+        except Exception as err:  # a truncated or foreign file: rebuild it
+            import warnings
+
+            warnings.warn(f"zero-shot head cache {f} is unreadable ({type(err).__name__}); rebuilding it", RuntimeWarning, stacklevel=2)
+            return False
+        return True
+
+    def _build_heads(self, todo: list[str]) -> None:
+        """Zero-shot heads of ``todo`` through the base's text tower, written to the cache;
+        concurrent runs (a sweep) build them once (a file lock per base model)."""
+        from filelock import FileLock
+
+        lock_dir = self.cache_dir / _slug(self.base)
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CorruptCache(
+                f"cannot create the zero-shot head cache folder {lock_dir} ({type(err).__name__})",
+                "Set backbone.taskpool.cache_dir (or FEATCAL_CACHE) to a writable folder.",
+            ) from err
+        with FileLock(str(lock_dir / ".build.lock")):
+            todo = [t for t in todo if not self._load_cached_head(t)]  # another process may have built some
+            if not todo:
+                return
             with loading("the base model's text tower and tokenizer (zero-shot heads), set by backbone.taskpool.base"):
                 text_model, logit_scale = load_clip_text(self.base)
                 tokenizer = load_clip_tokenizer(self.base)
@@ -545,24 +539,24 @@ class CLIPVisionTaskPool(TaskPool):
                     ) from err
                 self._heads[t] = ClassEmbeddingHead(emb, logit_scale)
             del text_model
-        return {t: self._heads[t] for t in self.task_names}
 
     # ---- TaskPool -------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.task_names)
+
     @property
     def tasks(self) -> list[Task]:
         if self._tasks is None:
             heads = self.build_heads()
             out = []
             for t in self.task_names:
-                spec = self.specs[t]
-                local = Path(os.path.expanduser(str(spec["dataset"]))).exists()
                 out.append(
                     Task(
                         name=t,
                         head=heads[t],
                         calibration_batches=(lambda n, seed, bs, split="train", _t=t: self.calibration_batches(_t, n, seed, bs, split)),
                         test_batches=(lambda bs, _t=t: self.test_batches(_t, bs)),
-                        train_size=None if local else spec.get("train_size"),
                     )
                 )
             self._tasks = out
