@@ -373,7 +373,8 @@ class FeatCal(Calibrator):
                 entry.update(w=0.0, m=None, e=None)
 
     def _expert_weight(self, emods, g: _LinearGroup) -> torch.Tensor:
-        return torch.cat([emods[n].weight for n in g.names], 0).float()
+        # torch.cat always allocates: never an alias of the expert's parameters
+        return torch.cat([emods[n].weight.detach() for n in g.names], 0).float()
 
     def _accumulate(self, acc, groups, norms, mods, emods, xs, xe, state):
         w_cache: dict[bool, torch.Tensor | None] = {}
@@ -454,7 +455,9 @@ class FeatCal(Calibrator):
                 g.rhs.add_(entry["cross_raw"], alpha=s / sw)
             b_t = torch.cat(
                 [
-                    emods[n].bias.float() if emods[n].bias is not None else torch.zeros(o_n, device=w_t.device)
+                    emods[n].bias.detach().float()
+                    if emods[n].bias is not None
+                    else torch.zeros(o_n, dtype=torch.float32, device=w_t.device)
                     for n, o_n in zip(g.names, g.out_dims)
                 ]
             )
@@ -470,9 +473,11 @@ class FeatCal(Calibrator):
             check_finite(qual[n], m=m, e=e)
             ns.m.append(m)
             ns.e.append(e)
-            ns.gammas.append(emods[n].weight.float())
+            # copies on the work device: ``.float()`` of a float32 parameter is the parameter
+            # itself, which follows the expert block when it goes back to its home device
+            ns.gammas.append(_detached_copy(emods[n].weight, m.device))
             if not ns.rms:
-                ns.betas.append(emods[n].bias.float())
+                ns.betas.append(_detached_copy(emods[n].bias, m.device))
 
     # ---- solving -------------------------------------------------------------
     def _solve_block(self, groups, norms, mods, base_mods, qual, device, fallbacks):
@@ -526,6 +531,11 @@ class FeatCal(Calibrator):
                 out.append((mod.bias, beta))
             check_finite(qual[n], solved_norm=out[-1][1])
         return out
+
+
+def _detached_copy(param: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 copy of ``param`` on ``device`` that shares no storage with it."""
+    return param.detach().to(device=device, dtype=torch.float32, copy=True)
 
 
 def pack_passes(
