@@ -114,6 +114,9 @@ def validate(cfg: DictConfig) -> None:
     density = _get(cfg, "merge.density")
     if density is not None and (not _is_num(density) or not 0.0 < float(density) <= 1.0):
         bad("merge.density", density, "must be a number in (0, 1]")
+    merge_func = _get(cfg, "merge.merge_func")
+    if merge_func is not None and merge_func not in ("sum", "mean", "max"):
+        bad("merge.merge_func", merge_func, "allowed: sum, mean, max")
     drop = _get(cfg, "merge.drop_rate")
     if drop is not None and (not _is_num(drop) or not 0.0 <= float(drop) < 1.0):
         bad("merge.drop_rate", drop, "must be a number in [0, 1)")

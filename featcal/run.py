@@ -81,7 +81,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     meta = {
         "backbone": str(cfg.backbone.get("name", choices.get("backbone", "?"))),
-        "merge": str(cfg.merge.get("name", choices.get("merge", "?"))),
+        "merge": choices.get("merge") or str(cfg.merge.get("_target_", "?")).rsplit(".", 1)[-1],
         "calibration": choices.get("calibration", type(calibrator).__name__.lower()),
         "budget": int(cfg.budget.per_task),
         "split": str(cfg.budget.split),
