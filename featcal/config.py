@@ -139,6 +139,7 @@ def validate(cfg: DictConfig) -> None:
         "last_block_patch_weight": (lambda x: _is_num(x) and x >= 0, "must be a number >= 0"),
         "drift_examples": (lambda x: x is None or (_is_int(x) and x >= 0), "must be an integer >= 0 or null (all)"),
         "pass_tokens": (lambda x: x is None or (_is_int(x) and x >= 0), "must be an integer >= 0 or null (no joining)"),
+        "block_dtype": (lambda x: x in (None, "fp32", "tf32", "bf16"), "allowed: null, fp32, tf32, bf16"),
     }
     cal = _get(cfg, "calibration")
     if cal is not None:

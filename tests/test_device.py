@@ -102,3 +102,28 @@ def test_surgery_creates_tensors_on_the_device_or_from_cpu_generators():
         assert ("torch.randn without device=" in kinds) == (cls is ProbSurgery)
         assert kinds <= {"torch.randperm without device=", "torch.randn without device="}, kinds
         assert cal.report["steps"] == 3 * 2
+
+
+def test_block_dtype_bf16_runs_the_passes_in_bf16_and_keeps_fp32_statistics(clip_world):
+    """bf16 block passes (autocast) give float32 parameters close to, but not equal to,
+    the fp32 calibration; tf32 is a CUDA switch and changes nothing on the CPU."""
+    backbone, base, experts, merged_sd, calib = _world_parts(clip_world)
+
+    def run(**kw):
+        merged = backbone.with_state_dict(base, merged_sd)
+        return FeatCal(progress=False, drift_examples=0, **kw).calibrate(backbone, merged, base, experts, calib)
+
+    ref, tf32, bf16 = run(), run(block_dtype="tf32"), run(block_dtype="bf16")
+    assert bf16.report["settings"]["block_dtype"] == "bf16" and ref.report["settings"]["block_dtype"] == "fp32"
+    worst = 0.0
+    pairs = zip(ref.model.named_parameters(), bf16.model.parameters(), tf32.model.parameters())
+    for (n, p), q, r in ((n, p.detach(), q.detach(), r.detach()) for (n, p), q, r in pairs):
+        assert q.dtype == torch.float32 and torch.isfinite(q).all(), n
+        assert torch.equal(p, r), n  # tf32 on the CPU: the plain passes
+        worst = max(worst, float((q - p).abs().max() / p.abs().max().clamp_min(1e-12)))
+    assert 0.0 < worst < 5e-2, worst  # bf16 really ran, and stays close
+
+
+def test_block_dtype_is_validated():
+    with pytest.raises(ValueError, match="block_dtype"):
+        FeatCal(block_dtype="fp8")

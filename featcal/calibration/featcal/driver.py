@@ -2,6 +2,7 @@
 about any model family (see the package docstring)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,22 @@ from featcal.calibration.featcal.solver import (
 from featcal.calibration.featcal.stats import MomentAccumulator, normalise_without_affine, finish_gram
 
 log = logging.getLogger(__name__)
+
+#: allowed ``block_dtype`` values (None and "fp32": the model's own precision)
+BLOCK_DTYPES = (None, "fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """TensorFloat-32 for CUDA matmuls and convolutions inside the block, restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 @dataclass
@@ -87,6 +104,12 @@ class FeatCal(Calibrator):
             this many tokens (None/0: one pass per batch). The statistics are sums over
             tokens, so this changes speed (larger GEMMs), not the result beyond float
             rounding; memory grows with it (per-block activations of one pass).
+        block_dtype: precision of the block forward passes only (the statistics, Gram
+            products and solves stay float32 or wider): None / "fp32" (default: the
+            model's own dtype), "tf32" (CUDA: TensorFloat-32 matmuls inside the block
+            passes; no effect on CPU) or "bf16" (the passes under bf16 autocast; works on
+            CPU too). A GPU speed option: experiments/bench_calibration.py reports the
+            parameter difference to the fp32 result.
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
     """
@@ -109,6 +132,7 @@ class FeatCal(Calibrator):
         cross_route: str = "auto",
         drift_examples: int | None = 8,
         pass_tokens: int | None = 4096,
+        block_dtype: str | None = None,
         inplace: bool = True,
         progress: bool = True,
     ):
@@ -128,10 +152,21 @@ class FeatCal(Calibrator):
         self.cross_route = cross_route
         self.drift_examples = drift_examples
         self.pass_tokens = int(pass_tokens) if pass_tokens else None
+        if block_dtype not in BLOCK_DTYPES:
+            raise ValueError(f"block_dtype must be one of null, fp32, tf32, bf16; got {block_dtype!r}")
+        self.block_dtype = None if block_dtype in (None, "fp32") else str(block_dtype)
         self.inplace = bool(inplace)
         self.progress = bool(progress)
 
     # ---- helpers -----------------------------------------------------------
+    def _pass_context(self, device: torch.device):
+        """The numeric context of one block forward pass (see ``block_dtype``)."""
+        if self.block_dtype == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if self.block_dtype == "tf32" and device.type == "cuda":
+            return _tf32_matmuls()
+        return contextlib.nullcontext()
+
     def _weights(self, state: BlockState, weighted: bool) -> torch.Tensor | None:
         """Token weights [B·N] (None: all ones)."""
         mask = state.token_mask
@@ -241,12 +276,13 @@ class FeatCal(Calibrator):
                     self._reset_task_acc(block_acc)
                 next_expert = []
                 for b, (s_state, e_state) in enumerate(zip(student[t], expert[t])):
-                    xs, order, s_out = capture_inputs(
-                        backbone, blk, mods, s_state, stop_after=stop_after if self.forward_order else None
-                    )
-                    if not self.forward_order:
-                        next_student[t].append(s_out)
-                    xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
+                    with self._pass_context(device):
+                        xs, order, s_out = capture_inputs(
+                            backbone, blk, mods, s_state, stop_after=stop_after if self.forward_order else None
+                        )
+                        if not self.forward_order:
+                            next_student[t].append(s_out)
+                        xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
                     next_expert.append(e_out)
                     if groups is None:
                         groups, norms = self._plan(backbone, mods, xs, order, last, tokens)
@@ -265,7 +301,8 @@ class FeatCal(Calibrator):
             # the uncalibrated chain for the "before" drift (forward order only: otherwise
             # the student chain is the uncalibrated model)
             if track and self.forward_order:
-                uncal = [[backbone.run_block(blk, s) for s in uncal[t]] for t in range(num_tasks)]
+                with self._pass_context(device):
+                    uncal = [[backbone.run_block(blk, s) for s in uncal[t]] for t in range(num_tasks)]
 
             # solve every module of the block, then write them all at once
             new_params = self._solve_block(groups or [], norms, mods, backbone.calibratable_modules(blocks_0[l]), qual, device, fallbacks)
@@ -277,11 +314,13 @@ class FeatCal(Calibrator):
                 # only the drift report needs them
                 if last:
                     student = [cut(student[t], t) if track else [] for t in range(num_tasks)]
-                student = [[backbone.run_block(blk, s) for s in student[t]] for t in range(num_tasks)]
+                with self._pass_context(device):
+                    student = [[backbone.run_block(blk, s) for s in student[t]] for t in range(num_tasks)]
             else:
                 student = next_student
                 if track:
-                    cal = [[backbone.run_block(blk, s) for s in cal[t]] for t in range(num_tasks)]
+                    with self._pass_context(device):
+                        cal = [[backbone.run_block(blk, s) for s in cal[t]] for t in range(num_tasks)]
             if track:
                 for t in range(num_tasks):
                     ref = cut(expert[t], t)
@@ -315,6 +354,7 @@ class FeatCal(Calibrator):
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "cross_route": self.cross_route,
                 "pass_tokens": self.pass_tokens,
+                "block_dtype": self.block_dtype or "fp32",
                 "drift_examples": self.drift_examples,
             },
         }
