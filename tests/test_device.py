@@ -117,7 +117,7 @@ def test_block_dtype_bf16_runs_the_passes_in_bf16_and_keeps_fp32_statistics(clip
     assert bf16.report["settings"]["block_dtype"] == "bf16" and ref.report["settings"]["block_dtype"] == "fp32"
     worst = 0.0
     pairs = zip(ref.model.named_parameters(), bf16.model.parameters(), tf32.model.parameters())
-    for (n, p), q, r in ((n, p.detach(), q.detach(), r.detach()) for (n, p), q, r in pairs):
+    for n, p, q, r in ((n, p.detach(), q.detach(), r.detach()) for (n, p), q, r in pairs):
         assert q.dtype == torch.float32 and torch.isfinite(q).all(), n
         assert torch.equal(p, r), n  # tf32 on the CPU: the plain passes
         worst = max(worst, float((q - p).abs().max() / p.abs().max().clamp_min(1e-12)))
