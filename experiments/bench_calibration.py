@@ -210,28 +210,36 @@ def main(argv=None) -> None:
         f"n={args.n} per task, batch 16, device {args.device}, {os.cpu_count()} CPU cores"
     )
     tmp = tempfile.TemporaryDirectory(prefix="featcal-bench-")
-    for index, method in enumerate(methods):
-        name = split_method(method)[0]
-        if not (CONF / f"{name}.yaml").exists():
-            print(f"skip {method}: conf/calibration/{name}.yaml not found")
-            continue
-        cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
-               "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads),
-               "--device", args.device] + (["--tiny"] if args.tiny else [])
-        if sum(split_method(m)[0] == name for m in methods) > 1:  # variants of one yaml: compare parameters
-            cmd += ["--params-out", str(Path(tmp.name) / f"{index}.pt")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{method}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
-            continue
-        res = json.loads(line[-1][len("RESULT "):])
-        results.append(res)
-        print(f"  done {method}: {res['seconds']:.1f} s", flush=True)
+    failed = False
+    try:
+        for index, method in enumerate(methods):
+            name = split_method(method)[0]
+            if not (CONF / f"{name}.yaml").exists():
+                print(f"skip {method}: conf/calibration/{name}.yaml not found")
+                failed = True
+                continue
+            cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
+                   "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads),
+                   "--device", args.device] + (["--tiny"] if args.tiny else [])
+            if sum(split_method(m)[0] == name for m in methods) > 1:  # variants of one yaml: compare parameters
+                cmd += ["--params-out", str(Path(tmp.name) / f"{index}.pt")]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"{method}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
+                failed = True
+                continue
+            res = json.loads(line[-1][len("RESULT "):])
+            results.append(res)
+            cuda = f", CUDA peak {res['cuda_peak_mb']:.0f} MiB" if res.get("cuda_peak_mb") is not None else ""
+            print(f"  done {method}: {res['seconds']:.2f} s{cuda}", flush=True)
+    except KeyboardInterrupt:  # e.g. a time limit (timeout --signal=INT): report what finished
+        print("interrupted: the table below holds the methods that finished", flush=True)
+        failed = True
 
     if not results:
         tmp.cleanup()
-        return
+        sys.exit(1 if failed else 0)
     add_param_differences(results)
     tmp.cleanup()
     print()
@@ -250,7 +258,7 @@ def main(argv=None) -> None:
         cuda_peak = f"{r['cuda_peak_mb']:.0f}" if r.get("cuda_peak_mb") is not None else "–"
         diff = f"{r['param_rel_diff']:.2e} ({r['param_reference']})" if "param_rel_diff" in r else "–"
         print(
-            f"| {r['method']} | {r['seconds']:.1f} | {cuda_peak} | {r['peak_rss_increase_mb']:.0f} "
+            f"| {r['method']} | {r['seconds']:.2f} | {cuda_peak} | {r['peak_rss_increase_mb']:.0f} "
             f"| {r['ru_maxrss_mb']:.0f} | {drift} | {diff} |"
         )
     if args.json:
@@ -264,6 +272,8 @@ def main(argv=None) -> None:
             t_ratio = r["seconds"] / max(ref["seconds"], 1e-9)
             m_ratio = r["peak_rss_increase_mb"] / max(ref["peak_rss_increase_mb"], 1e-9)
             print(f"  {r['method']}: wall-clock ×{t_ratio:.2f}, peak RSS increase ×{m_ratio:.2f}")
+    if failed:
+        sys.exit(1)
 
 
 def relative_param_difference(params: dict, reference: dict) -> float:

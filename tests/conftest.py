@@ -13,7 +13,7 @@ def pytest_collection_modifyitems(config, items):
         return  # FEATCAL_TEST_GPU_DEVICE=cpu: run the gpu checks on that device (checks the tests)
     skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 
