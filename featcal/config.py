@@ -86,8 +86,10 @@ def validate(cfg: DictConfig) -> None:
     split = _get(cfg, "budget.split", "train")
     if split not in SPLITS:
         bad("budget.split", split, f"allowed: {', '.join(SPLITS)}")
-    if not _is_int(n) or n < 1:
-        bad("budget.per_task", n, "must be a positive integer (calibration examples per task, e.g. 8 ... 256)")
+    if n == "all":
+        pass  # the whole split (Surgery's transductive protocol with budget.split=test); see README
+    elif not _is_int(n) or n < 1:
+        bad("budget.per_task", n, "must be a positive integer (calibration examples per task, e.g. 8 ... 256) or 'all'")
     elif split in SPLITS and tasks:
         sizes = _get(cfg, f"backbone.{split}_sizes")
         if sizes is not None:

@@ -83,7 +83,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "backbone": str(cfg.backbone.get("name", choices.get("backbone", "?"))),
         "merge": choices.get("merge") or str(cfg.merge.get("_target_", "?")).rsplit(".", 1)[-1],
         "calibration": choices.get("calibration", type(calibrator).__name__.lower()),
-        "budget": int(cfg.budget.per_task),
+        "budget": cfg.budget.per_task if cfg.budget.per_task == "all" else int(cfg.budget.per_task),
         "split": str(cfg.budget.split),
         "seed": int(cfg.seed),
     }
@@ -146,7 +146,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     else:
         with timer.stage("calibration_data"):
             cal_bs = int(cfg.calibration.get("batch_size", 16))
-            calib = pool.calibration_set(int(cfg.budget.per_task), int(cfg.seed), cal_bs, str(cfg.budget.split))
+            calib = pool.calibration_set(meta["budget"], int(cfg.seed), cal_bs, str(cfg.budget.split))
         rss_before = current_rss_mib()
         with timer.stage("calibrate"):
             calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)

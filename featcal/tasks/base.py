@@ -35,13 +35,31 @@ class ClassEmbeddingHead(nn.Module):
         return self.logit_scale * z @ self.class_embeddings.t()
 
 
+#: ``budget.per_task`` value meaning "every example of the split" (Surgery's transductive
+#: protocol: ``budget.split=test budget.per_task=all``)
+ALL = "all"
+
+
+def resolve_budget(n: int | str | None, size: int, task: str, split: str) -> int:
+    """The number of calibration examples for a split of ``size`` examples: ``n``, or all
+    of them for ``"all"``/None. Raises ValueError naming the task if n does not fit."""
+    if n is None or n == ALL:
+        return int(size)
+    if isinstance(n, bool) or not isinstance(n, int) and not str(n).isdigit():
+        raise ValueError(f"task '{task}': calibration budget must be a positive integer or 'all', got {n!r}")
+    n = int(n)
+    if not 0 < n <= size:
+        raise ValueError(f"task '{task}': calibration budget {n} out of range ({split} split has {size} examples)")
+    return n
+
+
 @dataclass
 class Task:
     """One task: its head and its data access."""
 
     name: str
     head: nn.Module
-    #: (n, seed, batch_size, split) -> iterator over unlabeled input batches
+    #: (n, seed, batch_size, split) -> iterator over unlabeled input batches (n: int or "all")
     calibration_batches: Callable[[int, int, int, str], Iterator[Inputs]]
     #: batch_size -> iterator over (inputs, labels)
     test_batches: Callable[[int], Iterator[tuple[Inputs, torch.Tensor]]]
@@ -61,8 +79,9 @@ class TaskPool(abc.ABC):
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
-        """Per task, a list of unlabeled batches holding n examples in total."""
+    def calibration_set(self, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
+        """Per task, a list of unlabeled batches holding n examples in total (n = "all":
+        the whole split, in a seeded order)."""
         return [list(t.calibration_batches(n, seed, batch_size, split)) for t in self.tasks]
 
 

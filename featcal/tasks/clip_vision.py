@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
-from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool
+from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool, resolve_budget
 
 DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
 CLIP_TASKS = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
@@ -433,12 +433,12 @@ class CLIPVisionTaskPool(TaskPool):
             persistent_workers=False,
         )
 
-    def calibration_indices(self, task: str, n: int, seed: int, split: str = "train") -> list[int]:
-        """Rows of ``split`` used for calibration: a seeded permutation, first n."""
+    def calibration_indices(self, task: str, n: int | str, seed: int, split: str = "train") -> list[int]:
+        """Rows of ``split`` used for calibration: a seeded permutation, first n (n = "all":
+        the whole split, as the original Surgery/ProbSurgery code uses the test split)."""
         size = len(self.dataset(task, split))
-        if n > size:
-            raise ValueError(f"task '{task}': calibration budget {n} exceeds the {size} examples of split '{split}'")
-        return np.random.default_rng(int(seed)).permutation(size)[: int(n)].tolist()
+        n = resolve_budget(n, size, task, split)
+        return np.random.default_rng(int(seed)).permutation(size)[:n].tolist()
 
     def calibration_batches(self, task: str, n: int, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
         ds = self.dataset(task, split)
