@@ -215,6 +215,7 @@ class FeatCal(Calibrator):
         def embed(model, batch):
             return backbone.embed(model, move_inputs(batch, backbone.device_of(model))).to(device)
 
+        check_activation_memory(embed(merged, calibration[0][0]), calibration, device)
         # per-block activations only: student (merged) and expert states, per task
         student = [[embed(merged, b) for b in calibration[t]] for t in range(num_tasks)]
         expert = [[embed(experts[t], b) for b in calibration[t]] for t in range(num_tasks)]
@@ -571,6 +572,44 @@ class FeatCal(Calibrator):
                 out.append((mod.bias, beta))
             check_finite(qual[n], solved_norm=out[-1][1])
         return out
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where the activations live (CUDA: free device memory; CPU: available
+    host memory), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - no psutil / no driver: no check
+        return None
+    return None
+
+
+def check_activation_memory(sample: BlockState, calibration: list[list[Inputs]], device: torch.device) -> None:
+    """FeatCal keeps one block's input states of every calibration example (student and
+    expert: 2 per example) on ``device``. Any budget works (``budget.per_task=all``
+    included) if they fit; raise a clear error before trying when they cannot."""
+    from featcal.backbone.base import batch_size_of
+    from featcal.config import ConfigError
+
+    rows = int(sample.hidden.shape[0])
+    per_example = sum(
+        t.numel() * t.element_size() for t in (sample.hidden, sample.token_mask, sample.readout_mask)
+    ) / max(rows, 1)
+    examples = sum(batch_size_of(b) for batches in calibration for b in batches)
+    need = 2 * per_example * examples
+    free = available_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise ConfigError(
+            f"FeatCal: {examples} calibration examples need about {need / 2**30:.1f} GiB of block "
+            f"activations on {device} (student and expert, {2 * per_example / 2**20:.2f} MiB per example), "
+            f"but only {free / 2**30:.1f} GiB are free there; use a smaller budget.per_task or a device "
+            "with more memory"
+        )
 
 
 def _detached_copy(param: torch.Tensor, device: torch.device) -> torch.Tensor:
