@@ -48,8 +48,10 @@ def resolve_budget(n: int | str | None, size: int, task: str, split: str) -> int
     if isinstance(n, bool) or not isinstance(n, int) and not str(n).isdigit():
         raise ValueError(f"task '{task}': calibration budget must be a positive integer or 'all', got {n!r}")
     n = int(n)
-    if not 0 < n <= size:
-        raise ValueError(f"task '{task}': calibration budget {n} out of range ({split} split has {size} examples)")
+    if n > size:
+        raise ValueError(f"task '{task}': calibration budget {n} exceeds the {size} examples of split '{split}'")
+    if n < 1:
+        raise ValueError(f"task '{task}': calibration budget must be positive, got {n}")
     return n
 
 
