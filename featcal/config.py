@@ -142,6 +142,7 @@ def validate(cfg: DictConfig) -> None:
         "drift_examples": (lambda x: x is None or (_is_int(x) and x >= 0), "must be an integer >= 0 or null (all)"),
         "pass_tokens": (lambda x: x is None or (_is_int(x) and x >= 0), "must be an integer >= 0 or null (no joining)"),
         "block_dtype": (lambda x: x in (None, "fp32", "tf32", "bf16"), "allowed: null, fp32, tf32, bf16"),
+        "gram_tf32": (lambda x: isinstance(x, bool), "must be true or false"),
     }
     cal = _get(cfg, "calibration")
     if cal is not None:

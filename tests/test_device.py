@@ -113,13 +113,14 @@ def test_block_dtype_bf16_runs_the_passes_in_bf16_and_keeps_fp32_statistics(clip
         merged = backbone.with_state_dict(base, merged_sd)
         return FeatCal(progress=False, drift_examples=0, **kw).calibrate(backbone, merged, base, experts, calib)
 
-    ref, tf32, bf16 = run(), run(block_dtype="tf32"), run(block_dtype="bf16")
+    ref, tf32, bf16 = run(), run(block_dtype="tf32", gram_tf32=True), run(block_dtype="bf16")
+    assert tf32.report["settings"]["gram_tf32"] is True
     assert bf16.report["settings"]["block_dtype"] == "bf16" and ref.report["settings"]["block_dtype"] == "fp32"
     worst = 0.0
     pairs = zip(ref.model.named_parameters(), bf16.model.parameters(), tf32.model.parameters())
     for n, p, q, r in ((n, p.detach(), q.detach(), r.detach()) for (n, p), q, r in pairs):
         assert q.dtype == torch.float32 and torch.isfinite(q).all(), n
-        assert torch.equal(p, r), n  # tf32 on the CPU: the plain passes
+        assert torch.equal(p, r), n  # tf32 (passes and Grams) on the CPU: plain float32
         worst = max(worst, float((q - p).abs().max() / p.abs().max().clamp_min(1e-12)))
     assert 0.0 < worst < 5e-2, worst  # bf16 really ran, and stays close
 

@@ -93,7 +93,7 @@ def test_featcal_bf16_models_and_fast_block_passes_on_cuda(name, request):
     merged0 = backbone.with_state_dict(base, merged_sd)
     before = sum(_final_drift(backbone, merged0, experts, test))
     ref = _featcal(world, CUDA)
-    for kw in (dict(block_dtype="tf32"), dict(block_dtype="bf16")):
+    for kw in (dict(block_dtype="tf32"), dict(block_dtype="tf32", gram_tf32=True), dict(block_dtype="bf16")):
         out = _featcal(world, CUDA, **kw)
         diffs = _rel_diff(ref.model, out.model)
         print(f"{name} {kw}: worst parameter difference to fp32 {max(diffs.values()):.2e}")
