@@ -55,10 +55,10 @@ step() {  # step <seconds> <label> <command...>
     [ $rc -eq 0 ] || status=1
 }
 
-step 120 "pytest -m gpu" $PY -m pytest -q -m gpu "${tests[@]}" -p no:cacheprovider -rA -s
-step 45 "bench n=32" $PY experiments/bench_calibration.py --device $device --n 32 "${bench_extra[@]}" \
-    --methods featcal,featcal:block_dtype=tf32 --json "$out/$stamp.bench_n32.json"
-step 130 "bench n=256 (paper setting)" $PY experiments/bench_calibration.py --device $device --n 256 "${bench_extra[@]}" \
+step 150 "pytest -m gpu" $PY -m pytest -q -m gpu "${tests[@]}" -p no:cacheprovider -rA -s
+step 30 "bench n=32" $PY experiments/bench_calibration.py --device $device --n 32 "${bench_extra[@]}" \
+    --methods featcal --json "$out/$stamp.bench_n32.json"
+step 115 "bench n=256 (paper setting)" $PY experiments/bench_calibration.py --device $device --n 256 "${bench_extra[@]}" \
     --methods "featcal,featcal:block_dtype=tf32,featcal:block_dtype=tf32:gram_tf32=true,featcal:block_dtype=bf16,surgery$surgery_opts,probsurgery$surgery_opts" \
     --json "$out/$stamp.bench_n256.json"
 
