@@ -4,18 +4,29 @@ Workload: a transformers ``CLIPVisionConfig()`` tower (defaults: 12 layers, widt
 MLP 3072, image 224, patch 32 → 50 tokens, visual projection 512) with random weights
 as the base, ``--experts`` experts = base + random perturbations of every block
 parameter (``--delta`` × the parameter's std), Task Arithmetic (λ = 0.3), ``--n``
-random images per task in batches of 16, on CPU.
+random images per task in batches of 16, on ``--device`` (cpu or cuda: the models stay
+on the CPU and each calibrator moves what it works on, as in a run).
 
 Each calibrator named in ``--methods`` is built from ``conf/calibration/<name>.yaml``
 with ``hydra.utils.instantiate`` and run in a fresh subprocess (so peak RSS is per
 method). Measured around ``calibrator.calibrate(...)`` only (model building excluded):
-wall-clock, and peak RSS increase over the RSS just before the call (psutil sampled
+wall-clock (CUDA synchronised before and after; a short warm-up of the device first),
+peak CUDA memory allocated during the call (``torch.cuda.max_memory_allocated`` after a
+reset), and peak host RSS increase over the RSS just before the call (psutil sampled
 every 20 ms; ``ru_maxrss`` of the subprocess is reported too). Prints one table and
 the ratios to the first method, all from this one run.
+
+For calibrators that rewrite the merged weights (FeatCal), the calibrated block
+parameters of every variant are compared with those of the first listed variant of
+the same yaml: max over tensors of max|θ − θ_ref| / max|θ_ref| (the parameter
+difference relative to the parameters' scale), e.g. bf16/tf32 block passes vs fp32.
 
     python experiments/bench_calibration.py                   # featcal,surgery,probsurgery, n=32
     python experiments/bench_calibration.py --methods featcal,none --n 8
     python experiments/bench_calibration.py --methods featcal,featcal:pass_tokens=0:drift_examples=0
+    python experiments/bench_calibration.py --device cuda --n 256 \
+        --methods featcal,featcal:block_dtype=tf32,featcal:block_dtype=bf16,surgery,probsurgery
+    # --n 256 is the paper's setting (8 tasks, 256 examples each)
 
 A method is a yaml name, optionally followed by ``:key=value`` overrides of that yaml
 (values parsed as YAML), so variants of one calibrator can be compared in one run.
@@ -28,6 +39,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,7 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "calibration"
 
 
-def build_workload(num_experts: int, n: int, delta: float, seed: int):
+#: ``--tiny``: a 2-block width-64 tower with the same structure, for smoke runs of the script
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8, projection_dim=32)
+
+
+def build_workload(num_experts: int, n: int, delta: float, seed: int, tiny: bool = False):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -44,7 +61,7 @@ def build_workload(num_experts: int, n: int, delta: float, seed: int):
     from featcal.merge import task_arithmetic
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig()  # ViT-B/32 shapes
+    config = CLIPVisionConfig(**TINY) if tiny else CLIPVisionConfig()  # default: ViT-B/32 shapes
     base = CLIPVisionModelWithProjection(config).eval()
     tasks = [f"task{t}" for t in range(num_experts)]
     backbone = CLIPVisionBackbone(tasks, base="<in-memory>", experts=["<in-memory>"] * num_experts)
@@ -110,7 +127,16 @@ def run_one(method: str, args) -> dict:
         cfg.progress = False
     # calibrator yamls take the run seed by interpolation (seed: ${seed})
     calibrator = instantiate(OmegaConf.create({"seed": args.seed, "calibration": cfg}).calibration)
-    backbone, merged, base, experts, calibration = build_workload(args.experts, args.n, args.delta, args.seed)
+    backbone, merged, base, experts, calibration = build_workload(args.experts, args.n, args.delta, args.seed, args.tiny)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        # context, cuBLAS/cuSOLVER handles and first kernels are not the calibrator's cost
+        a = torch.randn(256, 256, device=device)
+        torch.linalg.cholesky(a @ a.T + 256 * torch.eye(256, device=device))
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_before = torch.cuda.memory_allocated(device)
 
     proc = psutil.Process()
     baseline = proc.memory_info().rss
@@ -125,7 +151,9 @@ def run_one(method: str, args) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    out = calibrator.calibrate(backbone, merged, base, experts, calibration, device="cpu")
+    out = calibrator.calibrate(backbone, merged, base, experts, calibration, device=device)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
@@ -137,7 +165,16 @@ def run_one(method: str, args) -> dict:
         "rss_before_mb": baseline / 2**20,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""),
+        "cuda_peak_mb": (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20 if cuda else None,
     }
+    if args.params_out:
+        blocks = {
+            f"{i}.{n}": p.detach().float().cpu() for i, blk in enumerate(backbone.blocks(out.model))
+            for n, p in blk.named_parameters()
+        }
+        torch.save(blocks, args.params_out)
+        result["params_file"] = args.params_out
     drift = out.report.drift
     if drift:
         last = max(r["block"] for r in drift)
@@ -156,7 +193,11 @@ def main(argv=None) -> None:
     parser.add_argument("--delta", type=float, default=0.1, help="expert perturbation, × parameter std")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--tiny", action="store_true", help="a tiny tower instead of ViT-B/32 (smoke test of the script)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--params-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
@@ -166,39 +207,65 @@ def main(argv=None) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = []
     print(
-        f"workload: CLIPVisionConfig() tower (ViT-B/32 shapes), {args.experts} experts, "
-        f"n={args.n} per task, batch 16, CPU, {os.cpu_count()} cores"
+        f"workload: CLIPVisionConfig({'tiny' if args.tiny else ''}) tower "
+        f"({'tiny' if args.tiny else 'ViT-B/32 shapes'}), {args.experts} experts, "
+        f"n={args.n} per task, batch 16, device {args.device}, {os.cpu_count()} CPU cores"
     )
-    for method in methods:
-        name = split_method(method)[0]
-        if not (CONF / f"{name}.yaml").exists():
-            print(f"skip {method}: conf/calibration/{name}.yaml not found")
-            continue
-        cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
-               "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{method}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
-            continue
-        res = json.loads(line[-1][len("RESULT "):])
-        results.append(res)
-        print(f"  done {method}: {res['seconds']:.1f} s", flush=True)
+    tmp = tempfile.TemporaryDirectory(prefix="featcal-bench-")
+    failed = False
+    try:
+        for index, method in enumerate(methods):
+            name = split_method(method)[0]
+            if not (CONF / f"{name}.yaml").exists():
+                print(f"skip {method}: conf/calibration/{name}.yaml not found")
+                failed = True
+                continue
+            cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
+                   "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads),
+                   "--device", args.device] + (["--tiny"] if args.tiny else [])
+            if sum(split_method(m)[0] == name for m in methods) > 1:  # variants of one yaml: compare parameters
+                cmd += ["--params-out", str(Path(tmp.name) / f"{index}.pt")]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"{method}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
+                failed = True
+                continue
+            res = json.loads(line[-1][len("RESULT "):])
+            results.append(res)
+            cuda = f", CUDA peak {res['cuda_peak_mb']:.0f} MiB" if res.get("cuda_peak_mb") is not None else ""
+            print(f"  done {method}: {res['seconds']:.2f} s{cuda}", flush=True)
+    except KeyboardInterrupt:  # e.g. a time limit (timeout --signal=INT): report what finished
+        print("interrupted: the table below holds the methods that finished", flush=True)
+        failed = True
 
     if not results:
-        return
+        tmp.cleanup()
+        sys.exit(1 if failed else 0)
+    add_param_differences(results)
+    tmp.cleanup()
     print()
-    print("| method | wall-clock (s) | peak RSS increase (MiB) | process max RSS (MiB) | last-block drift before → after |")
-    print("|---|---:|---:|---:|---|")
+    print(f"device: {results[0].get('device', args.device)}")
+    print(
+        "| method | wall-clock (s) | CUDA peak (MiB) | peak RSS increase (MiB) | process max RSS (MiB) "
+        "| last-block drift before → after | max |Δθ|/max |θ| vs |"
+    )
+    print("|---|---:|---:|---:|---:|---|---|")
     for r in results:
         drift = (
             f"{r['last_block_drift_before']:.3f} → {r['last_block_drift_after']:.3f}"
             if "last_block_drift_after" in r
             else "–"
         )
+        cuda_peak = f"{r['cuda_peak_mb']:.0f}" if r.get("cuda_peak_mb") is not None else "–"
+        diff = f"{r['param_rel_diff']:.2e} ({r['param_reference']})" if "param_rel_diff" in r else "–"
         print(
-            f"| {r['method']} | {r['seconds']:.1f} | {r['peak_rss_increase_mb']:.0f} | {r['ru_maxrss_mb']:.0f} | {drift} |"
+            f"| {r['method']} | {r['seconds']:.2f} | {cuda_peak} | {r['peak_rss_increase_mb']:.0f} "
+            f"| {r['ru_maxrss_mb']:.0f} | {drift} | {diff} |"
         )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     ref = results[0]
     if len(results) > 1:
         print()
@@ -207,6 +274,37 @@ def main(argv=None) -> None:
             t_ratio = r["seconds"] / max(ref["seconds"], 1e-9)
             m_ratio = r["peak_rss_increase_mb"] / max(ref["peak_rss_increase_mb"], 1e-9)
             print(f"  {r['method']}: wall-clock ×{t_ratio:.2f}, peak RSS increase ×{m_ratio:.2f}")
+    if failed:
+        sys.exit(1)
+
+
+def relative_param_difference(params: dict, reference: dict) -> float:
+    """max over tensors of max|θ − θ_ref| / max|θ_ref| (the tensors' own scale)."""
+    worst = 0.0
+    for key, ref in reference.items():
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        diff = float((params[key] - ref).abs().max()) if ref.numel() else 0.0
+        worst = max(worst, diff / max(scale, 1e-12))
+    return worst
+
+
+def add_param_differences(results: list[dict]) -> None:
+    """Compare each variant's calibrated parameters with the first variant of its yaml."""
+    import torch
+
+    first: dict[str, dict] = {}
+    for r in results:
+        if "params_file" not in r:
+            continue
+        name = split_method(r["method"])[0]
+        if name not in first:
+            first[name] = r
+            continue
+        ref = first[name]
+        r["param_rel_diff"] = relative_param_difference(
+            torch.load(r["params_file"], weights_only=True), torch.load(ref["params_file"], weights_only=True)
+        )
+        r["param_reference"] = ref["method"]
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def load_ours(sweep_csv: Path) -> pd.DataFrame:
     if missing:
         raise SystemExit(f"{sweep_csv} lacks columns {sorted(missing)}")
     df = df[~df["task"].astype(str).str.lower().isin(AVERAGE_NAMES)].copy()
-    df["budget"] = df["budget"].astype("Int64").astype(str)
+    df["budget"] = df["budget"].astype(str).str.replace(r"\.0$", "", regex=True)  # 32, 32.0 -> "32"; "all" stays
     calibration = df["calibration"].astype(str)
     stage = df["stage"].astype(str)
     mine = df[((calibration == "none") & (stage == "merged")) | ((calibration != "none") & (stage == "calibrated"))].copy()

@@ -48,8 +48,7 @@ def _target_object(target: str) -> Any:
 def _own_problems(path: str, node: DictConfig) -> list[str]:
     """The problems the ``_target_`` of ``node`` reports for it through its
     ``validate_config(node: dict) -> list[str]`` (a classmethod or a function attribute),
-    each prefixed with ``path``; keys without a check there are checked by the
-    fallbacks below (merge functions that do not declare their own yet)."""
+    each prefixed with ``path``."""
     try:
         data = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
     except Exception:  # noqa: BLE001 - a broken interpolation is reported by Hydra itself
@@ -62,8 +61,6 @@ def _own_problems(path: str, node: DictConfig) -> list[str]:
     except Exception as err:  # noqa: BLE001 - any import problem is a config problem here
         return [f"{path}._target_={target!r}: cannot be imported ({type(err).__name__}: {err})"]
     check = getattr(obj, "validate_config", None)
-    if check is None and path == "merge":
-        check = _merge_fallback
     if check is None:
         return []
     return [f"{path}.{p}" for p in check(data)]
@@ -96,15 +93,6 @@ def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
         return (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
 
     return ok
-
-
-def _merge_fallback(node: dict) -> list[str]:
-    # TODO(merge owner): move next to featcal/merge functions as validate_config attributes
-    return check_keys(node, {
-        "scaling_factor": (number_in(0.0, 1.0, lo_open=True), "must be a number in (0, 1]"),
-        "density": (number_in(0.0, 1.0, lo_open=True), "must be a number in (0, 1]"),
-        "drop_rate": (number_in(0.0, 1.0, hi_open=True), "must be a number in [0, 1)"),
-    })
 
 
 def validate(cfg: DictConfig) -> None:
@@ -162,8 +150,10 @@ def validate(cfg: DictConfig) -> None:
     split = _get(cfg, "budget.split", "train")
     if split not in SPLITS:
         bad("budget.split", split, f"allowed: {', '.join(SPLITS)}")
-    if not _is_int(n) or n < 1:
-        bad("budget.per_task", n, "must be a positive integer (calibration examples per task, e.g. 8 ... 256)")
+    if n == "all":
+        pass  # the whole split (Surgery's transductive protocol with budget.split=test); see README
+    elif not _is_int(n) or n < 1:
+        bad("budget.per_task", n, "must be a positive integer (calibration examples per task, e.g. 8 ... 256) or 'all'")
     elif split in SPLITS and tasks:
         sizes = _get(cfg, f"backbone.{split}_sizes")
         if sizes is not None:

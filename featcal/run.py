@@ -119,7 +119,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "backbone": _label("backbone", cfg.backbone, choices),
         "merge": _label("merge", cfg.merge, choices),
         "calibration": _label("calibration", cfg.calibration, choices),
-        "budget": int(cfg.budget.per_task),
+        "budget": cfg.budget.per_task if cfg.budget.per_task == "all" else int(cfg.budget.per_task),
         "split": str(cfg.budget.split),
         "seed": int(cfg.seed),
     }
@@ -147,7 +147,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     calib = None
     if merge_needs_data or calibrator.needs_calibration_data:
         with timer.stage("calibration_data"):
-            calib = pool.calibration_set(int(cfg.budget.per_task), int(cfg.seed), int(cfg.budget.batch_size), str(cfg.budget.split))
+            calib = pool.calibration_set(meta["budget"], int(cfg.seed), int(cfg.budget.batch_size), str(cfg.budget.split))
 
     # ---- merge ----------------------------------------------------------------
     with timer.stage("merge"):

@@ -115,3 +115,15 @@ def test_ties_density_and_all_problems_reported_together():
         validate(cfg)
     msg = str(err.value)
     assert "merge.density" in msg and "budget.per_task" in msg and "precision" in msg
+
+
+def test_budget_all_is_accepted_for_every_calibrator():
+    """budget.per_task=all (the whole split) works for FeatCal too: it only costs time and
+    memory linear in the examples, so validation does not reject it."""
+    from featcal.config import validate
+
+    for cal in ("featcal", "surgery", "probsurgery", "none"):
+        validate(compose_cfg([f"calibration={cal}", "budget=test_all"]))
+        validate(compose_cfg([f"calibration={cal}", "budget.per_task=all", "budget.split=train"]))
+    with pytest.raises(ConfigError, match="or 'all'"):
+        validate(compose_cfg(["budget.per_task=most"]))

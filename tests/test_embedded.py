@@ -280,6 +280,14 @@ def test_calibration_batches(built):
         list(task.calibration_batches(spec.n_train + 1, 0, 8, "train"))
     sets = pool.calibration_set(12, 0, 5)
     assert len(sets) == len(spec.tasks) and sum(x.shape[0] for x in sets[0]) == 12
+    # "all": the whole split (Surgery's transductive protocol with split=test), every row once
+    for split in ("train", "test"):
+        xs, _ = pool.split(task.name, split)
+        got = torch.cat(list(task.calibration_batches("all", 0, 16, split)))
+        assert got.shape[0] == xs.shape[0]
+        assert torch.allclose(got.double().sum(0), xs.double().sum(0), atol=1e-6)  # a permutation of the rows
+    sets = pool.calibration_set("all", 0, 64, "test")
+    assert [sum(x.shape[0] for x in s) for s in sets] == [pool.split(t, "test")[0].shape[0] for t in pool.names]
 
 
 def test_evaluate_reproduces_the_build_accuracy_and_test_batches(built):

@@ -77,7 +77,8 @@ def test_single_run_writes_results_and_wandb(env, tmp_path):
     # W&B offline run: config, summary metrics, tables
     (run,) = offline_runs(out)
     logged = read_offline_run(run)
-    assert logged["config"]["run"]["merge"] == "task_arithmetic"
+    assert logged["config"]["run"]["merge"] == "task_arithmetic"  # the merge group's choice
+    assert "name" not in logged["config"]["merge"]
     assert logged["config"]["budget"]["per_task"] == 32
     for stage, per_task in res["metrics"].items():
         for task, values in per_task.items():

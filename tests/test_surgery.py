@@ -6,6 +6,8 @@ CLIPVisionBackbone; the merged model is task arithmetic (λ = 0.3).
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -281,6 +283,28 @@ def test_features_are_cached_not_recomputed_per_step(setup):
     assert counts == [2 * n_batches, 2 * n_batches]
 
 
+def test_hydra_configs_instantiate_with_defaults():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf / "calibration"), version_base="1.3"):
+        s = instantiate(compose(config_name="surgery"))
+        p = instantiate(compose(config_name="probsurgery"))
+        ps = instantiate(compose(config_name="probsurgery_shared"))
+        po = instantiate(compose(config_name="probsurgery_original"))
+    assert isinstance(s, Surgery) and s.hidden == 16 and not s.shared
+    assert (s.iterations, s.batches_per_iteration, s.batch_size, s.lr) == (500, 2, 16, 1e-3)
+    assert s.betas == (0.9, 0.999) and s.weight_decay == 0.0 and s.precision == "32-true"
+    assert isinstance(p, ProbSurgery) and p.hidden == 128 and p.kl_weight == 1e-4 and not p.shared
+    assert isinstance(ps, ProbSurgery) and ps.shared and ps.hidden == 128
+    # default ProbSurgery: Surgery's schedule; the original: 50 rounds x 100 batches per
+    # task, tasks alternating one batch at a time = 5000 iterations of 1 batch per task
+    assert (p.iterations, p.batches_per_iteration) == (500, 2)
+    assert isinstance(po, ProbSurgery) and not po.shared and po.kl_weight == 1e-4
+    assert (po.iterations, po.batches_per_iteration) == (5000, 1)
+
+
 def test_fabric_bf16_mixed_and_auto_accelerator(setup):
     # accelerator "auto" follows the device handed to calibrate; bf16 autocast trains fp32 modules
     opts = {**FAST, "accelerator": "auto", "precision": "bf16-mixed"}
@@ -300,3 +324,23 @@ def test_misaligned_inputs_are_rejected():
         Calibrator.check_inputs([nn.Linear(1, 1), nn.Linear(1, 1)], [[torch.zeros(1)]])
     with pytest.raises(ValueError, match="at least one calibration batch"):
         Calibrator.check_inputs([nn.Linear(1, 1)], [[]])
+
+
+def test_schedule_keys_give_alternating_or_blocked_task_order(setup, monkeypatch):
+    """batches_per_iteration = 1: tasks alternate one batch at a time (ProbSurgery's
+    original order); > 1: that many consecutive batches per task (Surgery's)."""
+    calls = []
+    original = SurgeryBank.forward
+
+    def recording(self, z, task_index, noise=None):
+        if self.training:
+            calls.append(task_index)
+        return original(self, z, task_index, noise)
+
+    monkeypatch.setattr(SurgeryBank, "forward", recording)
+    opts = {**FAST, "log_every": 1000}
+    _calibrate(ProbSurgery(**{**opts, "iterations": 3, "batches_per_iteration": 1}), setup)
+    assert calls == [0, 1, 2] * 3
+    calls.clear()
+    _calibrate(ProbSurgery(**{**opts, "iterations": 1, "batches_per_iteration": 3}), setup)
+    assert calls == [0, 0, 0, 1, 1, 1, 2, 2, 2]

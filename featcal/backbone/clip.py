@@ -14,6 +14,7 @@ Checkpoints come in several layouts, all normalised here to the transformers 5
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Mapping
@@ -191,6 +192,20 @@ def check_same_architecture(base: nn.Module | dict, expert: nn.Module, base_sour
         )
 
 
+_MASK_KWARGS: dict[type, dict] = {}
+
+
+def _layer_mask_kwargs(layer: nn.Module) -> dict:
+    """Extra mask arguments of a CLIP encoder layer: transformers 4.x layers require
+    ``causal_attention_mask`` (None for the vision tower), 5.x layers have no such
+    parameter. Read once per layer class from its signature."""
+    cls = type(layer)
+    if cls not in _MASK_KWARGS:
+        params = inspect.signature(cls.forward).parameters
+        _MASK_KWARGS[cls] = {"causal_attention_mask": None} if "causal_attention_mask" in params else {}
+    return _MASK_KWARGS[cls]
+
+
 class CLIPVisionBackbone(Backbone):
     """Adapter for transformers CLIP vision towers.
 
@@ -242,7 +257,7 @@ class CLIPVisionBackbone(Backbone):
         return BlockState(hidden, token_mask, readout, {})
 
     def run_block(self, block: nn.Module, state: BlockState) -> BlockState:
-        out = block(state.hidden, None)
+        out = block(state.hidden, attention_mask=None, **_layer_mask_kwargs(block))
         if isinstance(out, tuple):  # transformers 4.x layers return tuples
             out = out[0]
         return state.with_hidden(out)

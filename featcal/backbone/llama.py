@@ -140,13 +140,14 @@ def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, 
     """The 4D (or None = plain causal) mask ``LlamaModel.forward`` would build."""
     from transformers.masking_utils import create_causal_mask
 
-    kwargs = dict(
-        config=model.config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        past_key_values=None,
-    )
     params = inspect.signature(create_causal_mask).parameters
+    # transformers 5.x: inputs_embeds / cache; 4.4x-4.5x: input_embeds / past_key_values
+    kwargs = {
+        "config": model.config,
+        ("inputs_embeds" if "inputs_embeds" in params else "input_embeds"): inputs_embeds,
+        "attention_mask": attention_mask,
+        ("cache" if "cache" in params else "past_key_values"): None,
+    }
     if "position_ids" in params:
         kwargs["position_ids"] = position_ids
     if "cache_position" in params:  # transformers 4.x

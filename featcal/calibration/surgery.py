@@ -263,7 +263,9 @@ class _IndexStream:
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator):
         self.n, self.bs, self.g = n, min(batch_size, n), generator
-        self.buf = torch.empty(0, dtype=torch.long)
+        # indices are drawn on the CPU (a seeded CPU generator gives the same stream on
+        # every device) and moved to the device per step by the training loop
+        self.buf = torch.empty(0, dtype=torch.long, device="cpu")
 
     def next(self) -> torch.Tensor:
         while self.buf.numel() < self.bs:

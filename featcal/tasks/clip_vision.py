@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcal.errors import BudgetTooLarge, CheckpointMismatch, ConfigError, CorruptCache, loading
+from featcal.errors import CheckpointMismatch, ConfigError, CorruptCache, loading
 from featcal.backbone.clip import canonical_clip_keys, read_model_config
 from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
-from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
 from featcal.utils import cache_root
 
 DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
@@ -448,15 +448,12 @@ class CLIPVisionTaskPool(ClassificationTaskPool):
             persistent_workers=False,
         )
 
-    def calibration_indices(self, task: str, n: int, seed: int, split: str = "train") -> list[int]:
-        """Rows of ``split`` used for calibration: a seeded permutation, first n."""
+    def calibration_indices(self, task: str, n: int | str, seed: int, split: str = "train") -> list[int]:
+        """Rows of ``split`` used for calibration: a seeded permutation, first n (n = "all":
+        the whole split, as the original Surgery/ProbSurgery code uses the test split)."""
         size = len(self.dataset(task, split))
-        if n > size:
-            raise BudgetTooLarge(
-                f"task '{task}': calibration budget {n} (budget.per_task) exceeds the {size} examples of its {split} split",
-                f"Use budget.per_task={size} or less (or another budget.split).",
-            )
-        return np.random.default_rng(int(seed)).permutation(size)[: int(n)].tolist()
+        n = resolve_budget(n, size, task, split)
+        return np.random.default_rng(int(seed)).permutation(size)[:n].tolist()
 
     def calibration_batches(self, task: str, n: int, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
         ds = self.dataset(task, split)

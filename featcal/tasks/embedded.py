@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
-from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
 from featcal.utils import torch_threads
 
 #: bump when the build procedure changes: old caches then live under another hash
@@ -802,12 +802,11 @@ class EmbeddedTaskPool(_EmbeddedBuild, ClassificationTaskPool):
         return self._tasks
 
     def _calibration_fn(self, name: str):
-        def calibration_batches(n: int, seed: int, batch_size: int = 16, split: str = "train") -> Iterator[torch.Tensor]:
+        def calibration_batches(n: int | str, seed: int, batch_size: int = 16, split: str = "train") -> Iterator[torch.Tensor]:
             x, _ = self.split(name, split)
-            if not 0 < int(n) <= x.shape[0]:
-                raise ValueError(f"budget {n} out of range for task '{name}' ({split} split has {x.shape[0]} examples)")
-            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[: int(n)]
-            for i in range(0, int(n), int(batch_size)):
+            n = resolve_budget(n, x.shape[0], name, split)
+            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n]
+            for i in range(0, n, int(batch_size)):
                 yield x[perm[i: i + int(batch_size)]].clone()
 
         return calibration_batches

@@ -2,6 +2,7 @@
 about any model family (see the package docstring)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -30,6 +31,22 @@ from featcal.calibration.featcal.solver import (
 from featcal.calibration.featcal.stats import MomentAccumulator, normalise_without_affine, finish_gram
 
 log = logging.getLogger(__name__)
+
+#: allowed ``block_dtype`` values (None and "fp32": the model's own precision)
+BLOCK_DTYPES = (None, "fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """TensorFloat-32 for CUDA matmuls and convolutions inside the block, restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 @dataclass
@@ -87,6 +104,15 @@ class FeatCal(Calibrator):
             this many tokens (None/0: one pass per batch). The statistics are sums over
             tokens, so this changes speed (larger GEMMs), not the result beyond float
             rounding; memory grows with it (per-block activations of one pass).
+        block_dtype: precision of the block forward passes only (the statistics, Gram
+            products and solves stay float32 or wider): None / "fp32" (default: the
+            model's own dtype), "tf32" (CUDA: TensorFloat-32 matmuls inside the block
+            passes; no effect on CPU) or "bf16" (the passes under bf16 autocast; works on
+            CPU too). A GPU speed option: experiments/bench_calibration.py reports the
+            parameter difference to the fp32 result.
+        gram_tf32: CUDA only: TensorFloat-32 inputs (float32 accumulation) for the Gram and
+            cross products of the statistics too — about half of FeatCal's FLOPs on a ViT;
+            the bench reports its parameter difference to full fp32. Off by default.
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
     """
@@ -108,6 +134,8 @@ class FeatCal(Calibrator):
         cross_route: str = "auto",
         drift_examples: int | None = 8,
         pass_tokens: int | None = 4096,
+        block_dtype: str | None = None,
+        gram_tf32: bool = False,
         inplace: bool = True,
         progress: bool = True,
     ):
@@ -126,6 +154,10 @@ class FeatCal(Calibrator):
         self.cross_route = cross_route
         self.drift_examples = drift_examples
         self.pass_tokens = int(pass_tokens) if pass_tokens else None
+        if block_dtype not in BLOCK_DTYPES:
+            raise ValueError(f"block_dtype must be one of null, fp32, tf32, bf16; got {block_dtype!r}")
+        self.block_dtype = None if block_dtype in (None, "fp32") else str(block_dtype)
+        self.gram_tf32 = bool(gram_tf32)
         self.inplace = bool(inplace)
         self.progress = bool(progress)
 
@@ -146,9 +178,25 @@ class FeatCal(Calibrator):
             "pass_tokens": (opt_count, "must be an integer >= 0 or null (no joining)"),
             "cross_route": (lambda x: x in ("auto", "direct", "gram"), "allowed: auto, direct, gram"),
             "dtype": (lambda x: x in ("float32", "float64"), "allowed: float32, float64 (the linear solves)"),
+            "block_dtype": (lambda x: x in (None, "fp32", "tf32", "bf16"), "allowed: null, fp32, tf32, bf16"),
+            "gram_tf32": (lambda x: isinstance(x, bool), "must be true or false"),
         })
 
     # ---- helpers -----------------------------------------------------------
+    def _gram_context(self, device: torch.device):
+        """The numeric context of the statistics' products (see ``gram_tf32``)."""
+        if self.gram_tf32 and device.type == "cuda":
+            return _tf32_matmuls()
+        return contextlib.nullcontext()
+
+    def _pass_context(self, device: torch.device):
+        """The numeric context of one block forward pass (see ``block_dtype``)."""
+        if self.block_dtype == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if self.block_dtype == "tf32" and device.type == "cuda":
+            return _tf32_matmuls()
+        return contextlib.nullcontext()
+
     def _weights(self, state: BlockState, weighted: bool) -> torch.Tensor | None:
         """Token weights [B·N] (None: all ones)."""
         mask = state.token_mask
@@ -197,6 +245,7 @@ class FeatCal(Calibrator):
         def embed(model, batch):
             return backbone.embed(model, move_inputs(batch, backbone.device_of(model))).to(device)
 
+        check_activation_memory(embed(merged, calibration[0][0]), calibration, device)
         # per-block activations only: student (merged) and expert states, per task
         student = [[embed(merged, b) for b in calibration[t]] for t in range(num_tasks)]
         expert = [[embed(experts[t], b) for b in calibration[t]] for t in range(num_tasks)]
@@ -258,12 +307,13 @@ class FeatCal(Calibrator):
                     self._reset_task_acc(block_acc)
                 next_expert = []
                 for b, (s_state, e_state) in enumerate(zip(student[t], expert[t])):
-                    xs, order, s_out = capture_inputs(
-                        backbone, blk, mods, s_state, stop_after=stop_after if self.forward_order else None
-                    )
-                    if not self.forward_order:
-                        next_student[t].append(s_out)
-                    xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
+                    with self._pass_context(device):
+                        xs, order, s_out = capture_inputs(
+                            backbone, blk, mods, s_state, stop_after=stop_after if self.forward_order else None
+                        )
+                        if not self.forward_order:
+                            next_student[t].append(s_out)
+                        xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
                     next_expert.append(e_out)
                     if groups is None:
                         groups, norms = self._plan(backbone, mods, xs, order, last, tokens)
@@ -273,7 +323,8 @@ class FeatCal(Calibrator):
                         stop_after = order[-1]
                     if block_acc is None:
                         block_acc = self._new_block_acc(groups, norms, device)
-                    self._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state)
+                    with self._gram_context(device):
+                        self._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state)
                     del xs, xe
                 self._finish_task(block_acc, groups, norms, mods, emods, qual)
                 expert[t] = next_expert
@@ -282,7 +333,8 @@ class FeatCal(Calibrator):
             # the uncalibrated chain for the "before" drift (forward order only: otherwise
             # the student chain is the uncalibrated model)
             if track and self.forward_order:
-                uncal = [[backbone.run_block(blk, s) for s in uncal[t]] for t in range(num_tasks)]
+                with self._pass_context(device):
+                    uncal = [[backbone.run_block(blk, s) for s in uncal[t]] for t in range(num_tasks)]
 
             # solve every module of the block, then write them all at once
             new_params = self._solve_block(groups or [], norms, mods, backbone.calibratable_modules(blocks_0[l]), qual, device, fallbacks)
@@ -294,11 +346,13 @@ class FeatCal(Calibrator):
                 # only the drift report needs them
                 if last:
                     student = [cut(student[t], t) if track else [] for t in range(num_tasks)]
-                student = [[backbone.run_block(blk, s) for s in student[t]] for t in range(num_tasks)]
+                with self._pass_context(device):
+                    student = [[backbone.run_block(blk, s) for s in student[t]] for t in range(num_tasks)]
             else:
                 student = next_student
                 if track:
-                    cal = [[backbone.run_block(blk, s) for s in cal[t]] for t in range(num_tasks)]
+                    with self._pass_context(device):
+                        cal = [[backbone.run_block(blk, s) for s in cal[t]] for t in range(num_tasks)]
             if track:
                 for t in range(num_tasks):
                     ref = cut(expert[t], t)
@@ -330,6 +384,8 @@ class FeatCal(Calibrator):
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "cross_route": self.cross_route,
                 "pass_tokens": self.pass_tokens,
+                "block_dtype": self.block_dtype or "fp32",
+                "gram_tf32": self.gram_tf32,
                 "drift_examples": self.drift_examples,
             },
             timings={"total": time.perf_counter() - start},
@@ -394,7 +450,8 @@ class FeatCal(Calibrator):
                 entry.update(w=0.0, m=None, e=None)
 
     def _expert_weight(self, emods, g: _LinearGroup) -> torch.Tensor:
-        return torch.cat([emods[n].weight for n in g.names], 0).float()
+        # torch.cat always allocates: never an alias of the expert's parameters
+        return torch.cat([emods[n].weight.detach() for n in g.names], 0).float()
 
     def _accumulate(self, acc, groups, norms, mods, emods, xs, xe, state):
         w_cache: dict[bool, torch.Tensor | None] = {}
@@ -475,7 +532,9 @@ class FeatCal(Calibrator):
                 g.rhs.add_(entry["cross_raw"], alpha=s / sw)
             b_t = torch.cat(
                 [
-                    emods[n].bias.float() if emods[n].bias is not None else torch.zeros(o_n, device=w_t.device)
+                    emods[n].bias.detach().float()
+                    if emods[n].bias is not None
+                    else torch.zeros(o_n, dtype=torch.float32, device=w_t.device)
                     for n, o_n in zip(g.names, g.out_dims)
                 ]
             )
@@ -491,9 +550,11 @@ class FeatCal(Calibrator):
             check_finite(qual[n], m=m, e=e)
             ns.m.append(m)
             ns.e.append(e)
-            ns.gammas.append(emods[n].weight.float())
+            # copies on the work device: ``.float()`` of a float32 parameter is the parameter
+            # itself, which follows the expert block when it goes back to its home device
+            ns.gammas.append(_detached_copy(emods[n].weight, m.device))
             if not ns.rms:
-                ns.betas.append(emods[n].bias.float())
+                ns.betas.append(_detached_copy(emods[n].bias, m.device))
 
     # ---- solving -------------------------------------------------------------
     def _solve_block(self, groups, norms, mods, base_mods, qual, device, fallbacks):
@@ -547,6 +608,49 @@ class FeatCal(Calibrator):
                 out.append((mod.bias, beta))
             check_finite(qual[n], solved_norm=out[-1][1])
         return out
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where the activations live (CUDA: free device memory; CPU: available
+    host memory), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - no psutil / no driver: no check
+        return None
+    return None
+
+
+def check_activation_memory(sample: BlockState, calibration: list[list[Inputs]], device: torch.device) -> None:
+    """FeatCal keeps one block's input states of every calibration example (student and
+    expert: 2 per example) on ``device``. Any budget works (``budget.per_task=all``
+    included) if they fit; raise a clear error before trying when they cannot."""
+    from featcal.backbone.base import batch_size_of
+    from featcal.config import ConfigError
+
+    rows = int(sample.hidden.shape[0])
+    per_example = sum(
+        t.numel() * t.element_size() for t in (sample.hidden, sample.token_mask, sample.readout_mask)
+    ) / max(rows, 1)
+    examples = sum(batch_size_of(b) for batches in calibration for b in batches)
+    need = 2 * per_example * examples
+    free = available_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise ConfigError(
+            f"FeatCal: {examples} calibration examples need about {need / 2**30:.1f} GiB of block "
+            f"activations on {device} (student and expert, {2 * per_example / 2**20:.2f} MiB per example), "
+            f"but only {free / 2**30:.1f} GiB are free there; use a smaller budget.per_task or a device "
+            "with more memory"
+        )
+
+
+def _detached_copy(param: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 copy of ``param`` on ``device`` that shares no storage with it."""
+    return param.detach().to(device=device, dtype=torch.float32, copy=True)
 
 
 def pack_passes(

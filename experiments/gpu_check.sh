@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Device checks for whoever has a CUDA GPU for a few minutes. One command, from the repo root:
+#
+#     bash experiments/gpu_check.sh
+#
+# Installs nothing. Prints the GPU and versions, runs the `gpu` tests (tests/test_gpu.py),
+# then experiments/bench_calibration.py --device cuda at n = 32 and n = 256 (the paper's
+# setting). Everything printed also goes to results/gpu_check/<UTC time>.log, the bench
+# tables to results/gpu_check/<UTC time>.bench_n{32,256}.json. Every step runs under its
+# own time limit (about 5 minutes in all); the exit status is non-zero if any step failed.
+#
+# GPU_CHECK_DRY=1 runs the same steps on the CPU with a tiny bench workload and one quick
+# test, to check this script itself on a machine without a GPU (its log is not a result).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export WANDB_SILENT=true WANDB_MODE=disabled HYDRA_FULL_ERROR=1
+PY=${PYTHON:-python}
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out=results/gpu_check
+[ "${GPU_CHECK_DRY:-0}" = 1 ] && out=${TMPDIR:-/tmp}/featcal_gpu_check_dry
+mkdir -p "$out"
+log="$out/$stamp.log"
+exec > >(tee "$log") 2>&1
+
+echo "== featcal gpu_check $stamp"
+echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | grep -q . && echo '(with local changes)')"
+nvidia-smi || echo "nvidia-smi: not available"
+$PY - <<'PY'
+import platform, torch, transformers, lightning
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"transformers {transformers.__version__}, lightning {lightning.__version__}")
+print("cuda available:", torch.cuda.is_available(),
+      "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no device")
+PY
+device=cuda; tests=(tests/test_gpu.py); bench_extra=(); surgery_opts=""
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
+    echo "DRY RUN on the CPU (GPU_CHECK_DRY=1): checks the script, not the GPU"
+    export FEATCAL_TEST_GPU_DEVICE=cpu
+    device=cpu; tests=(tests/test_gpu.py -k merges); bench_extra=(--tiny --experts 2); surgery_opts=":iterations=3"
+elif ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: nothing to check (the gpu tests would all be skipped)"
+    exit 1
+fi
+
+status=0
+step() {  # step <seconds> <label> <command...>
+    local limit=$1 label=$2; shift 2
+    echo
+    echo "== $label (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "== $label: exit $rc after $((SECONDS - t0))s"
+    [ $rc -eq 0 ] || status=1
+}
+
+step 150 "pytest -m gpu" $PY -m pytest -q -m gpu "${tests[@]}" -p no:cacheprovider -rA -s
+step 30 "bench n=32" $PY experiments/bench_calibration.py --device $device --n 32 "${bench_extra[@]}" \
+    --methods featcal --json "$out/$stamp.bench_n32.json"
+step 115 "bench n=256 (paper setting)" $PY experiments/bench_calibration.py --device $device --n 256 "${bench_extra[@]}" \
+    --methods "featcal,featcal:block_dtype=tf32,featcal:block_dtype=tf32:gram_tf32=true,featcal:block_dtype=bf16,surgery$surgery_opts,probsurgery$surgery_opts" \
+    --json "$out/$stamp.bench_n256.json"
+
+echo
+echo "== done in ${SECONDS}s, status $status; log: $log"
+exit $status

@@ -1,0 +1,49 @@
+"""DARE (Yu et al., 2024, "Language Models are Super Mario") + Task Arithmetic.
+
+Each task-vector entry is dropped with probability p and the survivors are rescaled by
+1/(1 − p); the sparsified task vectors are then added to the base with λ. Defaults are
+FusionBench's ``method/dare/task_arithmetic.yaml``: p (``sparsity_ratio``) = 0.5,
+rescale on, λ = 0.3, every parameter (``only_on_linear_weights: false``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from featcal.merge.base import Exclude, StateDict, check_experts, mergeable, task_vector
+
+
+def dare(
+    base: StateDict,
+    experts: Sequence[StateDict],
+    scaling_factor: float = 0.3,
+    drop_rate: float = 0.5,
+    rescale: bool = True,
+    seed: int = 0,
+    exclude: Exclude = None,
+) -> dict[str, torch.Tensor]:
+    """θ₀ + λ · Σ_t m_t ⊙ τ_t / (1 − p) with m_t ~ Bernoulli(1 − p) per entry.
+
+    The drop masks come from one seeded CPU generator (in state-dict order, expert by
+    expert), so a seed gives the same merge on every device; each mask is moved to the
+    task vector's device.
+    """
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    check_experts(base, experts)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    factor = 1.0 / (1.0 - drop_rate) if rescale else 1.0
+    out = {}
+    for key, b in base.items():
+        if not mergeable(key, b, exclude):
+            out[key] = b.clone()
+            continue
+        acc = None
+        for sd in experts:
+            tv = task_vector(sd[key], b)
+            keep = torch.rand(tv.shape, generator=gen, device="cpu") >= drop_rate
+            part = tv * keep.to(tv.device) * factor
+            acc = part if acc is None else acc + part
+        out[key] = (b.to(acc.dtype) + scaling_factor * acc).to(b.dtype)
+    return out
