@@ -181,13 +181,13 @@ def world() -> dict:
 
         torch.manual_seed(0)
         base = T5ForConditionalGeneration(tiny_t5_config(len(tok)))
-        train_steps(base, [_pairs(pool, t) for t in TASKS], steps=120, lr=3e-3, seed=0)
+        train_steps(base, [_pairs(pool, t) for t in TASKS], steps=60, lr=5e-3, seed=0)
         base_dir = save_like_transformers4(base, root / "base")
         tok.save_pretrained(str(base_dir))
         experts = {}
         for i, task in enumerate(EXPERT_TASKS):
             model = load_t5(str(base_dir))
-            train_steps(model, [_pairs(pool, task)], steps=80, lr=3e-3, seed=i + 1)
+            train_steps(model, [_pairs(pool, task)], steps=40, lr=5e-3, seed=i + 1)
             experts[task] = str(save_like_transformers4(model, root / "experts" / task))
     out = {"root": root, "base": str(base_dir), "experts": experts, "data": str(data), "tokenizer": str(base_dir), "pool": pool}
     _WORLD["w"] = out
