@@ -237,14 +237,19 @@ class T5Backbone(Backbone):
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
-        problems = []
-        if node.get("calibration_target", "expert") not in ("expert", "gold"):
-            problems.append(f"backbone.adapter.calibration_target={node.get('calibration_target')!r}: allowed: expert, gold")
-        if node.get("lora", False) not in (True, False, "auto"):
-            problems.append(f"backbone.adapter.lora={node.get('lora')!r}: allowed: true, false, auto")
-        m = node.get("max_new_tokens", 10)
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            problems.append(f"backbone.adapter.max_new_tokens={m!r}: must be a positive integer")
+        from featcal.config import check_keys, positive_int
+
+        problems = check_keys(node, {
+            "calibration_target": (lambda x: x in ("expert", "gold"), "allowed: expert (each expert's greedy answer), gold"),
+            "lora": (lambda x: x in (True, False, "auto"), "allowed: true, false, auto"),
+            "max_new_tokens": (positive_int, "must be a positive integer"),
+            "generation_batch_size": (positive_int, "must be a positive integer"),
+        })
+        experts, tasks = node.get("experts"), list(node.get("tasks") or [])
+        if isinstance(experts, dict):
+            missing = [t for t in tasks if t not in experts]
+            if missing:
+                problems.append(f"experts: no expert source for tasks {missing}")
         return problems
 
     # ---- loading -------------------------------------------------------

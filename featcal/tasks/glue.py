@@ -84,15 +84,15 @@ class GLUETaskPool(TextToTextTaskPool):
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
-        problems = []
-        known = glue_templates(node.get("templates"))
-        tasks = node.get("tasks") or []
+        problems = super().validate_config(node)
+        try:
+            known = glue_templates(node.get("templates"))
+        except Exception as err:  # noqa: BLE001 - a bad template file is a config problem
+            return problems + [f"templates={node.get('templates')!r}: cannot be read ({type(err).__name__}: {err})"]
+        tasks = list(node.get("tasks") or [])
         unknown = [t for t in tasks if t not in known]
         if unknown:
-            problems.append(f"backbone.taskpool.tasks={list(tasks)!r}: unknown GLUE tasks {unknown}; allowed: {', '.join(known)}")
-        target = node.get("calibration_target", "expert")
-        if target not in ("expert", "gold"):
-            problems.append(f"backbone.taskpool.calibration_target={target!r}: allowed: expert, gold")
+            problems.append(f"tasks={tasks!r}: unknown GLUE tasks {unknown}; allowed: {', '.join(known)}")
         return problems
 
     # ---- data ---------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.backbone.base import Inputs
-from featcal.tasks.base import Task, TaskPool
+from featcal.tasks.base import Metrics, TaskPool
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,17 @@ class TextToTextTaskPool(TaskPool):
         self.progress = bool(progress)
         self._splits: dict[tuple[str, str], TokenisedSplit] = {}
 
+    @classmethod
+    def validate_config(cls, node: dict[str, Any]) -> list[str]:
+        from featcal.config import check_keys, positive_int
+
+        return check_keys(node, {
+            "calibration_target": (lambda x: x in ("expert", "gold"), "allowed: expert, gold"),
+            "max_input_length": (positive_int, "must be a positive integer"),
+            "max_new_tokens": (positive_int, "must be a positive integer"),
+            "max_test_examples": (lambda x: x is None or positive_int(x), "must be a positive integer or null (all)"),
+        })
+
     # ---- what subclasses provide ------------------------------------------
     @abc.abstractmethod
     def load_split(self, task: str, split: str) -> Sequence[dict]:
@@ -216,20 +227,6 @@ class TextToTextTaskPool(TaskPool):
 
     def primary_metric(self, task: str) -> str:
         return self.metric_of(task)
-
-    @property
-    def tasks(self) -> list[Task]:
-        """Task records (name and metric) for code that lists a pool's tasks."""
-        return [
-            Task(
-                name=t,
-                head=nn.Identity(),
-                calibration_batches=lambda n, seed, bs, split, _t=t: iter(self.calibration_batches(_t, n, seed, bs, split)),
-                test_batches=lambda bs: iter(()),
-                metric=self.metric_of(t),
-            )
-            for t in self._names
-        ]
 
     @property
     def tokenizer(self):
@@ -405,10 +402,10 @@ class TextToTextTaskPool(TaskPool):
         batch_size: int = 64,
         only: list[int] | None = None,
         desc: str = "",
-    ) -> dict[str, dict[str, float]]:
+    ) -> Metrics:
         """{task: {metric: value}} for ``model_for_task(i)`` (a model with ``generate``)."""
         device = torch.device(device)
-        out: dict[str, dict[str, float]] = {}
+        out: Metrics = {}
         for i, task in enumerate(self._names):
             if only is not None and i not in only:
                 continue
