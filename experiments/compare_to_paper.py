@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 AVERAGE_NAMES = {"average", "avg", "mean"}
-MATCH_PROTOCOLS = {"train-split calibration", "individual fine-tuned experts"}
+MATCH_PROTOCOLS = {"train-split calibration", "individual fine-tuned experts", "merge only (no calibration data)"}
 DEFAULT_PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 
 
