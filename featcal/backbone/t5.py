@@ -354,7 +354,7 @@ class T5Backbone(Backbone):
         )
         enc_bias = enc.block[0].layer[0].SelfAttention.compute_bias(n, n, device=device).to(enc_h.dtype)
         dec_bias = dec.block[0].layer[0].SelfAttention.compute_bias(m, m, device=device).to(dec_h.dtype)
-        token_mask = attention_mask.to(enc_h.dtype if enc_h.is_floating_point() else torch.float32).float()
+        token_mask = attention_mask.float()
         dec_token_mask = dec_mask.float()
         extras = {
             "stage": "encoder",
@@ -388,6 +388,10 @@ class T5Backbone(Backbone):
                 "dec_mask4": x["dec_mask4"],
                 "cross_mask4": x["cross_mask4"],
                 "dec_bias": x["dec_bias"],
+                # this block's own output (the drift report reads it; the next state's
+                # hidden states are the decoder inputs)
+                "block_output": h,
+                "block_output_mask": x["enc_token_mask"],
             }
             return BlockState(x["dec_hidden"], dec_mask, dec_mask.bool(), extras)
         if x.get("stage") == "encoder":
@@ -402,7 +406,9 @@ class T5Backbone(Backbone):
                 encoder_attention_mask=x["cross_mask4"],
             )
         )
-        return state.with_hidden(h)
+        if "block_output" in x:  # only the encoder exit's own state carries it
+            x = {k: v for k, v in x.items() if k not in ("block_output", "block_output_mask")}
+        return BlockState(h, state.token_mask, state.readout_mask, x)
 
     def final_hidden(self, model: nn.Module, state: BlockState) -> torch.Tensor:
         """[B, M, D]: what ``lm_head`` reads at every decoder position."""
