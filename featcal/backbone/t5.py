@@ -47,7 +47,8 @@ from featcal.backbone.base import Backbone, BlockState, Inputs
 from featcal.hub import SourceUnavailable, offline_hint, resolve_model_dir
 from featcal.utils import as_torch_dtype
 
-_T5_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt"]
+_T5_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]  # hub repos also carry .bin/TF/Flax copies
+_T5_BIN_FILES = ["*.json", "pytorch_model*.bin", "*.model", "*.txt"]
 IGNORE = -100  # label padding (positions that are not target tokens)
 
 
@@ -69,6 +70,8 @@ def load_t5(source: str, dtype: str | torch.dtype = "float32") -> nn.Module:
     from transformers import T5ForConditionalGeneration
 
     folder = resolve_model_dir(source, allow_patterns=_T5_FILES)
+    if not is_peft_adapter(folder) and not any(folder.glob("*.safetensors")):
+        folder = resolve_model_dir(source, allow_patterns=_T5_BIN_FILES)  # an older repo: PyTorch .bin weights only
     if is_peft_adapter(folder):
         raise SourceUnavailable(
             f"'{source}' is a peft (LoRA) adapter, not a full model: load it with load_t5_lora "
@@ -179,7 +182,18 @@ class T5EncoderExit(nn.Module):
 
 
 def _mask_functions():
-    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+    """transformers 5's mask builders. Under 4.x a T5 block ignores the attention mask once
+    it is handed a position bias (the stack folded the mask into the bias), so the block
+    forward here needs 5.x; checkpoints saved by 4.x load fine."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+    except ImportError as err:
+        import transformers
+
+        raise RuntimeError(
+            f"the T5 adapter's block forward needs transformers >= 5 (installed: {transformers.__version__}); "
+            "`pip install -U transformers`"
+        ) from err
 
     return create_bidirectional_mask, create_causal_mask
 
