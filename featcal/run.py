@@ -47,11 +47,14 @@ def _build(node: DictConfig | dict) -> Any:
     return instantiate(data)
 
 
-def _choices() -> dict[str, str]:
+def _choices(cfg: DictConfig) -> dict[str, str]:
+    """The config-group choices: from the running Hydra app, or from a config composed
+    with ``return_hydra_config=True`` (scripts, tests)."""
     try:
-        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
+        choices = HydraConfig.get().runtime.choices
     except Exception:
-        return {}
+        choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}
+    return {str(k): str(v) for k, v in choices.items() if v is not None}
 
 
 def _label(group: str, node: Any, choices: dict[str, str]) -> str:
@@ -94,6 +97,9 @@ def needs_calibration_data(merge_fn: Callable[..., Any]) -> bool:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one configuration and write its results into ``out_dir``."""
+    choices = _choices(cfg)
+    if "hydra" in cfg:  # composed with return_hydra_config=True: keep the run's own keys
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     # ---- validate (before anything heavy: a bad value costs nothing) ------------
     validate(cfg)
     started = time.time()
@@ -101,7 +107,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.precision]
     timer = StageTimer(device)
-    choices = _choices()
     merge_fn = _build(cfg.merge)
     calibrator: Calibrator = _build(cfg.calibration)
     adapter: Backbone = _build(cfg.backbone.adapter)
