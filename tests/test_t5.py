@@ -438,6 +438,12 @@ def test_flan_t5_backbone_through_featcal_run(w, tmp_path, calibration):
     if calibration == "featcal":
         blocks = {r["block"] for r in res["drift"]}
         assert blocks == {0, 1, 2, 3}  # two encoder blocks, then two decoder blocks
+        for t in res["tasks"]:  # the last decoder block drifts less from every expert
+            d = {r["when"]: r["drift"] for r in res["drift"] if r["task"] == t and r["block"] == 3}
+            assert d["after"] < d["before"], t
+    else:
+        extra = res["calibration_report"]["extra"]
+        assert extra["l1_after_mean"] < extra["l1_before_mean"]
     assert "stsb" in proc.stdout  # the per-task table is printed
 
 
