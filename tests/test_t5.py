@@ -370,6 +370,11 @@ def test_featcal_lowers_final_decoder_drift_to_every_expert(w, models, tmp_path)
         assert torch.equal(cal.state_dict()[name], before_model.state_dict()[name]), name
     k = "decoder.block.1.layer.1.EncDecAttention.k.weight"
     assert not torch.equal(cal.state_dict()[k], before_model.state_dict()[k])
+    # save_calibrated: a plain model folder that loads back with the same (untied) weights
+    folder = out.save(tmp_path / "calibrated")
+    back = load_t5(str(folder))
+    assert back.lm_head.weight is not back.shared.weight
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in cal.state_dict().items())
     # one linear system per tensor read (and token weighting): the group leaders
     leaders = set(out.report.extra["cross_routes"])
     assert "decoder.block.0.layer.2.DenseReluDense.wi_0" in leaders  # wi_0/wi_1 share their input
@@ -477,3 +482,25 @@ def test_paper_numbers_reach_the_comparison_script(tmp_path):
     assert np.isnan(avg[("flan_t5_base_glue_lora16", "featcal", "task_arithmetic")])  # no published LoRA FeatCal number
     text = (tmp_path / "results_vs_paper.md").read_text()
     assert "75.70" in text  # the base model: listed as a reference
+
+
+def test_flan_t5_presets_compose():
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+
+    from featcal.config import validate
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(conf, version_base="1.3"):
+        table = compose("config", overrides=["experiment=flan_t5_glue_table"], return_hydra_config=True)
+        budget = compose("config", overrides=["experiment=flan_t5_glue_budget"], return_hydra_config=True)
+        lora = compose("config", overrides=["backbone=flan_t5_base_glue_lora16", "budget.per_task=256"])
+    assert table.backbone.adapter.base == "google/flan-t5-base" and table.budget.per_task == 256
+    params = table.hydra.sweeper.params
+    assert set(params.merge.split(",")) == {"weight_average", "task_arithmetic", "ties"}
+    assert set(params.calibration.split(",")) == {"none", "featcal", "surgery", "probsurgery"}
+    assert [int(b) for b in budget.hydra.sweeper.params["budget.per_task"].split(",")] == [8, 16, 32, 64, 128, 256]
+    assert lora.backbone.adapter.lora is True
+    assert dict(lora.backbone.adapter.experts) == {t: f"tanganke/flan-t5-base_glue-{t}_lora-16" for t in TASKS}
+    assert lora.backbone.taskpool.tasks == TASKS
+    validate(lora)  # hub ids are not touched by validation
