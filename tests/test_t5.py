@@ -388,6 +388,37 @@ def test_featcal_lowers_final_decoder_drift_to_every_expert(w, models, tmp_path)
     assert "decoder.block.1.layer.0.SelfAttention.k" in leaders
 
 
+def test_featcal_ignores_encoder_padding_everywhere(w, models, tmp_path):
+    """Extra encoder padding changes no calibrated weight: padded encoder rows weigh 0 in the
+    encoder blocks and in the decoder's cross-attention k/v (``module_masks``)."""
+    from featcal.calibration.featcal import FeatCal
+    from featcal.merge import task_arithmetic
+
+    bb, base, experts = models
+    merged = bb.merge(task_arithmetic, base, experts)
+    pool = _pool(w, tmp_path)
+    calib = bb.prepare_calibration(merged, base, experts, pool.calibration_set(8, 0, 4), "cpu")
+    padded = []
+    for task in calib:
+        rows = []
+        for b in task:
+            b = dict(b)
+            extra = 5
+            b["input_ids"] = torch.nn.functional.pad(b["input_ids"], (0, extra), value=0)
+            b["attention_mask"] = torch.nn.functional.pad(b["attention_mask"], (0, extra), value=0)
+            rows.append(b)
+        padded.append(rows)
+    results = []
+    for data in (calib, padded):
+        out = FeatCal(progress=False, drift_examples=0, inplace=False).calibrate(bb, merged, base, experts, data, "cpu")
+        results.append(out.model_for_task(0).state_dict())
+    changed = 0
+    for k, v in results[0].items():
+        assert torch.allclose(v, results[1][k], atol=1e-4, rtol=1e-4), k
+        changed += not torch.equal(v, merged.state_dict()[k])
+    assert changed > 0
+
+
 def test_surgery_hook_changes_generation_only_for_its_task(w, models, tmp_path):
     from featcal.calibration.surgery import Surgery
     from featcal.merge import task_arithmetic
