@@ -134,11 +134,11 @@ def test_missing_models_and_datasets_fail_naming_them(w, monkeypatch, tmp_path):
     bb = T5Backbone(["cola"], w["base"], {"cola": "featcal-test/no-such-lora"}, lora=True)
     with pytest.raises(SourceUnavailable, match="featcal-test/no-such-lora"):
         bb.load_expert("cola")
-    pool = GLUETaskPool(["cola"], w["tokenizer"], datasets="featcal-test/no-such-glue", cache_dir=str(tmp_path / "c"), progress=False)
-    with pytest.raises(SourceUnavailable, match="featcal-test/no-such-glue") as err:
-        pool.evaluate(lambda i: None, "cpu")
+    with pytest.raises(SourceUnavailable, match="featcal-test/no-such-glue") as err:  # at construction
+        GLUETaskPool(["cola"], w["tokenizer"], datasets="featcal-test/no-such-glue", cache_dir=str(tmp_path / "c"), progress=False)
     assert "load_dataset('featcal-test/no-such-glue', 'cola')" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
-    pool = GLUETaskPool(["cola"], w["tokenizer"], datasets="/no/such/glue", cache_dir=str(tmp_path / "c"), progress=False)
+    pool = GLUETaskPool(["cola"], w["tokenizer"], datasets="/no/such/glue", cache_dir=str(tmp_path / "c"), progress=False,
+                        check_sources=False)
     with pytest.raises(SourceUnavailable, match="/no/such/glue"):
         pool.calibration_set(4, 0, 4)
 

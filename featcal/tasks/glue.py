@@ -57,6 +57,8 @@ class GLUETaskPool(TextToTextTaskPool):
         datasets: where the data comes from: one source for every task (a hub id, used
             with the task's config name, or a folder) or a mapping task → source.
         templates: path of the template file (null: the packaged one).
+        check_sources: open every task's test split on construction, so that a missing
+            dataset fails at once (the run builds the pool before loading any model).
         (other arguments: see ``TextToTextTaskPool``.)
     """
 
@@ -66,6 +68,7 @@ class GLUETaskPool(TextToTextTaskPool):
         tokenizer: Any,
         datasets: str | Mapping[str, str] = GLUE_HUB_ID,
         templates: str | None = None,
+        check_sources: bool = True,
         **kwargs: Any,
     ):
         super().__init__(tasks, tokenizer, **kwargs)
@@ -81,6 +84,9 @@ class GLUETaskPool(TextToTextTaskPool):
         else:
             self.sources = {t: str(datasets) for t in self.names}
         self._raw: dict[tuple[str, str], Any] = {}
+        if check_sources:  # a missing dataset fails now, before any model is loaded
+            for t in self.names:
+                self.load_split(t, "test")
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
