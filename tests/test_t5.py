@@ -326,6 +326,26 @@ def test_merge_counts_tied_embeddings_once(models):
     assert torch.allclose(merged.shared.weight, base.shared.weight + 1.0)
 
 
+def test_merge_with_calibration_data_gets_decoder_targets(w, models, tmp_path):
+    bb, base, experts = models
+    seen = {}
+
+    def needs_data(base_sd, expert_sds, exclude=None, backbone=None, base_model=None, expert_models=None, calib=None, device=None):
+        seen["calib"] = calib
+        batch = calib[0][0]  # the backbone can run its blocks on these batches
+        state = backbone.embed(base_model, batch)
+        for blk in backbone.blocks(base_model):
+            state = backbone.run_block(blk, state)
+        seen["rows"] = backbone.readout(base_model, state).shape[0]
+        return dict(base_sd)
+
+    calib = _pool(w, tmp_path).calibration_set(4, 0, 4)
+    bb.merge(needs_data, base, experts, backbone=bb, base_model=base, expert_models=experts, calib=calib, device="cpu")
+    assert all("decoder_input_ids" in b for task in seen["calib"] for b in task)
+    assert seen["rows"] == int(seen["calib"][0][0]["decoder_attention_mask"].sum())
+    assert "decoder_input_ids" not in calib[0][0]  # the caller's batches are left as they were
+
+
 def test_featcal_lowers_final_decoder_drift_to_every_expert(w, models, tmp_path):
     from featcal.calibration.featcal import FeatCal
     from featcal.merge import task_arithmetic

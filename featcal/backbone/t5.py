@@ -307,8 +307,12 @@ class T5Backbone(Backbone):
         """State-dict arithmetic over the *distinct* tensors: tied copies of the shared
         embedding (``encoder/decoder.embed_tokens``, and ``lm_head`` when tied) are merged
         once and written back through their tie, so no tensor counts twice (TIES' global
-        threshold, DARE's masks)."""
+        threshold, DARE's masks). Calibration data handed to the merge function (merges
+        with ``needs_calibration_data``) carries decoder targets (``prepare_calibration``)."""
         aliases = self._aliases(base)
+        if data.get("calib") is not None:  # merges that read calibration data (RegMean, ...)
+            # run T5 blocks, which need decoder targets; the experts' answers do not depend on the merge
+            data = dict(data, calib=self.prepare_calibration(base, base, experts, data["calib"], data.get("device") or "cpu"))
 
         def distinct(model: nn.Module) -> dict[str, torch.Tensor]:
             return {k: v for k, v in model.state_dict().items() if k not in aliases}
