@@ -72,17 +72,6 @@ def test_text_tower_loads_both_layouts(tiny):
     torch.testing.assert_close(alone[0], want[1], atol=1e-5, rtol=1e-5)
 
 
-def test_transformers5_from_pretrained_reads_4x_clipmodel(tiny):
-    """What transformers 5 does with a 4.x CLIPModel folder: loads it, no missing keys."""
-    from transformers import CLIPModel
-
-    root, ref = tiny
-    model, info = CLIPModel.from_pretrained(str(root / "v4"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"]
-    for k, v in ref.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[k], v)
-
-
 def test_vision_tower_and_expert_4x_layout(tiny):
     root, ref = tiny
     x = torch.randn(2, 3, 32, 32)
@@ -397,18 +386,18 @@ def test_openclip_backbone_config_requires_checkpoint_dir():
 
 
 def test_experiment_presets_sweep_overrides_compose():
-    """Every value a preset sweeps over composes into a config with that value (the
-    sweeper passes each one on as an override)."""
+    """Every value a preset sweeps over a plain key (budget.per_task) composes into a
+    config with that value (the sweeper passes each one on as an override); group
+    choices are composed by test_config."""
     for preset in ("clip_vit_b32_table", "clip_vit_b32_budget"):
         cfg = _compose([f"experiment={preset}", "logger=none"], return_hydra_config=True)
         assert cfg.hydra.mode.name == "MULTIRUN"
         for key, values in cfg.hydra.sweeper.params.items():
+            if "." not in key:
+                continue
             for value in str(values).split(","):
                 job = _compose([f"experiment={preset}", f"{key}={value}", "logger=none"])
-                got = OmegaConf.select(job, key)
-                if got is not None and not OmegaConf.is_config(got):  # a plain key
-                    assert str(got) == value
-                assert job.budget.per_task >= 1
+                assert str(OmegaConf.select(job, key)) == value
 
 
 # ---- paper comparison ----------------------------------------------------------------

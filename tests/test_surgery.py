@@ -5,7 +5,6 @@ CLIPVisionBackbone; the merged model is task arithmetic (λ = 0.3).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
