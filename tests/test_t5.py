@@ -511,17 +511,23 @@ def test_paper_numbers_reach_the_comparison_script(tmp_path):
     spec = importlib.util.spec_from_file_location("compare_to_paper", root / "experiments" / "compare_to_paper.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rows = []
+    rows = []  # the run's long CSV: one row per (stage, task, metric), primary marked
     for bb in ("flan_t5_base_glue", "flan_t5_base_glue_lora16"):
         for merge, cal in (("task_arithmetic", "featcal"), ("ties", "none"), ("task_arithmetic", "none")):
             for t in TASKS:
-                rows.append(dict(run_dir=f"{bb}-{merge}-{cal}", backbone=bb, merge=merge, calibration=cal, budget=256, task=t, stage="merged", accuracy=70.0))
-                rows.append(dict(run_dir=f"{bb}-{merge}-{cal}", backbone=bb, merge=merge, calibration=cal, budget=256, task=t, stage="calibrated", accuracy=80.0))
-                rows.append(dict(run_dir=f"{bb}-{merge}-{cal}", backbone=bb, merge=merge, calibration=cal, budget=256, task=t, stage="experts", accuracy=85.0))
+                metric = "spearman" if t == "stsb" else "accuracy"
+                for stage, value in (("merged", 70.0), ("calibrated", 80.0), ("experts", 85.0)):
+                    value = value + 8.0 if t == "stsb" else value
+                    meta = dict(run_dir=f"{bb}-{merge}-{cal}", backbone=bb, merge=merge, calibration=cal, budget=256, task=t, stage=stage)
+                    rows.append(dict(meta, metric=metric, value=value, primary=True))
+                    rows.append(dict(meta, metric="unparseable", value=999.0, primary=False))  # not a primary metric
     sweep = tmp_path / "results.csv"
     pd.DataFrame(rows).to_csv(sweep, index=False)
     assert mod.main([str(sweep), "--csv-out", str(tmp_path / "m.csv")]) == 0
     m = pd.read_csv(tmp_path / "m.csv", keep_default_na=False)
+    ours = m[m.task == "average"].set_index(["backbone", "method", "merge"])["ours"]
+    assert ours[("flan_t5_base_glue", "featcal", "task_arithmetic")] == pytest.approx(80.0 + 8.0 / 8)  # STS-B's Spearman counts
+    assert (m[m.task == "average"]["tasks"] == 8).all()
     avg = pd.to_numeric(m[m.task == "average"].set_index(["backbone", "method", "merge"])["paper"], errors="coerce")
     assert avg[("flan_t5_base_glue", "featcal", "task_arithmetic")] == pytest.approx(85.2)
     assert avg[("flan_t5_base_glue", "none", "task_arithmetic")] == pytest.approx(78.9)
