@@ -454,6 +454,12 @@ def test_surgery_hook_changes_generation_only_for_its_task(w, models, tmp_path):
         cal.surgery.blocks[0].down.weight.normal_(0, 3.0)
         cal.surgery.blocks[0].up.weight.normal_(0, 3.0)
         cal.surgery.blocks[1].up.weight.zero_()
+    # represent(x, t) is the corrected representation, per target token, as lm_head reads it
+    batch = calib[0][0]
+    z = bb.represent(merged, batch)
+    assert torch.allclose(cal.represent(batch, 0), z - cal.surgery.blocks[0](z)[0], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(cal.represent(batch, 1), z, atol=1e-6)
+    cal.remove_hooks()
     ids, mask = pad_batch(pool.split("cola", "test").input_ids, pool.tokenizer.pad_token_id)
     plain = greedy_generate(merged, ids, mask, 10)
     routed0 = greedy_generate(cal.model_for_task(0), ids, mask, 10)

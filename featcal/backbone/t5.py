@@ -439,8 +439,10 @@ class T5Backbone(Backbone):
         return h
 
     def readout(self, model: nn.Module, state: BlockState) -> torch.Tensor:
-        """[M, D]: the lm_head input at every target token of the batch (row-major)."""
-        return self.final_hidden(model, state)[state.readout_mask]
+        """[M, D]: the lm_head input at every target token of the batch (row-major), as
+        ``lm_head`` receives it: forward pre-hooks on ``lm_head`` (a Surgery module routed
+        there) apply here too, as CLIP's projection hooks apply to its representation."""
+        return _through_pre_hooks(model.lm_head, self.final_hidden(model, state))[state.readout_mask]
 
     def representation_site(self, model: nn.Module) -> tuple[nn.Module, str]:
         return model.lm_head, "input"
@@ -502,6 +504,21 @@ class T5Backbone(Backbone):
             width = max(width, lab.shape[1])
         rows = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=IGNORE) for r in rows]
         return torch.cat(rows, 0)
+
+
+def _through_pre_hooks(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` after the forward pre-hooks of ``module`` (what its forward would receive)."""
+    with_kwargs = getattr(module, "_forward_pre_hooks_with_kwargs", {})
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in with_kwargs:
+            res = hook(module, (x,), {})
+            if res is not None:
+                x = res[0][0]
+        else:
+            res = hook(module, (x,))
+            if res is not None:
+                x = res[0] if isinstance(res, tuple) else res
+    return x
 
 
 def _scales_decoder_output(model: nn.Module) -> bool:
