@@ -29,6 +29,10 @@ Final representation (``readout``/``represent``): the decoder's final hidden sta
 batch (``decoder_attention_mask``). ``representation_site`` is ``lm_head``'s input, so a
 Surgery module hooked there corrects every decoding step of ``generate``.
 
+The encoder exit's state also carries its own output (``extras["block_output"]``), so
+the drift report of that block measures the encoder output, not the decoder inputs.
+Merging goes over the distinct tensors (tied embedding copies count once).
+
 Token masks: encoder stage: ``token_mask`` = the input attention mask; decoder stage:
 ``token_mask`` = ``readout_mask`` = the target tokens (every target token counts in the
 last block). The cross-attention key/value projections read the encoder output, whose

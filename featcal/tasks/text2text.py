@@ -1,7 +1,8 @@
 """Text-to-text task pools (T5-style encoder–decoders): prompts in, generated text out.
 
 A :class:`TextToTextTaskPool` turns each task's examples into prompt strings and target
-strings, tokenises them once (cached on disk), hands out unlabeled calibration batches
+strings, tokenises test splits once (cached on disk under ``text2text/``; the n drawn
+calibration rows are tokenised when drawn), hands out unlabeled calibration batches
 (``input_ids`` + ``attention_mask``; gold target ids as ``labels`` only for the gold-target
 ablation) and evaluates a model by **batched greedy generation** on the device, decoded
 with special tokens skipped and scored per task:
