@@ -12,8 +12,10 @@
 """
 from __future__ import annotations
 
+import atexit
 import json
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -166,6 +168,7 @@ def world() -> dict:
     from featcal.utils import torch_threads
 
     root = Path(tempfile.mkdtemp(prefix="featcal-t5-world-"))
+    atexit.register(shutil.rmtree, root, True)  # removed when the test process ends
     with torch_threads(1):
         data = save_glue_datasets(root / "data")
         templates = glue_templates()
