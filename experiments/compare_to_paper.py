@@ -28,7 +28,7 @@ import pandas as pd
 from featcal.collect import metric_column
 
 AVERAGE_NAMES = {"average", "avg", "mean"}
-MATCH_PROTOCOLS = {"train-split calibration", "individual fine-tuned experts"}
+MATCH_PROTOCOLS = {"train-split calibration", "individual fine-tuned experts", "merge only (no calibration data)"}
 DEFAULT_PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 
 
@@ -45,8 +45,18 @@ def load_paper(paper_dir: Path) -> pd.DataFrame:
     return paper
 
 
+def primary_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Each task's primary metric (accuracy; STS-B's Spearman, ...) in an ``accuracy``
+    column, as the papers average them; CSVs without a ``primary`` column: the accuracy rows."""
+    if "primary" not in df.columns or "value" not in df.columns:
+        return metric_column(df, "accuracy")
+    out = df[df["primary"].astype(str).str.lower().isin(("true", "1"))].copy()
+    out["accuracy"] = out["value"]
+    return out
+
+
 def load_ours(sweep_csv: Path) -> pd.DataFrame:
-    df = metric_column(pd.read_csv(sweep_csv), "accuracy")
+    df = primary_rows(pd.read_csv(sweep_csv))
     need = {"backbone", "merge", "calibration", "budget", "task", "stage", "accuracy"}
     missing = need - set(df.columns)
     if missing:

@@ -213,6 +213,13 @@ class Backbone(abc.ABC):
         leaf = module_name.rsplit(".", 1)[-1]
         return any(p == leaf or p in leaf for p in self.key_value_patterns)
 
+    def module_masks(self, module_name: str, state: BlockState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token mask, readout mask) over the rows that module ``module_name`` of a block
+        reads on ``state``. Default: the block's own tokens. A module that reads another
+        sequence (a decoder's cross-attention key/value projections read the encoder
+        output) gets that sequence's masks."""
+        return state.token_mask, state.readout_mask
+
     # ---- forward -------------------------------------------------------
     @abc.abstractmethod
     def embed(self, model: nn.Module, inputs: Inputs) -> BlockState:

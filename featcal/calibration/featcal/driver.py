@@ -197,11 +197,10 @@ class FeatCal(Calibrator):
             return _tf32_matmuls()
         return contextlib.nullcontext()
 
-    def _weights(self, state: BlockState, weighted: bool) -> torch.Tensor | None:
-        """Token weights [B·N] (None: all ones)."""
-        mask = state.token_mask
+    def _weights(self, mask: torch.Tensor, readout_mask: torch.Tensor, weighted: bool) -> torch.Tensor | None:
+        """Token weights [B·N] from a token mask and a readout mask (None: all ones)."""
         if weighted:
-            readout = state.readout_mask.to(mask.dtype)
+            readout = readout_mask.to(mask.dtype)
             w = mask * (readout + (1.0 - readout) * self.last_block_patch_weight)
             return w.reshape(-1)
         if bool((mask == 1).all()):
@@ -324,7 +323,7 @@ class FeatCal(Calibrator):
                     if block_acc is None:
                         block_acc = self._new_block_acc(groups, norms, device)
                     with self._gram_context(device):
-                        self._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state)
+                        self._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state, backbone)
                     del xs, xe
                 self._finish_task(block_acc, groups, norms, mods, emods, qual)
                 expert[t] = next_expert
@@ -453,13 +452,16 @@ class FeatCal(Calibrator):
         # torch.cat always allocates: never an alias of the expert's parameters
         return torch.cat([emods[n].weight.detach() for n in g.names], 0).float()
 
-    def _accumulate(self, acc, groups, norms, mods, emods, xs, xe, state):
-        w_cache: dict[bool, torch.Tensor | None] = {}
+    def _accumulate(self, acc, groups, norms, mods, emods, xs, xe, state, backbone):
+        w_cache: dict[tuple, torch.Tensor | None] = {}
 
-        def weights(weighted):
-            if weighted not in w_cache:
-                w_cache[weighted] = self._weights(state, weighted)
-            return w_cache[weighted]
+        def weights(name, weighted):
+            # the rows a module reads may be another sequence's (cross-attention k/v)
+            mask, readout = backbone.module_masks(name, state)
+            key = (id(mask), id(readout), weighted)
+            if key not in w_cache:
+                w_cache[key] = self._weights(mask, readout, weighted)
+            return w_cache[key]
 
         a = self.alpha
         for g in groups:
@@ -467,10 +469,11 @@ class FeatCal(Calibrator):
             x_s = xs[g.leader]
             x_s = x_s.reshape(-1, x_s.shape[-1]).float()
             x_e = xe[g.leader].reshape(-1, x_s.shape[-1]).float()
-            w = weights(g.weighted)
+            w = weights(g.leader, g.weighted)
             if w is not None and w.numel() != x_s.shape[0]:
                 raise ValueError(
-                    f"FeatCal: module '{g.leader}' sees {x_s.shape[0]} rows but the block has {w.numel()} tokens"
+                    f"FeatCal: module '{g.leader}' sees {x_s.shape[0]} rows but its token mask has {w.numel()} "
+                    "(Backbone.module_masks names the sequence a module reads)"
                 )
             mom: MomentAccumulator = entry["mom"]
             mom.add(x_s, w)
@@ -493,7 +496,7 @@ class FeatCal(Calibrator):
             entry = acc[("n", n)]
             z = normalise_without_affine(mods[n], xs[n], torch.float32)
             z = z.reshape(-1, z.shape[-1])
-            w = weights(ns.weighted)
+            w = weights(n, ns.weighted)
             zw = z if w is None else z * w[:, None]
             entry["w"] += z.shape[0] if w is None else float(w.sum())
             m, e = zw.sum(0), (zw * z).sum(0)

@@ -1,0 +1,183 @@
+"""GLUE as text-to-text tasks for the FLAN-T5 experts (FusionBench's protocol).
+
+* Data: ``nyu-mll/glue`` with the task as config name (or a local ``save_to_disk``
+  folder of one task's DatasetDict, or a folder holding one such folder per task).
+  Test = ``validation`` (MNLI: ``validation_matched``); calibration = unlabeled inputs
+  from ``train``, shuffled with the run seed, first n per task.
+* Prompts and label words: ``featcal/tasks/data/glue_templates.json``, FusionBench's
+  strings exactly as the experts were fine-tuned on them (typos included).
+* Scoring: greedy generation of at most 10 new tokens, decoded with special tokens
+  skipped; classification = exact match with the label word (accuracy, %); STS-B =
+  the answer parsed as a float (0.0 when it does not parse), Spearman ×100 against the
+  gold scores (target string ``"{:.1f}"`` of the score).
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from featcal.hub import SourceUnavailable
+from featcal.tasks.text2text import TextToTextTaskPool
+
+TEMPLATES_FILE = Path(__file__).resolve().parent / "data" / "glue_templates.json"
+GLUE_HUB_ID = "nyu-mll/glue"
+
+
+@lru_cache(maxsize=None)
+def _read_templates(path: str) -> dict:
+    return json.loads(Path(path).read_text())["tasks"]
+
+
+def glue_templates(path: str | os.PathLike | None = None) -> dict[str, dict]:
+    """{task: {template, fields, label_words | target_format, metric, config, test_split, train_split}}."""
+    return {k: dict(v) for k, v in _read_templates(str(path or TEMPLATES_FILE)).items()}
+
+
+def _local_dataset_folder(source: str, task: str) -> Path | None:
+    """A save_to_disk folder for ``task``: ``source`` itself or ``source/<task>``."""
+    path = Path(os.path.expanduser(str(source)))
+    if not path.is_dir():
+        return None
+    for cand in (path / task, path):
+        if (cand / "dataset_dict.json").exists() or (cand / "state.json").exists():
+            return cand
+    return None
+
+
+class GLUETaskPool(TextToTextTaskPool):
+    """The eight GLUE tasks of the FLAN-T5 experts (see the module docstring).
+
+    Args:
+        tasks: task names (keys of the template file: cola, mnli, mrpc, qnli, qqp, rte,
+            sst2, stsb), ordered like the backbone's experts.
+        tokenizer: tokenizer source (the base model's hub id or folder).
+        datasets: where the data comes from: one source for every task (a hub id, used
+            with the task's config name, or a folder) or a mapping task → source.
+        templates: path of the template file (null: the packaged one).
+        check_sources: open every task's test split on construction, so that a missing
+            dataset fails at once (the run builds the pool before loading any model).
+        (other arguments: see ``TextToTextTaskPool``.)
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        tokenizer: Any,
+        datasets: str | Mapping[str, str] = GLUE_HUB_ID,
+        templates: str | None = None,
+        check_sources: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(tasks, tokenizer, **kwargs)
+        self.templates = glue_templates(templates)
+        unknown = [t for t in self.names if t not in self.templates]
+        if unknown:
+            raise ValueError(f"unknown GLUE tasks {unknown}; known: {sorted(self.templates)}")
+        if isinstance(datasets, Mapping):
+            missing = [t for t in self.names if t not in datasets]
+            if missing:
+                raise ValueError(f"no dataset source for tasks {missing}")
+            self.sources = {t: str(datasets[t]) for t in self.names}
+        else:
+            self.sources = {t: str(datasets) for t in self.names}
+        self._raw: dict[tuple[str, str], Any] = {}
+        if check_sources:  # a missing dataset fails now, before any model is loaded
+            for t in self.names:
+                self.load_split(t, "test")
+
+    @classmethod
+    def validate_config(cls, node: dict[str, Any]) -> list[str]:
+        problems = super().validate_config(node)
+        try:
+            known = glue_templates(node.get("templates"))
+        except Exception as err:  # noqa: BLE001 - a bad template file is a config problem
+            return problems + [f"templates={node.get('templates')!r}: cannot be read ({type(err).__name__}: {err})"]
+        tasks = list(node.get("tasks") or [])
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            problems.append(f"tasks={tasks!r}: unknown GLUE tasks {unknown}; allowed: {', '.join(known)}")
+        return problems
+
+    # ---- data ---------------------------------------------------------------
+    def split_name(self, task: str, split: str) -> str:
+        info = self.templates[task]
+        return info["test_split"] if split == "test" else info.get("train_split", "train") if split == "train" else split
+
+    def load_split(self, task: str, split: str):
+        key = (task, split)
+        if key in self._raw:
+            return self._raw[key]
+        import datasets
+
+        source, name = self.sources[task], self.split_name(task, split)
+        config = self.templates[task].get("config", task)
+        folder = _local_dataset_folder(source, task)
+        if folder is not None:
+            try:
+                ds = datasets.load_from_disk(str(folder))
+            except Exception as err:
+                raise SourceUnavailable(f"could not read saved dataset '{folder}' for task '{task}' ({type(err).__name__}: {err})") from err
+            if isinstance(ds, datasets.DatasetDict):
+                if name not in ds:
+                    raise SourceUnavailable(f"dataset folder '{folder}' (task '{task}') has no split '{name}'; it has {list(ds)}")
+                ds = ds[name]
+        else:
+            path = Path(os.path.expanduser(source))
+            if path.is_absolute() or source.startswith((".", "~")):
+                raise SourceUnavailable(
+                    f"dataset folder '{source}' for task '{task}' does not exist or holds no save_to_disk dataset "
+                    f"(expected '{source}' or '{source}/{task}' with a dataset_dict.json)"
+                )
+            try:
+                ds = datasets.load_dataset(source, config, split=name)
+            except Exception as err:  # connection errors, offline mode without cache, missing configs
+                raise SourceUnavailable(
+                    f"could not load dataset '{source}' (config '{config}', split '{name}') for task '{task}'. "
+                    f"To pre-download it, on a machine with hub access run `python -c \"import datasets; "
+                    f"datasets.load_dataset('{source}', '{config}')\"` (or `hf download --repo-type dataset {source}`), "
+                    f"copy $HF_HOME here and set HF_HOME to it with HF_HUB_OFFLINE=1; or save it with "
+                    f"`datasets.load_dataset('{source}', '{config}').save_to_disk(DIR/{task})` and pass "
+                    f"backbone.taskpool.datasets=DIR (cause: {type(err).__name__}: {err})"
+                ) from err
+        fields = self.templates[task]["fields"] + ["label"]
+        missing = [f for f in fields if f not in ds.column_names]
+        if missing:
+            raise SourceUnavailable(f"dataset for task '{task}' lacks columns {missing} (has {ds.column_names})")
+        self._raw[key] = ds
+        return ds
+
+    def source_identity(self, task: str, split: str) -> Any:
+        source = self.sources[task]
+        folder = _local_dataset_folder(source, task)
+        if folder is None:
+            return [GLUE_HUB_ID if source == GLUE_HUB_ID else source, self.templates[task].get("config", task), self.split_name(task, split)]
+        stamp = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.rglob("*") if f.is_file())
+        return [str(folder.resolve()), self.split_name(task, split), stamp]
+
+    def render_identity(self, task: str) -> Any:
+        return self.templates[task]
+
+    # ---- strings ------------------------------------------------------------
+    def render_input(self, task: str, row: dict) -> str:
+        info = self.templates[task]
+        return info["template"].format(**{f: row[f] for f in info["fields"]})
+
+    def render_target(self, task: str, row: dict) -> str:
+        info = self.templates[task]
+        if "label_words" in info:
+            label = int(row["label"])
+            if not 0 <= label < len(info["label_words"]):
+                raise ValueError(f"task '{task}': label {label} has no label word (unlabeled test rows use -1)")
+            return info["label_words"][label]
+        return info.get("target_format", "{}").format(float(row["label"]))
+
+    def gold_value(self, task: str, row: dict) -> Any:
+        if self.metric_of(task) == "spearman":
+            return float(row["label"])
+        return self.render_target(task, row)
+
+    def metric_of(self, task: str) -> str:
+        return self.templates[task].get("metric", "accuracy")
