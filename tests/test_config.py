@@ -123,7 +123,7 @@ def test_budget_all_is_accepted_for_every_calibrator():
     from featcal.config import validate
 
     for cal in ("featcal", "surgery", "probsurgery", "none"):
-        validate(compose_cfg([f"calibration={cal}", "budget=test_all"]))
+        validate(compose_cfg([f"calibration={cal}", "budget.per_task=all", "budget.split=test"]))
         validate(compose_cfg([f"calibration={cal}", "budget.per_task=all", "budget.split=train"]))
     with pytest.raises(ConfigError, match="or 'all'"):
         validate(compose_cfg(["budget.per_task=most"]))

@@ -40,7 +40,7 @@ def test_featcal_keeps_no_alias_of_expert_parameters(name, route, request):
     for (n, p), q in zip(ref.model.named_parameters(), out.model.parameters()):
         assert p.device == q.device
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)
-    assert out.report["drift"] == ref.report["drift"]
+    assert out.report.drift == ref.report.drift
 
 
 @pytest.mark.parametrize("name", ["clip", "llama"])
@@ -114,8 +114,8 @@ def test_block_dtype_bf16_runs_the_passes_in_bf16_and_keeps_fp32_statistics(clip
         return FeatCal(progress=False, drift_examples=0, **kw).calibrate(backbone, merged, base, experts, calib)
 
     ref, tf32, bf16 = run(), run(block_dtype="tf32", gram_tf32=True), run(block_dtype="bf16")
-    assert tf32.report["settings"]["gram_tf32"] is True
-    assert bf16.report["settings"]["block_dtype"] == "bf16" and ref.report["settings"]["block_dtype"] == "fp32"
+    assert tf32.report.settings["gram_tf32"] is True
+    assert bf16.report.settings["block_dtype"] == "bf16" and ref.report.settings["block_dtype"] == "fp32"
     worst = 0.0
     pairs = zip(ref.model.named_parameters(), bf16.model.parameters(), tf32.model.parameters())
     for n, p, q, r in ((n, p.detach(), q.detach(), r.detach()) for (n, p), q, r in pairs):
