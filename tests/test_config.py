@@ -127,3 +127,14 @@ def test_budget_all_is_accepted_for_every_calibrator():
         validate(compose_cfg([f"calibration={cal}", "budget.per_task=all", "budget.split=train"]))
     with pytest.raises(ConfigError, match="or 'all'"):
         validate(compose_cfg(["budget.per_task=most"]))
+
+
+def test_ties_merge_func_and_featcal_fast_path_keys_are_validated():
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["merge=ties", "merge.merge_func=median", "calibration.block_dtype=fp8",
+                              "calibration.gram_tf32=maybe"]))
+    msg = str(info.value)
+    assert "merge.merge_func='median'" in msg and "calibration.block_dtype='fp8'" in msg
+    assert "calibration.gram_tf32='maybe'" in msg
+    validate(compose_cfg(["merge=ties", "merge.merge_func=mean", "calibration.block_dtype=tf32",
+                          "calibration.gram_tf32=true"]))

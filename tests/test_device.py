@@ -145,3 +145,18 @@ def test_featcal_refuses_a_budget_whose_activations_cannot_fit(clip_world, monke
         assert torch.equal(p, q)  # nothing was written
     monkeypatch.setattr(driver, "available_bytes", lambda device: None)  # unknown: no check
     FeatCal(progress=False, drift_examples=0).calibrate(backbone, merged, base, experts, calib)
+
+
+def test_merges_create_tensors_on_the_weights_device():
+    from featcal.merge import dare, task_arithmetic, ties, weight_average
+
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g), "ids": torch.arange(3)}
+    experts = [{k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in base.items()}
+               for _ in range(2)]
+    with FactoryAudit() as audit:
+        for fn in (weight_average, task_arithmetic, ties, dare):
+            fn(base, experts)
+    # DARE's masks come from a CPU generator on purpose (same merge on every device) and
+    # say so with device="cpu"; nothing else is created without a device
+    assert audit.unexpected() == []

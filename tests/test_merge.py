@@ -211,3 +211,13 @@ def test_mismatched_keys():
         task_arithmetic({"w": torch.zeros(1)}, [{"v": torch.zeros(1)}])
     with pytest.raises(ValueError, match="at least one expert"):
         ties({"w": torch.zeros(1)}, [])
+
+
+def test_merge_functions_validate_their_own_keys():
+    assert ties.validate_config({"scaling_factor": 0.3, "density": 0.2, "merge_func": "sum"}) == []
+    problems = ties.validate_config({"scaling_factor": 1.5, "density": 0.0, "merge_func": "median"})
+    assert len(problems) == 3 and any(p.startswith("merge_func='median'") for p in problems)
+    assert dare.validate_config({"drop_rate": 1.0, "rescale": "yes", "seed": 0}) == [
+        "drop_rate=1.0: must be a number in [0, 1)", "rescale='yes': must be true or false"]
+    assert task_arithmetic.validate_config({"scaling_factor": 0.0}) == ["scaling_factor=0.0: must be a number in (0, 1]"]
+    assert weight_average.validate_config({}) == []

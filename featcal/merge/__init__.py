@@ -7,14 +7,10 @@ which ``exclude(key)`` is true pass through at their base value.
 """
 from __future__ import annotations
 
-from featcal.merge.base import Exclude, StateDict, validate_merge_config
+from featcal.merge.base import Exclude, StateDict
 from featcal.merge.dare import dare
 from featcal.merge.task_arithmetic import task_arithmetic
 from featcal.merge.ties import global_trim_threshold, ties
 from featcal.merge.weight_average import weight_average
-
-for _fn in (dare, task_arithmetic, ties, weight_average):
-    _fn.validate_config = validate_merge_config
-del _fn
 
 __all__ = ["Exclude", "StateDict", "dare", "global_trim_threshold", "task_arithmetic", "ties", "weight_average"]

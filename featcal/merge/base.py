@@ -42,14 +42,23 @@ def task_vector(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return expert.to(device=base.device, dtype=dt) - base.to(dt)
 
 
-def validate_merge_config(node: dict) -> list[str]:
-    """Problems in a merge config node (the keys the merge functions share); attached to
-    each merge function as ``validate_config`` for ``featcal.config.validate``."""
-    from featcal.config import check_keys, number_in
+# ---- config checks: ``validate_config(node) -> list[str]`` attributes of the merge
+# functions (the run's config validation collects them before any model loads)
 
-    return check_keys(node, {
-        "scaling_factor": (number_in(0.0, 1.0, lo_open=True), "must be a number in (0, 1]"),
-        "density": (number_in(0.0, 1.0, lo_open=True), "must be a number in (0, 1]"),
-        "drop_rate": (number_in(0.0, 1.0, hi_open=True), "must be a number in [0, 1)"),
-        "merge_func": (lambda x: x in ("sum", "mean", "max"), "allowed: sum, mean, max"),
-    })
+
+def _number(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def check_merge_keys(node: dict, checks: dict) -> list[str]:
+    """``[f"{key}={value!r}: {allowed}"]`` for each key of ``node`` failing its check."""
+    return [f"{k}={node[k]!r}: {allowed}" for k, (ok, allowed) in checks.items() if k in node and not ok(node[k])]
+
+
+SCALING = (lambda x: _number(x) and 0.0 < float(x) <= 1.0, "must be a number in (0, 1]")
+DENSITY = (lambda x: _number(x) and 0.0 < float(x) <= 1.0, "must be a number in (0, 1]")
+DROP_RATE = (lambda x: _number(x) and 0.0 <= float(x) < 1.0, "must be a number in [0, 1)")
+BOOL = (lambda x: isinstance(x, bool), "must be true or false")
+SEED = (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "must be a non-negative integer")

@@ -11,7 +11,18 @@ from typing import Sequence
 
 import torch
 
-from featcal.merge.base import Exclude, StateDict, check_experts, mergeable, task_vector
+from featcal.merge.base import (
+    BOOL,
+    DROP_RATE,
+    SCALING,
+    SEED,
+    Exclude,
+    StateDict,
+    check_experts,
+    check_merge_keys,
+    mergeable,
+    task_vector,
+)
 
 
 def dare(
@@ -47,3 +58,8 @@ def dare(
             acc = part if acc is None else acc + part
         out[key] = (b.to(acc.dtype) + scaling_factor * acc).to(b.dtype)
     return out
+
+
+dare.validate_config = lambda node: check_merge_keys(
+    node, {"scaling_factor": SCALING, "drop_rate": DROP_RATE, "rescale": BOOL, "seed": SEED}
+)

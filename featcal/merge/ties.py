@@ -25,7 +25,17 @@ from typing import Sequence
 
 import torch
 
-from featcal.merge.base import Exclude, StateDict, check_experts, mergeable, task_vector, work_dtype
+from featcal.merge.base import (
+    DENSITY,
+    SCALING,
+    Exclude,
+    StateDict,
+    check_experts,
+    check_merge_keys,
+    mergeable,
+    task_vector,
+    work_dtype,
+)
 
 MERGE_FUNCS = ("sum", "mean", "max")
 
@@ -106,3 +116,10 @@ def ties(
             merged_tv = selected.abs().amax(0) * sign
         out[key] = (b.to(merged_tv.dtype) + scaling_factor * merged_tv).to(b.dtype)
     return {k: out[k] for k in base}  # the base's key order
+
+
+ties.validate_config = lambda node: check_merge_keys(node, {
+    "scaling_factor": SCALING,
+    "density": DENSITY,
+    "merge_func": (lambda x: x in MERGE_FUNCS, f"allowed: {', '.join(MERGE_FUNCS)}"),
+})

@@ -46,6 +46,13 @@ Efficiency choices (the results are those of the plain formulas):
   only, summed over tasks in that form and mirrored once per block; per-task
   accumulators are allocated once per block and reused;
 * after the last block only the drift examples are pushed through the calibrated block.
+
+Devices and precision: everything the driver creates (statistics, accumulators, copies of
+the experts' parameters, solved values) lives on the work ``device``, in float32 or wider
+whatever the model dtype; the models themselves may stay at home (e.g. on the CPU) and
+only the block in work and the expert copies of it visit the device. On a GPU,
+``block_dtype`` (tf32 / bf16 block passes) and ``gram_tf32`` trade a little precision
+for speed; both are off by default.
 """
 from __future__ import annotations
 
