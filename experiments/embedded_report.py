@@ -22,15 +22,9 @@ from pathlib import Path
 import torch
 
 from featcal.merge import task_arithmetic, ties, weight_average
-from featcal.tasks.embedded import (
-    TASKS,
-    EmbeddedBackbone,
-    EmbeddedSpec,
-    EmbeddedTaskPool,
-    cache_path,
-    ensure_built,
-    read_manifest,
-)
+from featcal.backbone.embedded import EmbeddedBackbone
+from featcal.tasks.embedded import EmbeddedTaskPool
+from featcal.tasks.embedded_build import TASKS, EmbeddedSpec, cache_path, ensure_built, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +94,7 @@ def markdown(res: dict, cold_seconds: float | None) -> str:
         "# Embedded benchmark (sklearn digits, small CLIP vision tower)",
         "",
         "Written by `python experiments/embedded_report.py` (the default spec of "
-        "`conf/backbone/embedded.yaml` / `featcal.tasks.embedded.EmbeddedSpec`). Top-1 test accuracy (%).",
+        "`conf/backbone/embedded.yaml` / `featcal.tasks.embedded_build.EmbeddedSpec`). Top-1 test accuracy (%).",
         "",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.",
@@ -152,7 +146,7 @@ def markdown(res: dict, cold_seconds: float | None) -> str:
 
 NOTES = """## Notes
 
-- The build runs on one intra-op thread (`featcal.tasks.embedded.BUILD_THREADS`): the same
+- The build runs on one intra-op thread (`featcal.tasks.embedded_build.BUILD_THREADS`): the same
   numerics on any machine, and no OpenMP barrier stalls when other processes share the two
   cores (two threads ran 4-10x slower than one on this busy machine). The figures above were
   measured while other jobs were using the CPU (load average about 3.5 on 2 cores); an idle

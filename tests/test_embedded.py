@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import featcal.tasks.embedded as emb
+import featcal.tasks.embedded_build as emb
 from featcal.backbone.clip import load_clip_vision
+from featcal.backbone.embedded import EmbeddedBackbone
 from featcal.tasks.base import ClassEmbeddingHead
-from featcal.tasks.embedded import (
-    EmbeddedBackbone,
+from featcal.tasks.embedded import EmbeddedTaskPool
+from featcal.tasks.embedded_build import (
     EmbeddedSpec,
-    EmbeddedTaskPool,
     ensure_built,
     expected_split_sizes,
     read_manifest,
@@ -59,7 +60,7 @@ def _yaml(name: str):
 
 
 # ---- config ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["embedded", "embedded_small"])
+@pytest.mark.parametrize("name", ["embedded", "embedded_small", "embedded_interference"])
 def test_yaml_split_sizes_match_code(name):
     cfg = _yaml(name)
     spec = OmegaConf.to_container(cfg.backbone.spec, resolve=True)
@@ -67,7 +68,7 @@ def test_yaml_split_sizes_match_code(name):
     assert OmegaConf.to_container(cfg.backbone.train_sizes) == sizes["train"]
     assert OmegaConf.to_container(cfg.backbone.test_sizes) == sizes["test"]
     # budgets up to 256 must fit every train split of the default benchmark
-    if name == "embedded":
+    if name != "embedded_small":
         assert min(sizes["train"].values()) >= 256
         assert len(spec["tasks"]) >= 6
 
@@ -75,6 +76,13 @@ def test_yaml_split_sizes_match_code(name):
 def test_default_yaml_is_the_default_spec():
     spec = OmegaConf.to_container(_yaml("embedded").backbone.spec, resolve=True)
     assert EmbeddedSpec.from_config(spec) == EmbeddedSpec()
+
+
+def test_interference_yaml_is_the_interference_spec():
+    spec = OmegaConf.to_container(_yaml("embedded_interference").backbone.spec, resolve=True)
+    assert EmbeddedSpec.from_config(spec) == emb.INTERFERENCE_SPEC
+    # the pre-v2 default recipe: upright pre-training, heads on each task's own split
+    assert emb.INTERFERENCE_SPEC.pretrain_data == "upright" and emb.INTERFERENCE_SPEC.head_source == "task"
 
 
 def test_spec_rejects_unknown_keys_and_tasks():
@@ -302,3 +310,58 @@ def test_evaluate_reproduces_the_build_accuracy_and_test_batches(built):
     manifest = read_manifest(Path(adapter.folder))
     # the run's scorer (model(pixel_values=...).image_embeds through the head) reproduces the build's figure
     assert acc["digits"]["accuracy"] == pytest.approx(manifest["metrics"]["experts"]["digits"], abs=1e-6)
+
+
+
+# ---- the union pre-training and canonical heads -------------------------------------------
+def test_union_pretraining_data_covers_every_task_distribution():
+    spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "union"})
+    images8, digits = emb._load_digits()
+    x, y, augment = emb.pretraining_data(spec, images8, digits)
+    pool = emb._pools(spec)["train"]
+    n = len(pool)
+    assert x.shape == ((1 + len(spec.tasks)) * n, 3, spec.image_size, spec.image_size)
+    assert torch.equal(y, digits[pool].repeat(1 + len(spec.tasks)))
+    # block 0: upright digits; block 1 + k: task k's transform of the same digits,
+    # the same as that task's stored train split wherever the digit is in it
+    upright = F.interpolate(images8[pool][:, None], size=(spec.image_size,) * 2, mode="bilinear", align_corners=False)
+    assert torch.allclose(x[:n], ((upright.clamp(0, 1) - 0.5) / 0.5).expand(-1, 3, -1, -1), atol=2e-3)
+    for k, name in enumerate(spec.tasks):
+        d = emb.make_task_data(spec, name, images8, digits)
+        rows = {int(v): r for r, v in enumerate(pool.tolist())}
+        sel = torch.tensor([rows[int(i)] for i in d["train_index"]])
+        assert torch.equal(x[(1 + k) * n + sel], d["train_x"].float())
+    # the per-batch jitter keeps shapes and is seeded
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x[:4], g1), augment(x[:4], g2))
+    upright_spec = EmbeddedSpec.from_config(TINY)
+    xu, yu, _ = emb.pretraining_data(upright_spec, images8, digits)
+    assert xu.shape[0] == n and torch.equal(yu, digits[pool])
+
+
+def test_canonical_heads_are_upright_digit_prototypes(tmp_path):
+    spec = EmbeddedSpec.from_config({**TINY, "tasks": ["rot90", "mirror_parity"], "pretrain_data": "union", "head_source": "canonical"})
+    ensure_built(spec, tmp_path, device="cpu", progress=False)
+    adapter = EmbeddedBackbone(spec=spec, cache_dir=tmp_path)
+    pool = EmbeddedTaskPool(spec=spec, cache_dir=tmp_path)
+    base = adapter.load_base()
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = emb._pools(spec)["train"]
+    img = torch.tensor(d.images, dtype=torch.float32)[idx] / 16.0
+    up = F.interpolate(img[:, None], size=(spec.image_size,) * 2, mode="bilinear", align_corners=False).clamp(0, 1)
+    x = ((up - 0.5) / 0.5).expand(-1, 3, -1, -1)
+    digits = torch.tensor(d.target)[idx]
+    with torch.no_grad():
+        z = F.normalize(adapter.represent(base, x), dim=-1)
+    for task in pool.tasks:
+        labels = digits % 2 if task.name == "mirror_parity" else digits
+        means = torch.stack([z[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+        proto = F.normalize(means - means.mean(0, keepdim=True), dim=-1)
+        assert torch.allclose(task.head.class_embeddings, proto, atol=1e-4), task.name
+    # and they differ from prototypes on the task's own (transformed) split
+    xr, yr = pool.split("rot90", "train")
+    with torch.no_grad():
+        own = emb.prototypes(adapter.represent(base, xr), yr, 10)
+    assert not torch.allclose(pool.tasks[0].head.class_embeddings, own, atol=1e-3)
