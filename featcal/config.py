@@ -118,6 +118,20 @@ def validate(cfg: DictConfig) -> None:
     if drop is not None and (not _is_num(drop) or not 0.0 <= float(drop) < 1.0):
         bad("merge.drop_rate", drop, "must be a number in [0, 1)")
 
+    ratio = _get(cfg, "merge.reduce_non_diagonal_ratio")
+    if ratio is not None and (not _is_num(ratio) or not 0.0 <= float(ratio) <= 1.0):
+        bad("merge.reduce_non_diagonal_ratio", ratio, "must be a number in [0, 1]")
+    solve = _get(cfg, "merge.solve_dtype")
+    if solve is not None and solve not in ("float32", "float64"):
+        bad("merge.solve_dtype", solve, "allowed: float32, float64")
+    steps = _get(cfg, "merge.steps")
+    if steps is not None and (not _is_int(steps) or steps < 0):
+        bad("merge.steps", steps, "must be an integer >= 0")
+    for key in ("merge.lr", "merge.init"):
+        v = _get(cfg, key)
+        if v is not None and (not _is_num(v) or float(v) < 0):
+            bad(key, v, "must be a number >= 0")
+
     # ---- calibration --------------------------------------------------------
     if _get(cfg, "calibration._target_") is None:
         bad("calibration._target_", None, "the calibration config needs a _target_")

@@ -60,6 +60,38 @@ def _sweep_group() -> tuple[str | None, str | None]:
     return None, name
 
 
+def _draw_calibration(cfg: DictConfig, pool: TaskPool) -> list[list[Any]]:
+    """The run's calibration set: ``budget.per_task`` unlabeled examples per task, seeded."""
+    cal_bs = int(cfg.calibration.get("batch_size", 16))
+    return pool.calibration_set(int(cfg.budget.per_task), int(cfg.seed), cal_bs, str(cfg.budget.split))
+
+
+# ---- merging (data-free merges, and merges that read the calibration set) ------------
+def _merge_flag(merge_fn, name: str) -> bool:
+    """A merge function's declared needs (looked up through ``functools.partial``)."""
+    fn = merge_fn
+    while fn is not None:
+        if getattr(fn, name, False):
+            return True
+        fn = getattr(fn, "func", None)
+    return False
+
+
+def _merge(merge_fn, adapter: Backbone, pool: TaskPool, base, experts, calib, device) -> torch.nn.Module:
+    """The merged model. A merge function with ``needs_calibration_data = True`` (RegMean,
+    AdaMerging) also receives ``backbone=, base_model=, expert_models=, calib=, device=``
+    (the same calibration set the calibrator gets later); with ``needs_heads = True``
+    (AdaMerging) also ``heads=``: per task, a callable mapping the backbone's final
+    representation to class logits, taken from the task pool."""
+    extra: dict[str, Any] = {}
+    if _merge_flag(merge_fn, "needs_calibration_data"):
+        extra = dict(backbone=adapter, base_model=base, expert_models=experts, calib=calib, device=device)
+        if _merge_flag(merge_fn, "needs_heads"):
+            extra["heads"] = pool.heads()
+    merged_sd = merge_fn(base.state_dict(), [e.state_dict() for e in experts], exclude=adapter.merge_excluded, **extra)
+    return adapter.with_state_dict(base, merged_sd)
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one configuration and write its results into ``out_dir``."""
     validate(cfg)  # before anything heavy: a bad value costs nothing
@@ -106,10 +138,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if tasks != adapter.tasks:
             raise ConfigError(f"task pool tasks {tasks} do not match backbone tasks {adapter.tasks}")
 
+    calib = None
+    if _merge_flag(merge_fn, "needs_calibration_data"):
+        with timer.stage("calibration_data"):
+            calib = _draw_calibration(cfg, pool)
     with timer.stage("merge"):
-        merged_sd = merge_fn(base.state_dict(), [e.state_dict() for e in experts], exclude=adapter.merge_excluded)
-        merged = adapter.with_state_dict(base, merged_sd)
-        del merged_sd
+        merged = _merge(merge_fn, adapter, pool, base, experts, calib, device)
     if dtype != torch.float32:
         base, merged = base.to(dtype), merged.to(dtype)
         experts = [e.to(dtype) for e in experts]
@@ -144,9 +178,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         accuracy["calibrated"] = dict(accuracy["merged"])
         timer.seconds["calibrate"] = 0.0
     else:
-        with timer.stage("calibration_data"):
-            cal_bs = int(cfg.calibration.get("batch_size", 16))
-            calib = pool.calibration_set(int(cfg.budget.per_task), int(cfg.seed), cal_bs, str(cfg.budget.split))
+        if calib is None:
+            with timer.stage("calibration_data"):
+                calib = _draw_calibration(cfg, pool)
         rss_before = current_rss_mib()
         with timer.stage("calibrate"):
             calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)
