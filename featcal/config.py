@@ -63,6 +63,9 @@ def validate(cfg: DictConfig) -> None:
         v = _get(cfg, key)
         if not _is_int(v) or v < 1:
             bad(key, v, "must be a positive integer")
+    v = _get(cfg, "resume", True)
+    if not isinstance(v, bool):
+        bad("resume", v, "must be true or false")
     v = _get(cfg, "num_workers")
     if not _is_int(v) or v < 0:
         bad("num_workers", v, "must be a non-negative integer")

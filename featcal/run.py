@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, NoCalibration
 from featcal.config import ConfigError, validate
+from featcal.resume import config_hash, previous_results
 from featcal.report import format_table, long_rows, per_task_table, with_average, write_results
 from featcal.tasks.base import TaskPool, evaluate
 from featcal.utils import DTYPES, StageTimer, current_rss_mib, peak_rss_mib, resolve_device, seed_everything
@@ -95,6 +96,9 @@ def _merge(merge_fn, adapter: Backbone, pool: TaskPool, base, experts, calib, de
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one configuration and write its results into ``out_dir``."""
     validate(cfg)  # before anything heavy: a bad value costs nothing
+    done = previous_results(cfg, out_dir)  # resume: a complete run of the same config is not redone
+    if done is not None:
+        return done
     started = time.time()
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
@@ -217,6 +221,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "calibration_report": {k: v for k, v in report.items() if k not in ("drift", "loss_curve")},
         "wall_clock_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": config_hash(cfg),
     }
     long = long_rows({"run_dir": str(out_dir), **meta}, accuracy)
     write_results(out_dir, results, long)
