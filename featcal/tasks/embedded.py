@@ -695,9 +695,12 @@ def _spec_from(tasks: list[str] | None, spec: Any, overrides: Mapping[str, Any])
     given = dataclasses.asdict(spec) if isinstance(spec, EmbeddedSpec) else dict(spec or {})
     given.update(overrides)
     if tasks is not None:
-        if "tasks" in given and [str(t) for t in given["tasks"]] != [str(t) for t in tasks]:
-            raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}")
-        given["tasks"] = list(tasks)
+        if "tasks" in given:
+            if not set(map(str, tasks)) <= set(map(str, given["tasks"])) or len(set(tasks)) != len(tasks):
+                raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}: "
+                                 "they must be distinct tasks of the spec (a subset selects those experts)")
+        else:
+            given["tasks"] = list(tasks)
     return EmbeddedSpec.from_config(given)
 
 
@@ -714,6 +717,9 @@ class _EmbeddedBuild:
         spec_overrides: Mapping[str, Any],
     ) -> None:
         self.spec = _spec_from(tasks, spec, spec_overrides)
+        #: the tasks this object serves: ``tasks`` (a subset of the built suite, in the given
+        #: order) or every task of the spec; the cache is the whole suite's either way
+        self.selected = [str(t) for t in tasks] if tasks is not None else list(self.spec.tasks)
         self.cache_dir = cache_dir
         self.build_device = build_device
         self._folder: Path | None = None
@@ -741,7 +747,7 @@ class EmbeddedBackbone(_EmbeddedBuild, CLIPVisionBackbone):
         **spec_overrides: Any,
     ):
         self._init_build(tasks, spec, cache_dir, build_device, spec_overrides)
-        super().__init__(list(self.spec.tasks), base="", experts={t: "" for t in self.spec.tasks})
+        super().__init__(list(self.selected), base="", experts={t: "" for t in self.selected})
 
     def load_base(self) -> nn.Module:
         return load_clip_vision(str(self.folder / "base"))
@@ -767,7 +773,7 @@ class EmbeddedTaskPool(_EmbeddedBuild, TaskPool):
 
     @property
     def names(self) -> list[str]:
-        return list(self.spec.tasks)
+        return list(self.selected)
 
     def split(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel values [N,3,H,W] float32, labels [N]) of a task's split."""
@@ -785,7 +791,7 @@ class EmbeddedTaskPool(_EmbeddedBuild, TaskPool):
             folder = self.folder
             heads = load_file(str(folder / "heads.safetensors"))
             out = []
-            for name in self.spec.tasks:
+            for name in self.selected:
                 raw = load_file(str(folder / "data" / f"{name}.safetensors"))
                 self._data[name] = {k: (v.float() if k.endswith("_x") else v) for k, v in raw.items()}
                 head = ClassEmbeddingHead(heads[name], self.spec.logit_scale)
