@@ -45,6 +45,7 @@ from featcal.utils import atomic_write_text
 log = logging.getLogger(__name__)
 
 AVERAGE = "average"
+MERGE_ORDER = {"weight_average": 0, "task_arithmetic": 1, "ties": 2, "dare": 3, "regmean": 4, "adamerging": 5}
 CAL_ORDER = {"none": 0, "featcal": 1, "featcal_paper": 2, "surgery": 3, "probsurgery": 4, "probsurgery_shared": 5}
 MATCH_PROTOCOLS = {"train-split calibration", "individual fine-tuned experts"}
 DEFAULT_PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
@@ -181,7 +182,8 @@ def method_rows(long: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         out.append(g)
     rows = pd.concat(out, ignore_index=True)
     rows["_c"] = rows["calibration"].map(lambda c: CAL_ORDER.get(c, 9))
-    rows = rows.sort_values(["backbone", "n_tasks", "merge", "_c", "budget"], na_position="first").drop(columns="_c")
+    rows["_m"] = rows["merge"].map(lambda m: MERGE_ORDER.get(m, 9))
+    rows = rows.sort_values(["backbone", "n_tasks", "_m", "merge", "_c", "budget"], na_position="first").drop(columns=["_c", "_m"])
     return rows.reset_index(drop=True)
 
 
@@ -386,7 +388,8 @@ def _colors(names: list[str]) -> dict[str, Any]:
 
 
 def _panels(runs: pd.DataFrame) -> list[tuple[str, int, str]]:
-    return list(dict.fromkeys(zip(runs["backbone"], runs["n_tasks"], runs["merge"])))
+    panels = list(dict.fromkeys(zip(runs["backbone"], runs["n_tasks"], runs["merge"])))
+    return sorted(panels, key=lambda p: (str(p[0]), p[1], MERGE_ORDER.get(p[2], 9), p[2]))
 
 
 def _avg(long: pd.DataFrame, stage: str) -> pd.DataFrame:
@@ -473,8 +476,8 @@ def figure_cost(runs: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xticklabels([str(b) for b in budgets])
         ax.set_xlabel("calibration examples per task")
         ax.grid(alpha=0.3)
-    ax_t.set_ylim(bottom=0)
-    ax_m.set_ylim(bottom=0)
+    for ax in (ax_t, ax_m):
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
     ax_t.set_ylabel("calibration wall-clock (s)")
     ax_t.set_title("Calibration time", fontsize=10)
     ax_m.set_ylabel(f"{' / '.join(kinds)} of the run (MiB)")
@@ -556,8 +559,8 @@ def figure_scaling(long: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path |
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    ax_t.set_ylim(bottom=0)
-    ax_m.set_ylim(bottom=0)
+    for ax in (ax_t, ax_m):
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
     ax_a.legend(fontsize=7)
     fig.suptitle("Scaling with the number of merged tasks", fontsize=12)
     fig.tight_layout()

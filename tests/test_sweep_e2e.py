@@ -154,10 +154,11 @@ def test_report_tables_figures_and_wandb(env, report_sweep):
     (report_run,) = (out / "wandb").glob("offline-run-*")
     logged = read_offline_run(report_run)
     assert logged["group"] == group and group.startswith("sweep-")
-    row = next(h for h in logged["history"] if "report/sweep_table" in h)
-    assert row["report/sweep_table"]["_type"] == "table-file"
+    row = next(h for h in logged["history"] if "report/sweep_table/_type" in h)  # nested keys come back flattened
+    assert row["report/sweep_table/_type"] == "table-file" and row["report/sweep_table/nrows"] == len(table)
     for name in ("accuracy_vs_budget", "cost", "drift", "scaling"):
-        assert row[f"report/{name}"]["_type"] == "image-file"
+        assert row[f"report/{name}/_type"] == "image-file"
+        assert (report_run / "files" / row[f"report/{name}/path"]).read_bytes() == (out / f"{name}.png").read_bytes()
     table_file = next((report_run / "files").rglob("sweep_table*.table.json"))
     logged_table = json.loads(table_file.read_text())
     assert len(logged_table["data"]) == len(table) and "average" in logged_table["columns"]
