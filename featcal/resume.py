@@ -68,7 +68,7 @@ def complete_results(out_dir: Path, digest: str) -> dict[str, Any] | None:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # unreadable: rerun
-    if not isinstance(results, dict) or results.get("config_hash") != digest or "accuracy" not in results:
+    if not isinstance(results, dict) or results.get("config_hash") != digest or "score" not in results:
         return None
     return results
 

@@ -39,7 +39,6 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from featcal.report import long_rows
 from featcal.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ def load(inputs: Iterable[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     long: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []
-    wandb_info: dict[str, Any] = {"groups": set(), "logger": {}}
+    wandb_info: dict[str, Any] = {"groups": set(), "logger": {}, "metrics": set()}
 
     def add_results(results: dict[str, Any], run_dir: Path) -> None:
         rec = _run_record(results, str(run_dir))
@@ -107,7 +106,12 @@ def load(inputs: Iterable[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
             wandb_info["logger"] = wandb_info["logger"] or logger
         runs.append(rec)
         meta = {k: rec[k] for k in ("run_dir", "backbone", "merge", "calibration", "budget", "seed", "n_tasks")}
-        long.extend(long_rows(meta, results.get("accuracy") or {}))
+        wandb_info["metrics"].update((results.get("primary_metric") or {"": "accuracy"}).values())
+        # each task's primary metric (accuracy for classification pools) and their average
+        score = results.get("score") or results.get("accuracy") or {}
+        for stage, per_task in score.items():
+            for task, value in per_task.items():
+                long.append({**meta, "stage": stage, "task": task, "accuracy": float(value)})
         for row in results.get("drift") or []:
             drift.append({**meta, **row})
 
@@ -122,9 +126,15 @@ def load(inputs: Iterable[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
                     log.warning("skipping unreadable %s: %s", res, err)
         elif path.suffix == ".csv" and path.is_file():
             df = pd.read_csv(path)
-            need = {"run_dir", "backbone", "merge", "calibration", "budget", "stage", "task", "accuracy"}
+            need = {"run_dir", "backbone", "merge", "calibration", "budget", "stage", "task"}
             if need - set(df.columns):
                 raise ValueError(f"{path} lacks columns {sorted(need - set(df.columns))} (a featcal-collect CSV has them)")
+            if "metric" in df.columns:  # one row per (stage, task, metric): keep each task's primary metric
+                df = df[df["primary"].astype(str).str.lower().isin(("true", "1"))].copy()
+                wandb_info["metrics"].update(df.loc[df["task"] != AVERAGE, "metric"])
+                df["accuracy"] = df["value"]
+            else:
+                wandb_info["metrics"].add("accuracy")
             for run_dir, g in df.groupby("run_dir", sort=False):
                 res = Path(str(run_dir)) / "results.json"
                 if res.is_file():
@@ -277,6 +287,9 @@ def ours_for_paper(df: pd.DataFrame) -> pd.DataFrame:
     one row per (backbone, method, merge, budget, task): the run's calibrated accuracy (its
     merged accuracy when calibration is none), experts as method "experts"; seeds averaged,
     the average over tasks recomputed from the per-task rows."""
+    if "metric" in df.columns and "value" in df.columns:  # one row per (stage, task, metric): the primary ones
+        df = df[df["primary"].astype(str).str.lower().isin(("true", "1"))].copy() if "primary" in df.columns else df[df["metric"] == "accuracy"].copy()
+        df["accuracy"] = df["value"]
     need = {"backbone", "merge", "calibration", "budget", "task", "stage", "accuracy"}
     missing = need - set(df.columns)
     if missing:
@@ -397,7 +410,7 @@ def _avg(long: pd.DataFrame, stage: str) -> pd.DataFrame:
     return sub.groupby(["backbone", "n_tasks", "merge", "calibration", "budget"], as_index=False)["accuracy"].mean()
 
 
-def figure_accuracy(long: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
+def figure_accuracy(long: pd.DataFrame, runs: pd.DataFrame, path: Path, metric: str = "accuracy") -> Path:
     plt = _plt()
     panels = _panels(runs)
     cals = sorted(set(runs["calibration"]) - {"none"}, key=lambda c: CAL_ORDER.get(c, 9))
@@ -436,8 +449,8 @@ def figure_accuracy(long: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("average accuracy (%)")
-    fig.suptitle("Accuracy vs calibration budget", fontsize=12)
+        ax.set_ylabel(f"average {metric} (%)")
+    fig.suptitle(f"{metric.capitalize()} vs calibration budget", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -525,7 +538,7 @@ def figure_drift(drift: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def figure_scaling(long: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path | None:
+def figure_scaling(long: pd.DataFrame, runs: pd.DataFrame, path: Path, metric: str = "accuracy") -> Path | None:
     if not _varying(runs, "n_tasks"):
         return None
     plt = _plt()
@@ -552,7 +565,7 @@ def figure_scaling(long: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path |
                 ax_t.plot(c.index, c["calibrate_s"], **kw)
                 ax_m.plot(c.index, c["peak_mib"], **kw)
     ticks = sorted(runs["n_tasks"].unique())
-    for ax, ylabel, title in ((ax_a, "average accuracy (%)", "Accuracy"), (ax_t, "calibration wall-clock (s)", "Calibration time"),
+    for ax, ylabel, title in ((ax_a, f"average {metric} (%)", metric.capitalize()), (ax_t, "calibration wall-clock (s)", "Calibration time"),
                               (ax_m, "peak memory of the run (MiB)", "Peak memory")):
         ax.set_xticks(ticks)
         ax.set_xlabel("merged tasks")
@@ -605,7 +618,7 @@ def report(inputs: list[Path], out: Path, paper_dir: Path = DEFAULT_PAPER_DIR, u
     written: dict[str, Any] = {}
 
     header = (f"# Sweep report\n\n{runs['run_dir'].nunique()} runs from {', '.join(str(p) for p in inputs)}. "
-              "Top-1 accuracy (%) of the final model (calibrated; merged when calibration is none), "
+              f"Each task's primary metric ({', '.join(sorted(info['metrics'] - {''})) or 'accuracy'}, %) of the final model (calibrated; merged when calibration is none), "
               "averaged over seeds; **bold**: best method per column. Budget: calibration examples per task "
               "(— : no calibration data used). Peak memory: "
               + ", ".join(sorted(set(runs["memory_kind"]))) + " of the whole run.\n")
@@ -624,8 +637,10 @@ def report(inputs: list[Path], out: Path, paper_dir: Path = DEFAULT_PAPER_DIR, u
         else:
             written["vs_paper"] = f"no published numbers for backbone(s) {sorted(set(runs['backbone']))}"
 
-    figures = [figure_accuracy(long, runs, out / "accuracy_vs_budget.png"), figure_cost(runs, out / "cost.png"),
-               figure_drift(drift, out / "drift.png"), figure_scaling(long, runs, out / "scaling.png")]
+    metrics = info["metrics"] - {""}
+    metric = next(iter(metrics)) if len(metrics) == 1 else "primary metric"
+    figures = [figure_accuracy(long, runs, out / "accuracy_vs_budget.png", metric), figure_cost(runs, out / "cost.png"),
+               figure_drift(drift, out / "drift.png"), figure_scaling(long, runs, out / "scaling.png", metric)]
     written["figures"] = [f for f in figures if f is not None]
     written["wandb"] = None
     if use_wandb:

@@ -12,7 +12,7 @@ import pytest
 from featcal.wandb_log import read_offline_run
 
 SMALL = ["backbone=embedded_small"]
-CHEAP = SMALL + ["calibration=none", "budget=8", "evaluate_base=false", "evaluate_experts=false", "logger=none"]
+CHEAP = SMALL + ["calibration=none", "evaluate_base=false", "evaluate_experts=false", "logger=none"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +44,7 @@ def stamps(sweep: Path) -> dict[str, int]:
 def test_resume_skips_complete_jobs_and_reruns_the_lost_one(env, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "merge=task_arithmetic,ties", f"hydra.sweep.dir={sweep}", *CHEAP]
-    first = featcal("featcal.run", args, env, tmp_path)
+    first = featcal("featcal.run", [*args, "budget.per_task=8"], env, tmp_path)
     assert "0 jobs skipped" in first.stdout and "2 ran" in first.stdout
     before = stamps(sweep)
     assert set(before) == {"0", "1"}
@@ -52,7 +52,7 @@ def test_resume_skips_complete_jobs_and_reruns_the_lost_one(env, tmp_path):
     assert len(stored["config_hash"]) == 16
     # job 1 was "killed": no results.json (a crashed job never writes one)
     (sweep / "1" / "results.json").unlink()
-    again = featcal("featcal.run", args, env, tmp_path)
+    again = featcal("featcal.run", [*args, "budget.per_task=8"], env, tmp_path)
     assert again.stdout.count("skipped: complete results for the same config in") == 1
     assert f"skipped: complete results for the same config in {sweep / '0'}" in again.stdout
     assert "1 jobs skipped" in again.stdout and "1 ran" in again.stdout
@@ -60,12 +60,12 @@ def test_resume_skips_complete_jobs_and_reruns_the_lost_one(env, tmp_path):
     assert after["0"] == before["0"]  # untouched
     assert json.loads((sweep / "1" / "results.json").read_text())["merge"] == "ties"
     # another config in the same folders is not "the same results": both rerun
-    other = featcal("featcal.run", [*args, "budget=16"], env, tmp_path)
+    other = featcal("featcal.run", [*args, "budget.per_task=16"], env, tmp_path)
     assert "skipped:" not in other.stdout and "0 jobs skipped" in other.stdout
     assert all(json.loads((sweep / n / "results.json").read_text())["budget"] == 16 for n in ("0", "1"))
     # resume=false reruns complete jobs of the same config
     mtimes = stamps(sweep)
-    forced = featcal("featcal.run", [*args, "budget=16", "resume=false"], env, tmp_path)
+    forced = featcal("featcal.run", [*args, "budget.per_task=16", "resume=false"], env, tmp_path)
     assert "skipped:" not in forced.stdout
     assert all(stamps(sweep)[n] != mtimes[n] for n in ("0", "1"))
 
@@ -73,7 +73,7 @@ def test_resume_skips_complete_jobs_and_reruns_the_lost_one(env, tmp_path):
 def test_submitit_local_sweep_runs_data_merges_in_processes_and_resumes(env, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=submitit_local", "merge=regmean,adamerging",
-            "budget=16", f"hydra.sweep.dir={sweep}", *[a for a in CHEAP if not a.startswith("budget")]]
+            "budget.per_task=16", f"hydra.sweep.dir={sweep}", *CHEAP]
     proc = featcal("featcal.run", args, env, tmp_path)
     assert "Submitit 'local' sweep" in proc.stdout + proc.stderr
     results = {n: json.loads((sweep / n / "results.json").read_text()) for n in ("0", "1")}
@@ -111,7 +111,7 @@ def report_sweep(env, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("report")
     sweep = cwd / "sweep"
     featcal("featcal.run", SMALL + ["-m", "backbone.tasks=[digits,inverted],[digits,inverted,rot90,mirror_parity]",
-                                    "calibration=none,featcal", "budget=8,16", "evaluate_base=false",
+                                    "calibration=none,featcal", "budget.per_task=8,16", "evaluate_base=false",
                                     f"hydra.sweep.dir={sweep}"], env, cwd)
     return sweep, cwd
 

@@ -140,3 +140,18 @@ def adamerging(
 
 adamerging.needs_calibration_data = True
 adamerging.needs_heads = True
+
+
+def _validate_config(node: dict) -> list[str]:
+    from featcal.config import _is_int, check_keys, non_negative_number
+
+    return check_keys(node, {
+        "init": (non_negative_number, "must be a number >= 0"),
+        "lr": (non_negative_number, "must be a number >= 0"),
+        "steps": (lambda x: _is_int(x) and x >= 0, "must be an integer >= 0"),
+        "clamp": (lambda x: isinstance(x, bool), "must be true or false"),
+        "seed": (lambda x: _is_int(x) and x >= 0, "must be a non-negative integer"),
+    })
+
+
+adamerging.validate_config = _validate_config

@@ -156,3 +156,15 @@ def regmean(
 
 
 regmean.needs_calibration_data = True
+
+
+def _validate_config(node: dict) -> list[str]:
+    from featcal.config import check_keys, number_in
+
+    return check_keys(node, {
+        "reduce_non_diagonal_ratio": (number_in(0.0, 1.0), "must be a number in [0, 1]"),
+        "solve_dtype": (lambda x: x in _SOLVE_DTYPES, f"allowed: {', '.join(_SOLVE_DTYPES)}"),
+    })
+
+
+regmean.validate_config = _validate_config
