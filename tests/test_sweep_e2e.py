@@ -80,7 +80,7 @@ def test_submitit_local_sweep_runs_data_merges_in_processes_and_resumes(env, tmp
     assert [results[n]["merge"] for n in ("0", "1")] == ["regmean", "adamerging"]
     for res in results.values():
         assert res["budget"] == 16 and "calibration_data" in res["timings"]
-        assert all(0.0 <= v <= 100.0 for v in res["accuracy"]["merged"].values())
+        assert all(0.0 <= v <= 100.0 for v in res["score"]["merged"].values())
     # each job ran in its own submitit process, whose output submitit kept
     outs = list((sweep / ".submitit").rglob("*_log.out"))
     assert len(outs) == 2
@@ -122,7 +122,7 @@ def test_task_subsets_run_the_selected_experts(report_sweep):
     assert len(results) == 8
     assert {tuple(r["tasks"]) for r in results} == {("digits", "inverted"), ("digits", "inverted", "rot90", "mirror_parity")}
     for r in results:
-        assert set(r["accuracy"]["experts"]) == set(r["tasks"]) | {"average"}
+        assert set(r["score"]["experts"]) == set(r["tasks"]) | {"average"}
 
 
 def test_report_tables_figures_and_wandb(env, report_sweep):
