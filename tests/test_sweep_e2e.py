@@ -102,7 +102,8 @@ def test_scaling_preset_composes():
     counts = [len(chunk.split(",")) for chunk in params["backbone.tasks"].strip("[]").split("],[")]
     assert counts == [2, 4, 8]
     assert set(params.calibration.split(",")) == {"none", "featcal", "surgery"}
-    assert cfg.backbone.name == "embedded" and cfg.evaluate_experts
+    assert [int(b) for b in str(params["budget.per_task"]).split(",")] == [8, 32, 128]
+    assert cfg.backbone.adapter._target_.endswith("EmbeddedBackbone") and len(cfg.backbone.spec.tasks) == 8 and cfg.evaluate_experts
 
 
 @pytest.fixture(scope="module")
