@@ -508,7 +508,8 @@ def figure_drift(drift: pd.DataFrame, path: Path) -> Path | None:
         return None
     plt = _plt()
     drift = drift.copy()
-    panels = list(dict.fromkeys(zip(drift["backbone"], drift["n_tasks"], drift["merge"], drift["calibration"])))
+    panels = sorted(dict.fromkeys(zip(drift["backbone"], drift["n_tasks"], drift["merge"], drift["calibration"])),
+                    key=lambda p: (str(p[0]), p[1], MERGE_ORDER.get(p[2], 9), p[2], CAL_ORDER.get(p[3], 9)))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.0), squeeze=False)
     for ax, (bb, nt, merge, cal) in zip(axes.flat, panels):
         d = drift[(drift["backbone"] == bb) & (drift["n_tasks"] == nt) & (drift["merge"] == merge) & (drift["calibration"] == cal)]
