@@ -41,6 +41,7 @@ def stamps(sweep: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
 
 
+@pytest.mark.slow  # subprocess runs of featcal-run
 def test_resume_skips_complete_jobs_and_reruns_the_lost_one(env, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "merge=task_arithmetic,ties", f"hydra.sweep.dir={sweep}", *CHEAP]
@@ -70,6 +71,7 @@ def test_resume_skips_complete_jobs_and_reruns_the_lost_one(env, tmp_path):
     assert all(stamps(sweep)[n] != mtimes[n] for n in ("0", "1"))
 
 
+@pytest.mark.slow  # subprocess runs of featcal-run
 def test_submitit_local_sweep_runs_data_merges_in_processes_and_resumes(env, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=submitit_local", "merge=regmean,adamerging",
@@ -117,6 +119,7 @@ def report_sweep(env, tmp_path_factory):
     return sweep, cwd
 
 
+@pytest.mark.slow  # subprocess runs of featcal-run
 def test_task_subsets_run_the_selected_experts(report_sweep):
     sweep, _ = report_sweep
     results = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
@@ -126,6 +129,7 @@ def test_task_subsets_run_the_selected_experts(report_sweep):
         assert set(r["score"]["experts"]) == set(r["tasks"]) | {"average"}
 
 
+@pytest.mark.slow  # subprocess runs of featcal-run
 def test_report_tables_figures_and_wandb(env, report_sweep):
     sweep, cwd = report_sweep
     proc = featcal("featcal.sweep_report", [str(sweep)], env, cwd)
@@ -165,6 +169,7 @@ def test_report_tables_figures_and_wandb(env, report_sweep):
     assert len(logged_table["data"]) == len(table) and "average" in logged_table["columns"]
 
 
+@pytest.mark.slow  # subprocess runs of featcal-run
 def test_report_from_collected_csv_matches_the_folder(env, report_sweep, tmp_path):
     from featcal.sweep_report import report
 
