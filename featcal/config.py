@@ -124,6 +124,9 @@ def validate(cfg: DictConfig) -> None:
     debug = _get(cfg, "debug", False)
     if not isinstance(debug, bool):
         bad("debug", debug, "must be true or false (true: full tracebacks for user errors)")
+    v = _get(cfg, "resume", True)
+    if not isinstance(v, bool):
+        bad("resume", v, "must be true or false")
     v = _get(cfg, "num_workers")
     if not _is_int(v) or v < 0:
         bad("num_workers", v, "must be a non-negative integer")

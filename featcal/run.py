@@ -29,6 +29,7 @@ from featcal import errors
 from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import validate
+from featcal.resume import config_hash, previous_results
 from featcal.report import format_table, long_rows, per_task_table, write_results
 from featcal.tasks.base import Metrics, TaskPool, scores
 from featcal.utils import DTYPES, StageTimer, current_rss_mib, peak_rss_mib, resolve_device, seed_everything
@@ -96,6 +97,23 @@ def needs_calibration_data(merge_fn: Callable[..., Any]) -> bool:
     return False
 
 
+def _merge_heads(merge_fn: Callable[..., Any], pool: TaskPool) -> dict[str, Any]:
+    """``{"heads": ...}`` for a merge function declaring ``needs_heads = True`` (AdaMerging):
+    per task, a callable mapping the backbone's final representation to class logits, from
+    the task pool's ``heads()``; ``{}`` for every other merge."""
+    fn, needs = merge_fn, False
+    while fn is not None and not needs:
+        needs = bool(getattr(fn, "needs_heads", False))
+        fn = getattr(fn, "func", None)
+    if not needs:
+        return {}
+    heads = getattr(pool, "heads", None)
+    if heads is None:
+        raise ConfigError(f"this merge needs class heads (entropy of class predictions); the task pool "
+                          f"{type(pool).__name__} has none (classification pools such as embedded and CLIP have them)")
+    return {"heads": heads()}
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one configuration and write its results into ``out_dir``."""
     choices = _choices(cfg)
@@ -103,6 +121,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     # ---- validate (before anything heavy: a bad value costs nothing) ------------
     validate(cfg)
+    done = previous_results(cfg, out_dir)  # resume: a complete run of the same config is not redone
+    if done is not None:
+        return done
     started = time.time()
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
@@ -154,6 +175,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         data = {}
         if merge_needs_data:
             data = dict(backbone=adapter, base_model=base, expert_models=experts, calib=calib, device=device)
+            data.update(_merge_heads(merge_fn, pool))
         merged = adapter.merge(merge_fn, base, experts, **data)
     if dtype != torch.float32:
         base, merged = base.to(dtype), merged.to(dtype)
@@ -224,6 +246,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "calibration_report": report_dict,
         "wall_clock_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": config_hash(cfg),
     }
     long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
     write_results(out_dir, results, long)

@@ -31,7 +31,7 @@ class EmbeddedBackbone(EmbeddedBuild, CLIPVisionBackbone):
         **spec_overrides: Any,
     ):
         self._init_build(tasks, spec, cache_dir, build_device, spec_overrides)
-        super().__init__(list(self.spec.tasks), base="", experts={t: "" for t in self.spec.tasks})
+        super().__init__(list(self.selected), base="", experts={t: "" for t in self.selected})
 
     def load_base(self) -> nn.Module:
         return load_clip_vision(str(self.folder / "base"))

@@ -134,6 +134,11 @@ class ClassificationTaskPool(TaskPool):
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def heads(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per task, final representation [B, D] -> class logits [B, C] (what AdaMerging's
+        entropy objective scores). Merges receive these, never the task names or data."""
+        return [t.head for t in self.tasks]
+
     def calibration_set(self, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
         """Per task, a list of unlabeled batches holding n examples in total (n = "all":
         the whole split, in a seeded order)."""

@@ -33,7 +33,7 @@ class EmbeddedTaskPool(EmbeddedBuild, ClassificationTaskPool):
 
     @property
     def names(self) -> list[str]:
-        return list(self.spec.tasks)
+        return list(self.selected)
 
     def split(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel values [N,3,H,W] float32, labels [N]) of a task's split."""
@@ -51,7 +51,7 @@ class EmbeddedTaskPool(EmbeddedBuild, ClassificationTaskPool):
             folder = self.folder
             heads = load_file(str(folder / "heads.safetensors"))
             out = []
-            for name in self.spec.tasks:
+            for name in self.selected:
                 raw = load_file(str(folder / "data" / f"{name}.safetensors"))
                 self._data[name] = {k: (v.float() if k.endswith("_x") else v) for k, v in raw.items()}
                 head = ClassEmbeddingHead(heads[name], self.spec.logit_scale)

@@ -790,9 +790,12 @@ def _spec_from(tasks: list[str] | None, spec: Any, overrides: Mapping[str, Any])
     given = dataclasses.asdict(spec) if isinstance(spec, EmbeddedSpec) else dict(spec or {})
     given.update(overrides)
     if tasks is not None:
-        if "tasks" in given and [str(t) for t in given["tasks"]] != [str(t) for t in tasks]:
-            raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}")
-        given["tasks"] = list(tasks)
+        if "tasks" in given:
+            if not set(map(str, tasks)) <= set(map(str, given["tasks"])) or len(set(tasks)) != len(tasks):
+                raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}: "
+                                 "they must be distinct tasks of the spec (a subset selects those experts)")
+        else:
+            given["tasks"] = list(tasks)
     return EmbeddedSpec.from_config(given)
 
 
@@ -809,6 +812,9 @@ class EmbeddedBuild:
         spec_overrides: Mapping[str, Any],
     ) -> None:
         self.spec = _spec_from(tasks, spec, spec_overrides)
+        #: the tasks this object serves: ``tasks`` (a subset of the built suite, in the given
+        #: order) or every task of the spec; the cache is the whole suite's either way
+        self.selected = [str(t) for t in tasks] if tasks is not None else list(self.spec.tasks)
         self.cache_dir = cache_dir
         self.build_device = build_device
         self._folder: Path | None = None
