@@ -109,7 +109,7 @@ def _merge_heads(merge_fn: Callable[..., Any], pool: TaskPool) -> dict[str, Any]
         return {}
     heads = getattr(pool, "heads", None)
     if heads is None:
-        raise ConfigError(f"this merge needs class heads (entropy of class predictions); the task pool "
+        raise errors.ConfigError(f"this merge needs class heads (entropy of class predictions); the task pool "
                           f"{type(pool).__name__} has none (classification pools such as embedded and CLIP have them)")
     return {"heads": heads()}
 
