@@ -154,7 +154,9 @@ def test_folders_load_through_the_normal_t5_loaders(built):
     for sub in ["base"] + [f"experts/{t}" for t in spec.tasks]:
         model = load_t5(str(folder / sub))
         assert isinstance(model, T5ForConditionalGeneration)
-        assert model.config.feed_forward_proj == "gated-gelu" and not model.config.tie_word_embeddings
+        assert model.config.feed_forward_proj == "gated-gelu"
+        # FLAN-T5's (T5 v1.1) head: no d_model^-0.5 scaling of the decoder output
+        assert model.config.scale_decoder_outputs is False
         assert model.config.d_model == spec.d_model and model.config.num_layers == spec.layers
         tok = load_t5_tokenizer(str(folder / sub))
         assert len(tok) == model.config.vocab_size == len(vocabulary())

@@ -36,14 +36,14 @@ class _EmbeddedT5Build:
 
     def _init_build(self, tasks, spec, cache_dir, build_device, spec_overrides) -> None:
         self.spec = _spec_from(tasks, spec, spec_overrides)
-        self.cache_dir = cache_dir
+        self.build_cache_dir = cache_dir
         self.build_device = build_device
         self._folder: Path | None = None
 
     @property
     def folder(self) -> Path:
         if self._folder is None:
-            self._folder = ensure_built(self.spec, self.cache_dir, device=self.build_device)
+            self._folder = ensure_built(self.spec, self.build_cache_dir, device=self.build_device)
         return self._folder
 
 

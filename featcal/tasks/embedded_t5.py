@@ -9,7 +9,7 @@ family. Everything is generated in code (``featcal.tasks.embedded_t5_data``):
    the normal T5 loaders (``featcal.backbone.t5.load_t5`` / ``load_t5_tokenizer``).
 2. Each task's train and test splits (prompt, label word) are drawn from its generator
    with a seeded ``random.Random``.
-3. A small ``T5ForConditionalGeneration`` (gated-GELU, untied ``lm_head`` like FLAN-T5)
+3. A small ``T5ForConditionalGeneration`` (gated-GELU, FLAN-T5's unscaled decoder output)
    is pre-trained as the shared **base** on a multitask mix: mostly generic objectives
    (span denoising, copying, reversing, sorting, counting, picking the words of a
    category, first/last word) and a small share (``pretrain_mix``) of the evaluation
@@ -86,7 +86,7 @@ class EmbeddedT5Spec:
     # expert fine-tuning (whole model, gentle)
     finetune_steps: int = 60
     finetune_batch: int = 32
-    finetune_lr: float = 2e-3
+    finetune_lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     seed: int = 0
@@ -263,7 +263,7 @@ def t5_config(spec: EmbeddedT5Spec, vocab_size: int):
         relative_attention_max_distance=32,
         dropout_rate=0.0,
         feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=False,  # 5.x: no d_model^-0.5 output scaling (T5 v1.1 / FLAN-T5); embeddings stay shared
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
