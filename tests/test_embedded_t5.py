@@ -295,3 +295,35 @@ def test_small_build_is_in_the_real_merge_regime(tmp_path, one_thread):
     t, w = avg(lambda i: ta), avg(lambda i: wa)
     assert b + 3.0 < t <= e - 8.0, (b, t, e)
     assert b < w < e, (b, w, e)
+
+
+# ---- end to end through featcal-run ---------------------------------------------------------
+@pytest.mark.slow
+def test_featcal_run_embedded_t5(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FEATCAL_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"), HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    tiny = [f"backbone.spec.{k}={v}" for k, v in TINY.items() if k not in ("tasks", "n_train")]
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "featcal.run", "backbone=embedded_t5_small", "calibration=featcal", "budget.per_task=8",
+         "budget.batch_size=4", "logger=none", f"hydra.run.dir={out}", *tiny],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| accuracy |" in proc.stdout and "embedded_t5_small" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    tasks = OmegaConf.to_container(_yaml("embedded_t5_small").backbone.spec.tasks)
+    assert results["tasks"] == tasks
+    assert set(results["primary_metric"].values()) == {"accuracy"}
+    for stage in ("base", "experts", "merged", "calibrated"):
+        assert set(results["score"][stage]) == set(tasks) | {"average"}
+        assert all(0.0 <= v <= 100.0 for v in results["score"][stage].values())
+    # the run's expert and base numbers are the build's (same scorer, same data)
+    spec = EmbeddedT5Spec.from_config(results["config"]["backbone"]["spec"])
+    manifest = read_manifest(ensure_built(spec, tmp_path / "cache"))["metrics"]
+    for t in tasks:
+        assert results["score"]["experts"][t] == pytest.approx(manifest["experts"][t])
+        assert results["score"]["base"][t] == pytest.approx(manifest["base"][t])
