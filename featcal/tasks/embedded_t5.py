@@ -1,0 +1,480 @@
+"""The embedded text-to-text suite: a small T5 built offline on synthetic text tasks.
+
+The offline counterpart of ``featcal.tasks.embedded`` (the vision suite) for the T5
+family. Everything is generated in code (``featcal.tasks.embedded_t5_data``):
+
+1. A word-level tokenizer over the suite's fixed vocabulary (``tokenizers.Tokenizer``
+   with a ``WordLevel`` model, eos appended like T5's), wrapped in
+   ``PreTrainedTokenizerFast`` and saved with every model, so each folder loads through
+   the normal T5 loaders (``featcal.backbone.t5.load_t5`` / ``load_t5_tokenizer``).
+2. Each task's train and test splits (prompt, label word) are drawn from its generator
+   with a seeded ``random.Random``.
+3. A small ``T5ForConditionalGeneration`` (gated-GELU, FLAN-T5's unscaled decoder output)
+   is pre-trained as the shared **base** on a multitask mix: mostly generic objectives
+   (span denoising, copying, reversing, sorting, counting, picking the words of a
+   category, first/last word) and a small share (``pretrain_mix``) of the evaluation
+   tasks' *train* examples, the way FLAN-T5 saw GLUE-like tasks before its GLUE experts
+   were fine-tuned. The base therefore answers with label words, imperfectly.
+4. One **expert** per task is fine-tuned gently from the base (the whole model, a few
+   steps at a small learning rate) on its task's train split.
+
+Scoring is the GLUE scorer (``featcal.tasks.text2text``): greedy generation, decoded
+answer == label word → accuracy in %.
+
+The build is deterministic for a spec (seeded generators; the model initialised inside a
+forked RNG scope) and cached under ``<cache>/embedded_t5/<spec hash>/``: ``base/`` and
+``experts/<task>/`` (``save_pretrained`` + the tokenizer), ``data/<task>.json`` (the
+splits as text) and ``manifest.json`` (sha256 and size of every file, written last; the
+folder is assembled in a temporary directory and renamed into place). A missing,
+truncated or altered file, or a bad manifest, is detected on load and the folder is
+rebuilt with a warning. A lock file serialises builders.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from featcal.tasks.embedded import _file_lock, _sha256, default_cache_root
+from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
+from featcal.utils import torch_threads
+
+#: bump when the build procedure changes: old caches then live under another hash
+BUILD_VERSION = 1
+MANIFEST = "manifest.json"
+#: CPU threads used while building
+BUILD_THREADS = 1
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------------------
+# the spec
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbeddedT5Spec:
+    """Every knob of the build. Its hash names the cache folder."""
+
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    # architecture (T5 v1.1 / FLAN-T5 layout, reduced)
+    d_model: int = 64
+    d_ff: int = 128
+    layers: int = 2  # encoder blocks = decoder blocks
+    heads: int = 4
+    # data: examples per task
+    n_train: int = 1000
+    n_test: int = 500
+    # base pre-training: generic objectives + a share of the tasks' train examples
+    pretrain_steps: int = 600
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    pretrain_mix: float = 0.03
+    # expert fine-tuning (whole model, gentle)
+    finetune_steps: int = 60
+    finetune_batch: int = 32
+    finetune_lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown embedded_t5 task(s) {unknown}; allowed: {sorted(TASKS)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list of unique names, got {list(self.tasks)}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        for key in ("d_model", "d_ff", "layers", "heads", "n_train", "n_test", "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if not 0.0 <= float(self.pretrain_mix) <= 1.0:
+            raise ValueError(f"pretrain_mix must be in [0, 1], got {self.pretrain_mix}")
+
+    @classmethod
+    def from_config(cls, spec: "EmbeddedT5Spec | Mapping[str, Any] | None" = None, **overrides: Any) -> "EmbeddedT5Spec":
+        """A spec from a mapping (e.g. a Hydra node) plus keyword overrides; unknown keys fail."""
+        data = dataclasses.asdict(spec) if isinstance(spec, EmbeddedT5Spec) else dict(spec or {})
+        data.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown embedded_t5 spec key(s) {unknown}; allowed: {sorted(names)}")
+        if "tasks" in data:
+            data["tasks"] = tuple(data["tasks"])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+    def spec_hash(self) -> str:
+        payload = json.dumps({"build_version": BUILD_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def expected_split_sizes(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None) -> dict[str, dict[str, int]]:
+    """``{"train": {task: n}, "test": {task: n}}`` without building anything."""
+    spec = EmbeddedT5Spec.from_config(spec)
+    return {"train": {t: spec.n_train for t in spec.tasks}, "test": {t: spec.n_test for t in spec.tasks}}
+
+
+# --------------------------------------------------------------------------------------
+# cache: location, manifest, validation
+# --------------------------------------------------------------------------------------
+def cache_path(spec: EmbeddedT5Spec, cache_dir: str | os.PathLike | None = None) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+    return root / "embedded_t5" / spec.spec_hash()
+
+
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def _required_files(spec: EmbeddedT5Spec) -> list[str]:
+    files = [f"base/{f}" for f in _MODEL_FILES]
+    for t in spec.tasks:
+        files += [f"experts/{t}/{f}" for f in _MODEL_FILES] + [f"data/{t}.json"]
+    return files
+
+
+def validate_cache(folder: Path, spec: EmbeddedT5Spec) -> str | None:
+    """``None`` if ``folder`` holds a complete build of ``spec``, else the reason it does not."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        return "no manifest"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if manifest.get("spec_hash") != spec.spec_hash() or manifest.get("build_version") != BUILD_VERSION:
+            return "manifest belongs to another spec"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({type(err).__name__})"
+    if not isinstance(files, dict):
+        return "unreadable manifest (files)"
+    missing = [f for f in _required_files(spec) if f not in files]
+    if missing:
+        return f"manifest does not list {missing[:3]}"
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        try:
+            if p.stat().st_size != int(meta["size"]):
+                return f"size mismatch for {rel}"
+            if _sha256(p) != meta["sha256"]:
+                return f"checksum mismatch for {rel}"
+        except (KeyError, TypeError, ValueError):
+            return f"unreadable manifest entry for {rel}"
+    return None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def ensure_built(
+    spec: EmbeddedT5Spec | Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """The cache folder of a complete, verified build of ``spec`` (building it if needed).
+
+    Idempotent: a valid folder is returned as is; a partial or corrupt one is rebuilt with
+    a warning. Builders are serialised with a lock file next to the folder.
+    """
+    spec = EmbeddedT5Spec.from_config(spec)
+    folder = cache_path(spec, cache_dir)
+    if validate_cache(folder, spec) is None:
+        return folder
+    with _file_lock(folder.parent / f".{folder.name}.lock"):
+        reason = validate_cache(folder, spec)  # another process may have built it meanwhile
+        if reason is None:
+            return folder
+        if reason != "missing":
+            warnings.warn(f"embedded_t5 cache {folder} is invalid ({reason}); rebuilding it", RuntimeWarning, stacklevel=2)
+        tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            build(spec, tmp, device=device, progress=progress)
+            if folder.exists():
+                trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+                os.replace(folder, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    reason = validate_cache(folder, spec)
+    if reason is not None:  # pragma: no cover - would be a bug in build()
+        raise RuntimeError(f"embedded_t5 build at {folder} failed validation: {reason}")
+    return folder
+
+
+# --------------------------------------------------------------------------------------
+# tokenizer, model, data
+# --------------------------------------------------------------------------------------
+def make_tokenizer():
+    """The suite's word-level tokenizer (``<pad>`` = 0, ``</s>`` = 1 appended, ``<unk>`` = 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=512, padding_side="right",
+    )
+
+
+def t5_config(spec: EmbeddedT5Spec, vocab_size: int):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=spec.d_model,
+        d_kv=spec.d_model // spec.heads,
+        d_ff=spec.d_ff,
+        num_layers=spec.layers,
+        num_decoder_layers=spec.layers,
+        num_heads=spec.heads,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,  # 5.x: no d_model^-0.5 output scaling (T5 v1.1 / FLAN-T5); embeddings stay shared
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def _rng(spec: EmbeddedT5Spec, *names: str) -> random.Random:
+    digest = hashlib.sha256(":".join([str(spec.seed), *names]).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def make_task_data(spec: EmbeddedT5Spec, name: str) -> dict[str, list[dict[str, Any]]]:
+    """A task's splits: rows ``{"input", "target", "label"}`` (train first, then test, from
+    one seeded stream)."""
+    rng = _rng(spec, name, "data")
+    task = TASKS[name]
+    rows = []
+    for _ in range(spec.n_train + spec.n_test):
+        prompt, word, label = task.example(rng)
+        rows.append({"input": prompt, "target": word, "label": int(label)})
+    return {"train": rows[: spec.n_train], "test": rows[spec.n_train:]}
+
+
+# --------------------------------------------------------------------------------------
+# training and scoring
+# --------------------------------------------------------------------------------------
+def _lr_lambda(steps: int, warmup_frac: float) -> Callable[[int], float]:
+    warm = max(1, int(round(steps * warmup_frac)))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _encode(tok, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    b = tok(list(texts), padding=True, return_tensors="pt")
+    return b["input_ids"].to(device), b["attention_mask"].to(device)
+
+
+def _train(
+    model: nn.Module,
+    tok,
+    batch_fn: Callable[[], list[tuple[str, str]]],
+    steps: int,
+    lr: float,
+    spec: EmbeddedT5Spec,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+) -> float:
+    model.train()
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, spec.warmup_frac))
+    ema = None
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        pairs = batch_fn()
+        ids, mask = _encode(tok, [a for a, _ in pairs], device)
+        labels, _ = _encode(tok, [b for _, b in pairs], device)
+        labels = labels.masked_fill(labels == tok.pad_token_id, IGNORE)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+    model.eval()
+    return float(ema if ema is not None else float("nan"))
+
+
+@torch.no_grad()
+def score(model: nn.Module, tok, rows: Sequence[Mapping[str, Any]], device: torch.device, batch_size: int = 250, max_new_tokens: int = 10) -> float:
+    """Exact-match accuracy (%) of the greedy answers: the GLUE scorer of ``featcal.tasks.text2text``."""
+    from featcal.backbone.t5 import greedy_generate
+    from featcal.tasks.text2text import exact_match_accuracy
+
+    model.eval()
+    answers: list[str] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        ids, mask = _encode(tok, [r["input"] for r in chunk], device)
+        gen = greedy_generate(model, ids, mask, max_new_tokens)
+        answers += [a.strip() for a in tok.batch_decode(gen.cpu(), skip_special_tokens=True)]
+    return exact_match_accuracy(answers, [r["target"] for r in rows])
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------------------
+# the build
+# --------------------------------------------------------------------------------------
+def build(
+    spec: EmbeddedT5Spec,
+    out: Path,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    threads: int | None = BUILD_THREADS,
+) -> dict[str, Any]:
+    """Build ``spec`` into the (new) folder ``out``; the manifest is written last.
+
+    ``threads``: intra-op CPU threads during the build (``None``: leave torch's setting).
+    """
+    with torch_threads(threads):
+        return _build(spec, Path(out), device, progress)
+
+
+def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, progress: bool) -> dict[str, Any]:
+    from transformers import T5ForConditionalGeneration
+
+    started, cpu_started = time.time(), time.process_time()
+    dev = _resolve_device(device)
+    out.mkdir(parents=True, exist_ok=False)
+    tok = make_tokenizer()
+    timings: dict[str, float] = {}
+
+    # ---- data ------------------------------------------------------------------
+    data = {t: make_task_data(spec, t) for t in spec.tasks}
+    (out / "data").mkdir()
+    for t, d in data.items():
+        (out / "data" / f"{t}.json").write_text(json.dumps(d) + "\n")
+
+    # ---- base: multitask pre-training -----------------------------------------------
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        base = T5ForConditionalGeneration(t5_config(spec, len(tok)))
+    base.to(dev)
+    generic = [PRETRAIN[k] for k in sorted(PRETRAIN)]
+    prng = _rng(spec, "__pretrain__")
+
+    def pretrain_batch() -> list[tuple[str, str]]:
+        pairs = []
+        for _ in range(spec.pretrain_batch):
+            if prng.random() < spec.pretrain_mix:
+                row = data[prng.choice(spec.tasks)]["train"][prng.randrange(spec.n_train)]
+                pairs.append((row["input"], row["target"]))
+            else:
+                pairs.append(prng.choice(generic)(prng))
+        return pairs
+
+    pre_loss = _train(base, tok, pretrain_batch, spec.pretrain_steps, spec.pretrain_lr, spec, dev, "pretrain base", progress)
+    timings["pretrain"] = time.time() - t0
+    base.save_pretrained(str(out / "base"), safe_serialization=True)
+    tok.save_pretrained(str(out / "base"))
+
+    # ---- experts: gentle fine-tuning from the base ----------------------------------
+    t0 = time.time()
+    experts: dict[str, nn.Module] = {}
+    losses: dict[str, float] = {}
+    for t in spec.tasks:
+        rows = data[t]["train"]
+        frng = _rng(spec, t, "finetune")
+
+        def finetune_batch(rows=rows, frng=frng) -> list[tuple[str, str]]:
+            return [(r["input"], r["target"]) for r in (rows[frng.randrange(len(rows))] for _ in range(spec.finetune_batch))]
+
+        expert = copy.deepcopy(base)
+        losses[t] = _train(expert, tok, finetune_batch, spec.finetune_steps, spec.finetune_lr, spec, dev, f"fine-tune {t}", progress)
+        expert.save_pretrained(str(out / "experts" / t), safe_serialization=True)
+        tok.save_pretrained(str(out / "experts" / t))
+        experts[t] = expert
+    timings["finetune"] = time.time() - t0
+
+    # ---- reference scores on the test splits ------------------------------------------
+    t0 = time.time()
+    metrics: dict[str, dict[str, float]] = {"base": {}, "experts": {}}
+    for t in spec.tasks:
+        metrics["base"][t] = score(base, tok, data[t]["test"], dev)
+        metrics["experts"][t] = score(experts[t], tok, data[t]["test"], dev)
+    timings["score"] = time.time() - t0
+    timings["total"] = time.time() - started
+    timings["cpu_total"] = time.process_time() - cpu_started
+
+    # ---- manifest, last -------------------------------------------------------------
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            files[p.relative_to(out).as_posix()] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    manifest = {
+        "build_version": BUILD_VERSION,
+        "spec_hash": spec.spec_hash(),
+        "spec": spec.to_dict(),
+        "tasks": {t: {"labels": list(TASKS[t].labels), "description": TASKS[t].description} for t in spec.tasks},
+        "split_sizes": expected_split_sizes(spec),
+        "pretrain_final_loss": pre_loss,
+        "finetune_final_loss": losses,
+        "metrics": metrics,
+        "build_seconds": timings,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "files": files,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest

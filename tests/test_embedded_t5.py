@@ -1,0 +1,329 @@
+"""The embedded text-to-text suite: synthetic tasks, tokenizer, deterministic cached build,
+corruption detection, the normal T5 loaders, the pool's scorer, and the merge regime."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import featcal.tasks.embedded_t5 as et5
+from featcal.backbone.embedded_t5 import EmbeddedT5Backbone, EmbeddedT5TaskPool
+from featcal.backbone.t5 import load_t5, load_t5_tokenizer
+from featcal.tasks.embedded_t5 import (
+    EmbeddedT5Spec,
+    ensure_built,
+    expected_split_sizes,
+    make_task_data,
+    make_tokenizer,
+    read_manifest,
+    validate_cache,
+)
+from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+
+# a tiny build (a few seconds): 2 tasks, a width-16 1+1-block T5, a few steps
+TINY = dict(
+    tasks=["sentiment", "length"],
+    d_model=16,
+    d_ff=32,
+    layers=1,
+    heads=2,
+    n_train=64,
+    n_test=40,
+    pretrain_steps=6,
+    pretrain_batch=16,
+    finetune_steps=3,
+    finetune_batch=8,
+)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, one_thread):
+    cache = tmp_path_factory.mktemp("cache")
+    spec = EmbeddedT5Spec.from_config(TINY)
+    folder = ensure_built(spec, cache, device="cpu", progress=False)
+    return spec, cache, folder
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {k: v["sha256"] for k, v in read_manifest(folder)["files"].items()}
+
+
+def _yaml(name: str):
+    return OmegaConf.create({"backbone": OmegaConf.load(CONF / f"{name}.yaml")})
+
+
+# ---- tasks and tokenizer ------------------------------------------------------------------
+def test_every_generated_word_is_in_the_vocabulary():
+    vocab = set(vocabulary())
+    assert len(vocab) == len(vocabulary())  # no duplicates
+    rng = random.Random(0)
+    for name, task in TASKS.items():
+        labels = []
+        for _ in range(400):
+            prompt, word, y = task.example(rng)
+            assert set(prompt.split()) <= vocab, name
+            assert word == task.labels[y] and word in vocab
+            labels.append(y)
+        # every label occurs, none dominates
+        counts = [labels.count(i) for i in range(len(task.labels))]
+        assert min(counts) > 0.3 * len(labels) / len(task.labels), (name, counts)
+    for name, gen in PRETRAIN.items():
+        for _ in range(200):
+            src, tgt = gen(rng)
+            assert set(src.split()) | set(tgt.split()) <= vocab, name
+
+
+def test_task_answers_follow_their_rule():
+    rng = random.Random(1)
+    for _ in range(200):
+        prompt, word, _ = TASKS["length"].example(rng)
+        n = len(prompt.split()) - len("is the list short or long ?".split())
+        assert word == ("short" if n <= 4 else "long")
+        prompt, word, _ = TASKS["majority"].example(rng)
+        ws = prompt.split()
+        assert word == ("red" if ws.count("red") - 1 > ws.count("blue") - 1 else "blue")
+        prompt, word, _ = TASKS["has_number"].example(rng)
+        inner = prompt.split("'")[1].split()
+        assert word == ("yes" if any(w.isdigit() for w in inner) else "no")
+
+
+def test_task_data_is_deterministic_and_seeded():
+    spec = EmbeddedT5Spec.from_config(TINY)
+    a, b = make_task_data(spec, "sentiment"), make_task_data(spec, "sentiment")
+    assert a == b
+    assert len(a["train"]) == spec.n_train and len(a["test"]) == spec.n_test
+    other = make_task_data(EmbeddedT5Spec.from_config({**TINY, "seed": 1}), "sentiment")
+    assert other != a
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = make_tokenizer()
+    tok.save_pretrained(str(tmp_path))
+    loaded = load_t5_tokenizer(str(tmp_path))
+    text = "is the list dog cat short or long ?"
+    ids = loaded(text)["input_ids"]
+    assert ids[-1] == loaded.eos_token_id == 1 and loaded.pad_token_id == 0
+    assert loaded.unk_token_id not in ids
+    assert loaded.decode(ids, skip_special_tokens=True) == text
+    assert ids == tok(text)["input_ids"]
+
+
+# ---- config -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["embedded_t5", "embedded_t5_small"])
+def test_yaml_split_sizes_match_code(name):
+    cfg = _yaml(name)
+    spec = OmegaConf.to_container(cfg.backbone.spec, resolve=True)
+    sizes = expected_split_sizes(spec)
+    assert OmegaConf.to_container(cfg.backbone.train_sizes) == sizes["train"]
+    assert OmegaConf.to_container(cfg.backbone.test_sizes) == sizes["test"]
+    if name == "embedded_t5":
+        assert min(sizes["train"].values()) >= 256
+        assert len(spec["tasks"]) >= 6
+
+
+def test_default_yaml_is_the_default_spec():
+    spec = OmegaConf.to_container(_yaml("embedded_t5").backbone.spec, resolve=True)
+    assert EmbeddedT5Spec.from_config(spec) == EmbeddedT5Spec()
+    assert EmbeddedT5Spec().tasks == DEFAULT_TASKS
+
+
+def test_spec_rejects_unknown_keys_and_tasks():
+    with pytest.raises(ValueError, match="unknown embedded_t5 spec key"):
+        EmbeddedT5Spec.from_config({"dmodel": 8})
+    with pytest.raises(ValueError, match="unknown embedded_t5 task"):
+        EmbeddedT5Spec.from_config({"tasks": ["sentiment", "nope"]})
+    with pytest.raises(ValueError, match="disagree"):
+        EmbeddedT5Backbone(tasks=["sentiment"], spec={"tasks": ["length"]})
+    assert EmbeddedT5Backbone.validate_config({"spec": {"tasks": ["nope"]}})
+    assert EmbeddedT5TaskPool.validate_config({"spec": {"pretrain_mix": 2.0}})
+    assert EmbeddedT5TaskPool.validate_config({"spec": dict(TINY)}) == []
+
+
+# ---- build and cache ------------------------------------------------------------------------
+def test_folders_load_through_the_normal_t5_loaders(built):
+    spec, _, folder = built
+    from transformers import T5ForConditionalGeneration
+
+    for sub in ["base"] + [f"experts/{t}" for t in spec.tasks]:
+        model = load_t5(str(folder / sub))
+        assert isinstance(model, T5ForConditionalGeneration)
+        assert model.config.feed_forward_proj == "gated-gelu"
+        # FLAN-T5's (T5 v1.1) head: no d_model^-0.5 scaling of the decoder output
+        assert model.config.scale_decoder_outputs is False
+        assert model.config.d_model == spec.d_model and model.config.num_layers == spec.layers
+        tok = load_t5_tokenizer(str(folder / sub))
+        assert len(tok) == model.config.vocab_size == len(vocabulary())
+    # experts differ from the base (they were fine-tuned)
+    base = load_t5(str(folder / "base")).state_dict()
+    expert = load_t5(str(folder / "experts" / spec.tasks[0])).state_dict()
+    assert any(not torch.equal(base[k], expert[k]) for k in base)
+
+
+def test_build_is_deterministic(built, tmp_path, one_thread):
+    spec, _, folder = built
+    other = ensure_built(spec, tmp_path, device="cpu", progress=False)
+    assert other != folder
+    assert _hashes(other) == _hashes(folder)
+    assert read_manifest(other)["metrics"] == read_manifest(folder)["metrics"]
+
+
+def test_cache_is_reused(built, recwarn):
+    spec, cache, folder = built
+    mtime = (folder / "manifest.json").stat().st_mtime_ns
+    calls = []
+    real = et5.build
+    et5.build = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert ensure_built(spec, cache) == folder
+    finally:
+        et5.build = real
+    assert calls == []
+    assert (folder / "manifest.json").stat().st_mtime_ns == mtime
+    assert not [w for w in recwarn.list if "rebuilding" in str(w.message)]
+
+
+def _truncate(folder):
+    p = folder / "experts" / "length" / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+
+
+def _flip_data(folder):
+    p = folder / "data" / "sentiment.json"
+    p.write_text(p.read_text().replace("positive", "negative", 1))
+
+
+def _flip_tokenizer(folder):
+    p = folder / "base" / "tokenizer.json"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    p.write_bytes(bytes(b))
+
+
+def _bad_manifest(folder):
+    (folder / "manifest.json").write_text("{not json")
+
+
+def _missing_file(folder):
+    (folder / "base" / "config.json").unlink()
+
+
+def _manifest_drops_entry(folder):
+    m = read_manifest(folder)
+    del m["files"]["data/length.json"]
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip_data, _flip_tokenizer, _bad_manifest, _missing_file, _manifest_drops_entry])
+def test_corrupt_cache_is_rebuilt(built, tmp_path, corrupt, one_thread):
+    spec, _, folder = built
+    reference = _hashes(folder)
+    mine = ensure_built(spec, tmp_path, device="cpu", progress=False)
+    corrupt(mine)
+    assert validate_cache(mine, spec) is not None
+    with pytest.warns(RuntimeWarning, match="rebuilding"):
+        again = ensure_built(spec, tmp_path, device="cpu", progress=False)
+    assert again == mine
+    assert validate_cache(mine, spec) is None
+    assert _hashes(mine) == reference
+    assert [p.name for p in mine.parent.iterdir() if p.is_dir()] == [mine.name]
+
+
+# ---- adapter and pool ---------------------------------------------------------------------
+def test_hydra_instantiation_and_pool_scores_like_the_build(built, tmp_path):
+    spec, cache, folder = built
+    cfg = _yaml("embedded_t5_small")
+    cfg.backbone.spec = OmegaConf.create(spec.to_dict())
+    cfg.backbone.cache_dir = str(cache)
+    cfg.backbone.taskpool.progress = False
+    adapter = instantiate(OmegaConf.to_container(cfg.backbone.adapter, resolve=True))
+    pool = instantiate(OmegaConf.to_container(cfg.backbone.taskpool, resolve=True))
+    assert isinstance(adapter, EmbeddedT5Backbone) and isinstance(pool, EmbeddedT5TaskPool)
+    assert adapter.tasks == pool.names == list(spec.tasks)
+    assert adapter.folder == folder == pool.folder  # the already-built cache, no rebuild
+    base = adapter.load_base()
+    experts = adapter.load_experts()
+    manifest = read_manifest(folder)["metrics"]
+    got_base = pool.evaluate(lambda i: base, "cpu", batch_size=16)
+    got_experts = pool.evaluate(lambda i: experts[i], "cpu", batch_size=16)
+    for t in spec.tasks:
+        assert pool.primary_metric(t) == "accuracy"
+        assert got_base[t]["accuracy"] == pytest.approx(manifest["base"][t])
+        assert got_experts[t]["accuracy"] == pytest.approx(manifest["experts"][t])
+    calib = pool.calibration_set(8, seed=0, batch_size=4)
+    assert [len(c) for c in calib] == [2] * len(spec.tasks)
+    assert set(calib[0][0]) == {"input_ids", "attention_mask"}
+    assert int(calib[0][0]["attention_mask"].sum(1).min()) > 3
+    with pytest.raises(ValueError):
+        pool.calibration_set(spec.n_train + 1, seed=0, batch_size=4)
+
+
+# ---- the regime (the small build, same code as the default) ------------------------------------
+def _average(d):
+    return sum(d.values()) / len(d)
+
+
+@pytest.mark.slow
+def test_small_build_is_in_the_real_merge_regime(tmp_path, one_thread):
+    """base < TA (λ = 0.3) < experts with TA ≥ 8 points below the experts and clearly
+    above the base; weight averaging between base and experts."""
+    spec_node = OmegaConf.to_container(_yaml("embedded_t5_small").backbone.spec, resolve=True)
+    spec = EmbeddedT5Spec.from_config(spec_node)
+    pool = EmbeddedT5TaskPool(spec=spec, cache_dir=str(tmp_path), progress=False)
+    adapter = EmbeddedT5Backbone(spec=spec, cache_dir=str(tmp_path))
+    base = adapter.load_base()
+    experts = adapter.load_experts()
+    bsd = base.state_dict()
+    esd = [e.state_dict() for e in experts]
+
+    def merged(lam):
+        m = load_t5(str(adapter.folder / "base"))
+        m.load_state_dict({k: bsd[k] + lam * sum(s[k] - bsd[k] for s in esd) for k in bsd})
+        return m
+
+    def avg(model_for_task):
+        return _average({t: v["accuracy"] for t, v in pool.evaluate(model_for_task, "cpu", batch_size=100).items()})
+
+    b, e = avg(lambda i: base), avg(lambda i: experts[i])
+    ta, wa = merged(0.3), merged(1.0 / len(esd))
+    t, w = avg(lambda i: ta), avg(lambda i: wa)
+    assert b + 3.0 < t <= e - 8.0, (b, t, e)
+    assert b < w < e, (b, w, e)
+
+
+# ---- end to end through featcal-run ---------------------------------------------------------
+@pytest.mark.slow
+def test_featcal_run_embedded_t5(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FEATCAL_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"), HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    tiny = [f"backbone.spec.{k}={v}" for k, v in TINY.items() if k not in ("tasks", "n_train")]
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "featcal.run", "backbone=embedded_t5_small", "calibration=featcal", "budget.per_task=8",
+         "budget.batch_size=4", "logger=none", f"hydra.run.dir={out}", *tiny],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| accuracy |" in proc.stdout and "embedded_t5_small" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    tasks = OmegaConf.to_container(_yaml("embedded_t5_small").backbone.spec.tasks)
+    assert results["tasks"] == tasks
+    assert set(results["primary_metric"].values()) == {"accuracy"}
+    for stage in ("base", "experts", "merged", "calibrated"):
+        assert set(results["score"][stage]) == set(tasks) | {"average"}
+        assert all(0.0 <= v <= 100.0 for v in results["score"][stage].values())
+    # the run's expert and base numbers are the build's (same scorer, same data)
+    spec = EmbeddedT5Spec.from_config(results["config"]["backbone"]["spec"])
+    manifest = read_manifest(ensure_built(spec, tmp_path / "cache"))["metrics"]
+    for t in tasks:
+        assert results["score"]["experts"][t] == pytest.approx(manifest["experts"][t])
+        assert results["score"]["base"][t] == pytest.approx(manifest["base"][t])
