@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from featcal.backbone.base import Backbone, move_inputs
-from featcal.merge import Exclude, StateDict, _check, _mergeable
+from featcal.merge.base import Exclude, StateDict, check_experts, mergeable
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def adamerging(
 ) -> dict[str, torch.Tensor]:
     """Layer-wise AdaMerging (module docstring). ``history``, if given, receives one
     ``{"step", "entropy"}`` row per step and, last, ``{"lambdas": [[...] per task]}``."""
-    _check(base, experts)
+    check_experts(base, experts)
     n_tasks = len(experts)
     if len(calib) != n_tasks or len(heads) != n_tasks:
         raise ValueError(f"adamerging needs one calibration set and one head per expert: {n_tasks} experts, "
@@ -88,7 +88,7 @@ def adamerging(
     if steps < 0 or lr < 0:
         raise ValueError(f"adamerging: steps and lr must be >= 0, got steps={steps}, lr={lr}")
     device = torch.device(device)
-    keys = [k for k, v in base.items() if _mergeable(k, v, exclude)]
+    keys = [k for k, v in base.items() if mergeable(k, v, exclude)]
 
     model = copy.deepcopy(base_model).to(device).eval()
     for p in model.parameters():

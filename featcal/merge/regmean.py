@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from featcal.backbone.base import Backbone, move_inputs
-from featcal.merge import Exclude, StateDict, _check, _mergeable, weight_average
+from featcal.merge.base import Exclude, StateDict, check_experts, mergeable
+from featcal.merge.weight_average import weight_average
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def regmean(
     solve_dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
     """RegMean merge (module docstring). ``calib[t]`` holds task t's unlabeled batches."""
-    _check(base, experts)
+    check_experts(base, experts)
     if len(expert_models) != len(experts) or len(calib) != len(experts):
         raise ValueError(f"regmean needs one model and one calibration set per expert: {len(experts)} experts, "
                          f"{len(expert_models)} models, {len(calib)} calibration sets")
@@ -119,7 +120,7 @@ def regmean(
 
     # averaged everything first; Linear weights are then replaced by the closed form
     out = weight_average(base, experts, exclude=exclude)
-    candidates = [k[: -len(".weight")] for k, v in base.items() if k.endswith(".weight") and _mergeable(k, v, exclude)]
+    candidates = [k[: -len(".weight")] for k, v in base.items() if k.endswith(".weight") and mergeable(k, v, exclude)]
     linears = sorted(merge_linear_layers(candidates, expert_models[0]))
     if not linears:
         log.warning("regmean: no mergeable Linear layers; the result is the weight average")
