@@ -110,6 +110,12 @@ def ties(
     return out
 
 
+def _dare_seed(seed: int, key: str, expert: int) -> int:
+    import zlib
+
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode()) * 31 + expert) % (2**63 - 1)
+
+
 def dare(
     base: StateDict,
     experts: Sequence[StateDict],
@@ -119,11 +125,11 @@ def dare(
     exclude: Exclude = None,
 ) -> dict[str, torch.Tensor]:
     """DARE + task arithmetic: drop each task-vector entry with probability p, rescale
-    survivors by 1/(1−p), then add λ · Σ to the base. Deterministic for a seed."""
+    survivors by 1/(1−p), then add λ · Σ to the base. Deterministic for a seed (per tensor:
+    the mask of a tensor depends on the seed, its key and the expert index only)."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
     _check(base, experts)
-    gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, b in base.items():
         if not _mergeable(key, b, exclude):
@@ -131,9 +137,12 @@ def dare(
             continue
         b32 = b.float()
         acc = torch.zeros_like(b32)
-        for sd in experts:
+        for t, sd in enumerate(experts):
             tv = sd[key].float() - b32
-            keep = torch.rand(tv.shape, generator=gen) >= drop_rate
+            # one generator per (seed, key, expert): the drop pattern of a tensor does not
+            # depend on the order tensors are visited in (streaming merges read shard order)
+            gen = torch.Generator().manual_seed(_dare_seed(seed, key, t))
+            keep = (torch.rand(tv.shape, generator=gen) >= drop_rate).to(tv.device)
             acc += tv * keep / (1.0 - drop_rate)
         out[key] = (b32 + scaling_factor * acc).to(b.dtype)
     return out
