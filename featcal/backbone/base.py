@@ -190,6 +190,13 @@ class Backbone(abc.ABC):
         model.load_state_dict(dict(state_dict), strict=True)
         return model.eval()
 
+    def merge(self, merge_fn, base: nn.Module, experts: list[nn.Module], **data) -> nn.Module:
+        """The merged model. Default: in-memory state-dict arithmetic
+        ``merge_fn(base_sd, expert_sds, exclude=self.merge_excluded, **data)`` into a copy
+        of ``base``. Streaming backbones (LLMs) override it."""
+        sd = merge_fn(base.state_dict(), [e.state_dict() for e in experts], exclude=self.merge_excluded, **data)
+        return self.with_state_dict(base, sd)
+
     # ---- structure -----------------------------------------------------
     @abc.abstractmethod
     def blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -202,6 +209,12 @@ class Backbone(abc.ABC):
             if isinstance(mod, nn.Linear) or is_norm(mod):
                 out[name] = mod
         return out
+
+    def norm_scale_offset(self, module: nn.Module) -> float:
+        """A norm's effective scale is ``weight + offset`` (0 for LayerNorm/Llama RMSNorm,
+        1 for Gemma's RMSNorm, which scales by 1 + weight). FeatCal solves for the
+        effective scale and writes it back minus the offset."""
+        return 0.0
 
     def is_key_value(self, module_name: str) -> bool:
         leaf = module_name.rsplit(".", 1)[-1]

@@ -63,13 +63,12 @@ def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, 
     """The 4D (or None = plain causal) mask ``LlamaModel.forward`` would build."""
     from transformers.masking_utils import create_causal_mask
 
-    kwargs = dict(
-        config=model.config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        past_key_values=None,
-    )
+    kwargs = dict(config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
     params = inspect.signature(create_causal_mask).parameters
+    if "cache" in params:  # transformers >= 5.2x
+        kwargs["cache"] = None
+    elif "past_key_values" in params:
+        kwargs["past_key_values"] = None
     if "position_ids" in params:
         kwargs["position_ids"] = position_ids
     if "cache_position" in params:  # transformers 4.x
@@ -83,9 +82,18 @@ class LlamaBackbone(Backbone):
     Args:
         tasks: task names, one expert per task.
         base: hub id or local folder of θ₀.
-        experts: hub ids / folders, a mapping task → source or a list aligned with tasks.
+        experts: hub ids / folders, a mapping task → source (experts are paired with
+            tasks BY NAME) or a list aligned with tasks.
         dtype: model dtype (``bfloat16`` for real LLMs; FeatCal statistics stay float32).
         attn_implementation: passed to ``from_pretrained`` (``sdpa`` or ``eager``).
+        streaming: bounded-memory mode. ``load_base``/``load_expert`` return
+            ``LazyCausalLM`` handles (safetensors folders read block by block), ``merge``
+            streams tensor by tensor into ``merge_dir`` (``featcal.merge.streaming``) and
+            returns the merged model loaded in memory; FeatCal then runs layer-streamed.
+        merge_dir: where the streamed merged model is written (a normal HF folder);
+            null: ``$FEATCAL_CACHE/merged/<hash of sources and merge>`` (or
+            ``~/.cache/featcal/merged/...``).
+        merge_device: where the streaming merge's per-tensor arithmetic runs.
     """
 
     key_value_patterns = ("k_proj", "v_proj")
@@ -97,22 +105,89 @@ class LlamaBackbone(Backbone):
         experts: Mapping[str, str] | list[str],
         dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
+        streaming: bool = False,
+        merge_dir: str | None = None,
+        merge_device: str = "cpu",
     ):
         super().__init__(tasks)
         self.base_source = str(base)
         if isinstance(experts, Mapping):
+            missing = [t for t in self.tasks if t not in experts]
+            if missing:
+                raise ValueError(f"no expert given for task(s) {missing} (experts: {sorted(experts)})")
             self.expert_sources = {t: str(experts[t]) for t in self.tasks}
         else:
+            if len(experts) != len(self.tasks):
+                raise ValueError(f"{len(experts)} experts for {len(self.tasks)} tasks")
             self.expert_sources = {t: str(e) for t, e in zip(self.tasks, experts)}
         self.dtype = dtype
         self.attn_implementation = attn_implementation
+        self.streaming = bool(streaming)
+        self.merge_dir = merge_dir
+        self.merge_device = merge_device
 
     # ---- loading -------------------------------------------------------
+    def _lazy(self, source: str):
+        from featcal.backbone.lazy import LazyCausalLM
+
+        folder = resolve_model_dir(source, allow_patterns=_LLM_FILES)
+        try:
+            return LazyCausalLM(folder, self.dtype, self.attn_implementation, name=source)
+        except SourceUnavailable:
+            raise
+        except Exception as err:
+            raise SourceUnavailable(offline_hint("model", str(source)) + f" (cause: {type(err).__name__}: {err})") from err
+
     def load_base(self) -> nn.Module:
+        if self.streaming:
+            return self._lazy(self.base_source)
         return load_causal_lm(self.base_source, self.dtype, self.attn_implementation)
 
     def load_expert(self, task: str) -> nn.Module:
+        if self.streaming:
+            return self._lazy(self.expert_sources[task])
         return load_causal_lm(self.expert_sources[task], self.dtype, self.attn_implementation)
+
+    def materialize(self, model) -> nn.Module:
+        """A loaded model for a lazy handle (the model itself otherwise)."""
+        from featcal.backbone.lazy import is_lazy
+
+        return model.materialize() if is_lazy(model) else model
+
+    def _merge_folder(self, merge_fn, sources: list[str]) -> "Path":
+        import hashlib
+        import json
+        import os
+        from pathlib import Path
+
+        if self.merge_dir:
+            return Path(self.merge_dir)
+        fn, kw = merge_fn, {}
+        while hasattr(fn, "func"):
+            kw = {**getattr(fn, "keywords", {}), **kw}
+            fn = fn.func
+        key = json.dumps({"sources": sources, "merge": getattr(fn, "__name__", str(fn)), "kwargs": kw, "dtype": str(self.dtype)}, sort_keys=True, default=str)
+        root = Path(os.environ.get("FEATCAL_CACHE", Path.home() / ".cache" / "featcal"))
+        return root / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def merge(self, merge_fn, base, experts, **data) -> nn.Module:
+        """Streaming mode: tensor-by-tensor merge of the safetensors folders into a HF
+        folder, then that folder loaded as the merged model. Otherwise in memory."""
+        from featcal.backbone.lazy import is_lazy
+
+        if not (is_lazy(base) or any(is_lazy(e) for e in experts)):
+            return super().merge(merge_fn, base, experts, **data)
+        from featcal.merge.streaming import stream_merge
+
+        if data:
+            raise ValueError(f"streaming merges take no calibration data (got {sorted(data)})")
+        folder = self._merge_folder(merge_fn, [str(base.folder)] + [str(e.folder) for e in experts])
+        stream_merge(
+            merge_fn, base.folder, [e.folder for e in experts], folder,
+            exclude=self.merge_excluded, device=self.merge_device,
+        )
+        self.merged_folder = folder
+        return load_causal_lm(str(folder), self.dtype, self.attn_implementation)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -55,6 +55,7 @@ class _NormStats:
     name: str
     weighted: bool
     rms: bool
+    offset: float = 0.0  # effective scale = weight + offset (Gemma: 1 + w); solved in that space
     e: list[torch.Tensor] = field(default_factory=list)
     m: list[torch.Tensor] = field(default_factory=list)
     gammas: list[torch.Tensor] = field(default_factory=list)
@@ -340,7 +341,7 @@ class FeatCal(Calibrator):
                 g.out_dims.append(mod.out_features)
                 g.has_bias.append(mod.bias is not None)
             elif is_norm(mod) and self.calibrate_norm:
-                norms[name] = _NormStats(name, weighted, is_rms_norm(mod))
+                norms[name] = _NormStats(name, weighted, is_rms_norm(mod), float(backbone.norm_scale_offset(mod)))
         for g in groups.values():
             g.route = self._route(tokens, g.in_dim, sum(g.out_dims))
         return list(groups.values()), norms
@@ -413,7 +414,7 @@ class FeatCal(Calibrator):
             if n not in xs:
                 continue
             entry = acc[("n", n)]
-            z = normalise_without_affine(mods[n], xs[n], torch.float32)
+            z = normalise_without_affine(mods[n], xs[n], torch.float32, ns.offset)
             z = z.reshape(-1, z.shape[-1])
             w = weights(ns.weighted)
             zw = z if w is None else z * w[:, None]
@@ -470,7 +471,7 @@ class FeatCal(Calibrator):
             check_finite(qual[n], m=m, e=e)
             ns.m.append(m)
             ns.e.append(e)
-            ns.gammas.append(emods[n].weight.float())
+            ns.gammas.append(emods[n].weight.float() + ns.offset)
             if not ns.rms:
                 ns.betas.append(emods[n].bias.float())
 
@@ -515,10 +516,11 @@ class FeatCal(Calibrator):
                 continue
             mod, bmod = mods[n], base_mods[n]
             e, m, gam = torch.stack(ns.e), torch.stack(ns.m), torch.stack(ns.gammas)
-            a_g = anchor(mod.weight.double(), bmod.weight.to(device=device, dtype=torch.float64), rho)
+            off = ns.offset  # solve for the effective scale g = weight + offset, write g − offset
+            a_g = anchor(mod.weight.double() + off, bmod.weight.to(device=device, dtype=torch.float64) + off, rho)
             if ns.rms:
                 gamma = solve_rmsnorm(e, gam, a_g, lam)
-                out.append((mod.weight, gamma))
+                out.append((mod.weight, gamma - off))
             else:
                 a_b = anchor(mod.bias.double(), bmod.bias.to(device=device, dtype=torch.float64), rho)
                 gamma, beta = solve_layernorm(e, m, gam, torch.stack(ns.betas), a_g, a_b, lam, self.eps)
