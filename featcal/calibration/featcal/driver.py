@@ -26,6 +26,7 @@ from featcal.calibration.featcal.solver import (
     solve_rmsnorm,
     solve_weight_from_sums,
 )
+from featcal.utils import as_torch_dtype
 from featcal.calibration.featcal.stats import MomentAccumulator, normalise_without_affine, finish_gram
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ class FeatCal(Calibrator):
             rounding; memory grows with it (per-block activations of one pass).
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
+        streaming: layer-streamed calibration (``featcal.calibration.featcal.streamed``):
+            "auto" (when the backbone hands out models on disk, e.g. LLM backbones with
+            ``streaming: true``), true or false.
+        offload: where the streamed run keeps activations: "host" (pinned on CUDA) or
+            "disk" (memory-mapped files under ``offload_dir``, a temp folder if null).
+        activation_dtype: dtype of the stored activations (null: the model's dtype).
     """
 
     name = "featcal"
@@ -112,6 +119,10 @@ class FeatCal(Calibrator):
         pass_tokens: int | None = 4096,
         inplace: bool = True,
         progress: bool = True,
+        streaming: bool | str = "auto",
+        offload: str = "host",
+        offload_dir: str | None = None,
+        activation_dtype: str | None = None,
     ):
         if cross_route not in ("auto", "direct", "gram"):
             raise ValueError(f"cross_route must be auto, direct or gram, got {cross_route!r}")
@@ -131,6 +142,14 @@ class FeatCal(Calibrator):
         self.pass_tokens = int(pass_tokens) if pass_tokens else None
         self.inplace = bool(inplace)
         self.progress = bool(progress)
+        if streaming not in ("auto", True, False):
+            raise ValueError(f"streaming must be auto, true or false, got {streaming!r}")
+        if offload not in ("host", "disk"):
+            raise ValueError(f"offload must be host or disk, got {offload!r}")
+        self.streaming = streaming
+        self.offload = offload
+        self.offload_dir = offload_dir
+        self.activation_dtype = as_torch_dtype(activation_dtype) if activation_dtype else None
 
     # ---- helpers -----------------------------------------------------------
     def _weights(self, state: BlockState, weighted: bool) -> torch.Tensor | None:
@@ -162,6 +181,12 @@ class FeatCal(Calibrator):
         calibration: list[list[Inputs]],
         device: torch.device | str = "cpu",
     ) -> CalibratedModel:
+        from featcal.backbone.lazy import is_lazy
+
+        if self.streaming is True or (self.streaming == "auto" and any(is_lazy(m) for m in (merged, base, *experts))):
+            from featcal.calibration.featcal.streamed import calibrate_streamed
+
+            return calibrate_streamed(self, backbone, merged, base, experts, calibration, device)
         start = time.perf_counter()
         device = torch.device(device)
         num_tasks = self.check_inputs(experts, calibration)
