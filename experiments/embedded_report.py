@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from featcal.merge import task_arithmetic, ties, weight_average
-from featcal.tasks.base import evaluate
 from featcal.tasks.embedded import (
     TASKS,
     EmbeddedBackbone,
@@ -51,14 +50,14 @@ def measure(spec: EmbeddedSpec, cache_dir: str | None, device: str, featcal_budg
     experts = adapter.load_experts()
     tasks = pool.names
 
-    def rep(model):
-        return lambda x, i: adapter.represent(model, x)
+    def evaluate(model_for_task, **kw) -> dict[str, float]:
+        return {t: m["accuracy"] for t, m in pool.evaluate(model_for_task, device, **kw).items()}
 
     acc: dict[str, dict[str, float]] = {}
-    acc["base (zero-shot)"] = evaluate(rep(base), pool, device, desc="base")
+    acc["base (zero-shot)"] = evaluate(lambda i: base, desc="base")
     acc["experts"] = {}
     for i, e in enumerate(experts):
-        acc["experts"].update(evaluate(rep(e), pool, device, only=[i], desc="expert"))
+        acc["experts"].update(evaluate(lambda _i, e=e: e, only=[i], desc="expert"))
     bsd, esd = base.state_dict(), [e.state_dict() for e in experts]
     merges = {
         "weight averaging": weight_average(bsd, esd),
@@ -68,7 +67,7 @@ def measure(spec: EmbeddedSpec, cache_dir: str | None, device: str, featcal_budg
     models = {}
     for name, sd in merges.items():
         models[name] = adapter.with_state_dict(base, sd)
-        acc[name] = evaluate(rep(models[name]), pool, device, desc=name)
+        acc[name] = evaluate(lambda i, m=models[name]: m, desc=name)
     featcal = {}
     if featcal_budgets:
         from featcal.calibration.featcal import FeatCal
@@ -80,7 +79,7 @@ def measure(spec: EmbeddedSpec, cache_dir: str | None, device: str, featcal_budg
             cm = FeatCal().calibrate(adapter, ta, base, experts, calib, device)
             secs = time.time() - t1
             key = f"TA + FeatCal (n={n})"
-            acc[key] = evaluate(cm.represent, pool, device, desc=key)
+            acc[key] = evaluate(cm.model_for_task, desc=key)
             featcal[n] = secs
     return {
         "spec": spec.to_dict(),

@@ -36,10 +36,11 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run and stage (merged / calibrated), one column per task plus the average."""
-    sub = df[df["stage"].isin(["experts", "merged", "calibrated"])]
+    """One row per run and stage (experts / merged / calibrated), one column per task (its
+    primary metric) plus the average."""
+    sub = df[df["stage"].isin(["experts", "merged", "calibrated"]) & df["primary"].astype(bool)]
     index = [k for k in KEYS if k in sub.columns] + ["stage"]
-    wide = sub.pivot_table(index=index, columns="task", values="accuracy", aggfunc="mean")
+    wide = sub.pivot_table(index=index, columns="task", values="value", aggfunc="mean")
     tasks = [c for c in wide.columns if c != "average"] + (["average"] if "average" in wide.columns else [])
     wide = wide[tasks].reset_index()
     extra = sub.groupby(index)[["calibrate_seconds", "peak_rss_mib"]].first().reset_index()

@@ -11,31 +11,33 @@ from featcal.utils import atomic_write_json, atomic_write_text
 STAGES = ("base", "experts", "merged", "calibrated")
 
 
-def with_average(accs: dict[str, float]) -> dict[str, float]:
-    vals = [v for k, v in accs.items() if k != "average"]
-    out = dict(accs)
-    if vals:
-        out["average"] = sum(vals) / len(vals)
-    return out
-
-
-def per_task_table(tasks: list[str], accuracy: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """Rows: one per task plus 'average'; columns: the stages that were evaluated."""
-    stages = [s for s in STAGES if s in accuracy]
+def per_task_table(tasks: list[str], score: dict[str, dict[str, float]], primary: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rows: one per task plus 'average'; columns: the task's primary metric, then the
+    stages that were evaluated (their primary metric values), gain and share of the gap closed."""
+    stages = [s for s in STAGES if s in score]
+    primary = primary or {}
     rows = []
     for task in list(tasks) + ["average"]:
         row: dict[str, Any] = {"task": task}
+        if primary:
+            row["metric"] = primary.get(task, average_metric_name(primary))
         for s in stages:
-            row[s] = accuracy[s].get(task)
-        if "merged" in accuracy and "calibrated" in accuracy:
-            m, c = accuracy["merged"].get(task), accuracy["calibrated"].get(task)
+            row[s] = score[s].get(task)
+        if "merged" in score and "calibrated" in score:
+            m, c = score["merged"].get(task), score["calibrated"].get(task)
             row["gain"] = None if m is None or c is None else c - m
-            e = accuracy.get("experts", {}).get(task)
+            e = score.get("experts", {}).get(task)
             # the fraction of the merged -> experts gap closed; only meaningful for a real gap
             if e is not None and m is not None and c is not None and e - m >= 1.0:
                 row["gap_closed_%"] = 100.0 * (c - m) / (e - m)
         rows.append(row)
     return rows
+
+
+def average_metric_name(primary: dict[str, str]) -> str:
+    """What the 'average' row averages: the shared primary metric, or 'mean_primary'."""
+    names = set(primary.values())
+    return names.pop() if len(names) == 1 else "mean_primary"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -62,12 +64,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(cols), sep] + [line(b) for b in body])
 
 
-def long_rows(meta: dict[str, Any], accuracy: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """Long format: one row per (stage, task); what featcal-collect concatenates."""
+def long_rows(
+    meta: dict[str, Any],
+    metrics: dict[str, dict[str, dict[str, float]]],
+    score: dict[str, dict[str, float]],
+    primary: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Long format, what featcal-collect concatenates: one row per (stage, task, metric)
+    with ``primary`` marking each task's primary metric, plus per stage the 'average'
+    row (mean of the primary metrics)."""
     rows = []
     for stage in STAGES:
-        for task, acc in accuracy.get(stage, {}).items():
-            rows.append({**meta, "stage": stage, "task": task, "accuracy": acc})
+        if stage not in metrics:
+            continue
+        for task, values in metrics[stage].items():
+            for metric, value in values.items():
+                rows.append({**meta, "stage": stage, "task": task, "metric": metric, "value": value, "primary": metric == primary.get(task)})
+        if "average" in score.get(stage, {}):
+            rows.append({**meta, "stage": stage, "task": "average", "metric": average_metric_name(primary), "value": score[stage]["average"], "primary": True})
     return rows
 
 

@@ -1,8 +1,12 @@
-"""The one entrypoint: merge -> calibrate -> evaluate -> report.
+"""The one entrypoint: compose -> validate -> load -> merge -> calibrate -> evaluate -> report.
 
     featcal-run                                   # embedded default, offline, CPU
-    featcal-run merge=ties calibration=surgery budget=32
-    featcal-run -m calibration=none,featcal,surgery budget=8,32,256
+    featcal-run merge=ties calibration=surgery budget.per_task=32
+    featcal-run -m calibration=none,featcal,surgery budget.per_task=8,32,256
+
+The run knows no model family and no calibrator: the backbone adapter loads and merges,
+the calibrator returns a ``CalibratedModel`` (a module per task and a typed report), the
+task pool evaluates with its own scorer and names its metrics.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -22,29 +26,49 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from featcal.backbone.base import Backbone
-from featcal.calibration.base import CalibratedModel, NoCalibration
+from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import ConfigError, validate
-from featcal.report import format_table, long_rows, per_task_table, with_average, write_results
-from featcal.tasks.base import TaskPool, evaluate
+from featcal.report import format_table, long_rows, per_task_table, write_results
+from featcal.tasks.base import Metrics, TaskPool, scores
 from featcal.utils import DTYPES, StageTimer, current_rss_mib, peak_rss_mib, resolve_device, seed_everything
 from featcal.wandb_log import WandbLogger
 
 log = logging.getLogger("featcal")
 
+#: descriptive keys some config nodes may still carry; never constructor arguments
+_DESCRIPTIVE = ("name",)
 
-def _build(node: DictConfig | dict, drop: tuple[str, ...] = ("name",)) -> Any:
-    """Hydra-instantiate a config node (or its resolved dict), leaving out descriptive keys."""
+
+def _build(node: DictConfig | dict) -> Any:
+    """Hydra-instantiate a config node (resolved), leaving out descriptive keys."""
     data = dict(node) if isinstance(node, dict) else OmegaConf.to_container(node, resolve=True)
-    for key in drop:
+    for key in _DESCRIPTIVE:
         data.pop(key, None)
     return instantiate(data)
 
 
-def _choices() -> dict[str, str]:
+def _choices(cfg: DictConfig) -> dict[str, str]:
+    """The config-group choices: from the running Hydra app, or from a config composed
+    with ``return_hydra_config=True`` (scripts, tests)."""
     try:
-        return dict(HydraConfig.get().runtime.choices)
+        choices = HydraConfig.get().runtime.choices
     except Exception:
-        return {}
+        choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}
+    return {str(k): str(v) for k, v in choices.items() if v is not None}
+
+
+def _label(group: str, node: Any, choices: dict[str, str]) -> str:
+    """A group's label for tables and logs: the Hydra choice (``merge=ties`` -> ``ties``);
+    outside Hydra (``compose`` in scripts) a ``name`` key or the ``_target_``'s last part."""
+    if group in choices:
+        return str(choices[group])
+    if isinstance(node, (dict, DictConfig)):
+        if node.get("name"):
+            return str(node["name"])
+        target = node.get("_target_")
+        if target:
+            return str(target).rsplit(".", 1)[-1].lower()
+    return "?"
 
 
 def _sweep_group() -> tuple[str | None, str | None]:
@@ -60,29 +84,40 @@ def _sweep_group() -> tuple[str | None, str | None]:
     return None, name
 
 
+def needs_calibration_data(merge_fn: Callable[..., Any]) -> bool:
+    """A merge function (or a ``functools.partial`` of one) that declares
+    ``needs_calibration_data = True`` (RegMean, AdaMerging)."""
+    fn = merge_fn
+    while fn is not None:
+        if getattr(fn, "needs_calibration_data", False):
+            return True
+        fn = getattr(fn, "func", None)
+    return False
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one configuration and write its results into ``out_dir``."""
-    validate(cfg)  # before anything heavy: a bad value costs nothing
+    choices = _choices(cfg)
+    if "hydra" in cfg:  # composed with return_hydra_config=True: keep the run's own keys
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    # ---- validate (before anything heavy: a bad value costs nothing) ------------
+    validate(cfg)
     started = time.time()
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.precision]
     timer = StageTimer(device)
-    choices = _choices()
     merge_fn = _build(cfg.merge)
-    cal_node = OmegaConf.to_container(cfg.calibration, resolve=True)
-    if "seed" in cal_node:  # one run seed drives data order and calibrator training alike
-        cal_node["seed"] = int(cfg.seed)
-    calibrator = _build(cal_node)
+    calibrator: Calibrator = _build(cfg.calibration)
     adapter: Backbone = _build(cfg.backbone.adapter)
     pool: TaskPool = _build(cfg.backbone.taskpool)
     if torch.cuda.is_available() and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     meta = {
-        "backbone": str(cfg.backbone.get("name", choices.get("backbone", "?"))),
-        "merge": str(cfg.merge.get("name", choices.get("merge", "?"))),
-        "calibration": choices.get("calibration", type(calibrator).__name__.lower()),
+        "backbone": _label("backbone", cfg.backbone, choices),
+        "merge": _label("merge", cfg.merge, choices),
+        "calibration": _label("calibration", cfg.calibration, choices),
         "budget": int(cfg.budget.per_task),
         "split": str(cfg.budget.split),
         "seed": int(cfg.seed),
@@ -99,6 +134,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             group=group,
         )
 
+    # ---- load -----------------------------------------------------------------
     with timer.stage("load"):
         base = adapter.load_base()
         experts = adapter.load_experts()
@@ -106,85 +142,90 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if tasks != adapter.tasks:
             raise ConfigError(f"task pool tasks {tasks} do not match backbone tasks {adapter.tasks}")
 
+    # ---- calibration data (before merging when the merge itself needs it) ---------
+    merge_needs_data = needs_calibration_data(merge_fn)
+    calib = None
+    if merge_needs_data or calibrator.needs_calibration_data:
+        with timer.stage("calibration_data"):
+            calib = pool.calibration_set(int(cfg.budget.per_task), int(cfg.seed), int(cfg.budget.batch_size), str(cfg.budget.split))
+
+    # ---- merge ----------------------------------------------------------------
     with timer.stage("merge"):
-        merged_sd = merge_fn(base.state_dict(), [e.state_dict() for e in experts], exclude=adapter.merge_excluded)
-        merged = adapter.with_state_dict(base, merged_sd)
-        del merged_sd
+        data = {}
+        if merge_needs_data:
+            data = dict(backbone=adapter, base_model=base, expert_models=experts, calib=calib, device=device)
+        merged = adapter.merge(merge_fn, base, experts, **data)
     if dtype != torch.float32:
         base, merged = base.to(dtype), merged.to(dtype)
         experts = [e.to(dtype) for e in experts]
 
+    # ---- evaluate the references ------------------------------------------------
     bs = int(cfg.eval_batch_size)
 
-    def plain(model: torch.nn.Module):
-        return lambda inputs, i: adapter.represent(model, inputs)
-
-    def on_device(model: torch.nn.Module, fn):
+    def evaluate(model: torch.nn.Module, model_for_task: Callable[[int], torch.nn.Module], **kw) -> Metrics:
         model.to(device)
         try:
-            return fn()
+            return pool.evaluate(model_for_task, device, bs, **kw)
         finally:
             model.to("cpu")
 
-    accuracy: dict[str, dict[str, float]] = {}
+    metrics: dict[str, Metrics] = {}
     if cfg.evaluate_experts:
         with timer.stage("evaluate_experts"):
-            accs: dict[str, float] = {}
+            metrics["experts"] = {}
             for i, expert in enumerate(experts):
-                accs.update(on_device(expert, lambda: evaluate(plain(expert), pool, device, bs, only=[i], desc=f"expert {tasks[i]}")))
-            accuracy["experts"] = with_average(accs)
+                metrics["experts"].update(evaluate(expert, lambda _i, e=expert: e, only=[i], desc=f"expert {tasks[i]}"))
     if cfg.evaluate_base:
         with timer.stage("evaluate_base"):
-            accuracy["base"] = with_average(on_device(base, lambda: evaluate(plain(base), pool, device, bs, desc="base")))
+            metrics["base"] = evaluate(base, lambda _i: base, desc="base")
     with timer.stage("evaluate_merged"):
-        accuracy["merged"] = with_average(on_device(merged, lambda: evaluate(plain(merged), pool, device, bs, desc="merged")))
+        metrics["merged"] = evaluate(merged, lambda _i: merged, desc="merged")
 
-    report: dict[str, Any] = {}
-    if isinstance(calibrator, NoCalibration):
-        accuracy["calibrated"] = dict(accuracy["merged"])
-        timer.seconds["calibrate"] = 0.0
+    # ---- calibrate --------------------------------------------------------------
+    rss_before = current_rss_mib()
+    with timer.stage("calibrate"):
+        if calib is not None:
+            calib = adapter.prepare_calibration(merged, base, experts, calib, device)
+        calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)
+    report = calibrated.report
+    report.extra.setdefault("rss_increase_mib", current_rss_mib() - rss_before)
+    if cfg.get("save_calibrated", False):
+        calibrated.save(out_dir / calibrated.save_name)
+
+    # ---- evaluate the calibrated model -----------------------------------------------
+    if getattr(calibrated, "unchanged", False):  # e.g. calibration=none: the merged numbers
+        metrics["calibrated"] = {t: dict(v) for t, v in metrics["merged"].items()}
     else:
-        with timer.stage("calibration_data"):
-            cal_bs = int(cfg.calibration.get("batch_size", 16))
-            calib = pool.calibration_set(int(cfg.budget.per_task), int(cfg.seed), cal_bs, str(cfg.budget.split))
-        rss_before = current_rss_mib()
-        with timer.stage("calibrate"):
-            calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)
-        report = dict(calibrated.report or {})
-        report["rss_increase_mib"] = current_rss_mib() - rss_before
-        if cfg.get("save_calibrated", False):
-            calibrated.save(out_dir / calibrated.save_name)
         with timer.stage("evaluate_calibrated"):
             calibrated.eval()
-            accuracy["calibrated"] = with_average(
-                on_device(calibrated, lambda: evaluate(calibrated.represent, pool, device, bs, desc="calibrated"))
-            )
+            metrics["calibrated"] = evaluate(calibrated, calibrated.model_for_task, desc="calibrated")
 
+    # ---- report ---------------------------------------------------------------
     memory = {
         "peak_rss_mib": peak_rss_mib(),
         "cuda_peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
     }
-    drift_rows = []
-    for when, per_task in (report.get("drift") or {}).items():
-        for t_index, values in per_task.items():
-            for block, value in enumerate(values):
-                drift_rows.append({"task": tasks[int(t_index)], "block": block, "when": when, "drift": float(value)})
-    table = per_task_table(tasks, accuracy)
+    primary = {t: pool.primary_metric(t) for t in tasks}
+    score = {stage: scores(m, pool) for stage, m in metrics.items()}
+    table = per_task_table(tasks, score, primary)
+    report_dict = report.to_dict()
     results = {
         **meta,
         "tasks": tasks,
         "device": str(device),
-        "accuracy": accuracy,
+        "primary_metric": primary,
+        "score": score,
+        "metrics": metrics,
         "table": table,
         "timings": dict(timer.seconds),
         "memory": memory,
-        "drift": drift_rows,
-        "loss_curve": report.get("loss_curve"),
-        "calibration_report": {k: v for k, v in report.items() if k not in ("drift", "loss_curve")},
+        "drift": report_dict.pop("drift"),
+        "loss_curve": report_dict.pop("loss_curve"),
+        "calibration_report": report_dict,
         "wall_clock_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    long = long_rows({"run_dir": str(out_dir), **meta}, accuracy)
+    long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
     write_results(out_dir, results, long)
 
     print(f"\n{meta['backbone']} | merge={meta['merge']} | calibration={meta['calibration']} | budget={meta['budget']} ({meta['split']})")
@@ -205,19 +246,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 
 CONF_DIR = os.environ.get("FEATCAL_CONF", str(Path(__file__).resolve().parent.parent / "conf"))
-_BUDGET_ARG = re.compile(r"^(budget)=([0-9]+(?:,[0-9]+)*)$")
-
-
-def _quote_numeric_group_choices(argv: list[str]) -> list[str]:
-    """``budget=64`` / ``budget=8,32,256`` select options of the budget *group*; Hydra parses
-    bare numbers as ints and refuses them as group choices, so quote them as names."""
-    out = []
-    for arg in argv:
-        m = _BUDGET_ARG.match(arg)
-        if m:
-            arg = f"{m.group(1)}=" + ",".join(f"'{v}'" for v in m.group(2).split(","))
-        out.append(arg)
-    return out
+_OLD_BUDGET_ARG = re.compile(r"^budget=([0-9][0-9,]*)$")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -227,11 +256,16 @@ def _hydra_main(cfg: DictConfig) -> float:
     except ConfigError as err:
         print(f"featcal: {err}", file=sys.stderr)
         sys.exit(2)
-    return float(results["accuracy"]["calibrated"]["average"])
+    return float(results["score"]["calibrated"]["average"])
 
 
 def main() -> None:
-    args = _quote_numeric_group_choices(sys.argv[1:])
+    args = sys.argv[1:]
+    for arg in args:
+        m = _OLD_BUDGET_ARG.match(arg)
+        if m:
+            print(f"featcal: the budget is a key, not a config group: use budget.per_task={m.group(1)}", file=sys.stderr)
+            sys.exit(2)
     # Hydra's parser wants flags before overrides; accept `featcal-run a=1 -m b=2,3` too
     flags = [a for a in args if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in args if a not in flags]

@@ -53,9 +53,12 @@ class WandbLogger:
         try:
             wandb = self._wandb
             summary: dict[str, float] = {}
-            for stage, accs in results["accuracy"].items():
-                for task, acc in accs.items():
-                    summary[f"acc/{stage}/{task}"] = float(acc)
+            for stage, per_task in results["metrics"].items():
+                for task, values in per_task.items():
+                    for metric, value in values.items():
+                        summary[f"{metric}/{stage}/{task}"] = float(value)
+            for stage, per_task in results["score"].items():
+                summary[f"score/{stage}/average"] = float(per_task["average"])
             for stage, secs in results["timings"].items():
                 summary[f"time/{stage}"] = float(secs)
             for key, value in results["memory"].items():
@@ -66,7 +69,7 @@ class WandbLogger:
                 self.run.summary[k] = v
             table = results["table"]
             columns = list(table[0].keys()) if table else ["task"]
-            self.run.log({"per_task_accuracy": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in table])})
+            self.run.log({"per_task": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in table])})
             drift = results.get("drift")
             if drift:
                 rows = [[r["task"], r["block"], r["when"], r["drift"]] for r in drift]

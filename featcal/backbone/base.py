@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -243,6 +243,30 @@ class Backbone(abc.ABC):
     def device_of(self, model: nn.Module) -> torch.device:
         return next(model.parameters()).device
 
+    # ---- the run's hooks -------------------------------------------------
+    def representation_site(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """``(module, "output" | "input")``: the module of ``model`` whose output (or first
+        input) is the final representation (what ``represent`` returns, what Surgery-style
+        calibrators correct with a forward hook). CLIP: ``visual_projection``, output."""
+        raise NotImplementedError(f"{type(self).__name__} does not name a representation site")
 
-def iter_batches(items: Iterable[Inputs]) -> Iterable[Inputs]:
-    yield from items
+    def prepare_calibration(
+        self,
+        merged: nn.Module,
+        base: nn.Module,
+        experts: list[nn.Module],
+        calib: list[list[Inputs]],
+        device: torch.device | str,
+    ) -> list[list[Inputs]]:
+        """Family-specific additions to the calibration batches before calibrating (e.g.
+        decoder targets from each expert's answers); the default returns them unchanged."""
+        return calib
+
+    def merge(self, merge_fn: Callable[..., Any], base: nn.Module, experts: list[nn.Module], **data: Any) -> nn.Module:
+        """The merged model. Default: in-memory state-dict arithmetic,
+        ``merge_fn(base_sd, expert_sds, exclude=self.merge_excluded, **data)`` loaded into a
+        copy of ``base``. ``data`` carries calibration data and models for merge functions
+        with ``needs_calibration_data = True`` (RegMean, AdaMerging). Streaming merges
+        (models that do not fit in memory several times) override this."""
+        merged_sd = merge_fn(base.state_dict(), [e.state_dict() for e in experts], exclude=self.merge_excluded, **data)
+        return self.with_state_dict(base, merged_sd)

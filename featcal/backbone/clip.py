@@ -145,3 +145,6 @@ class CLIPVisionBackbone(Backbone):
     def readout(self, model: nn.Module, state: BlockState) -> torch.Tensor:
         pooled = model.vision_model.post_layernorm(state.hidden[:, 0, :])
         return model.visual_projection(pooled)
+
+    def representation_site(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return model.visual_projection, "output"

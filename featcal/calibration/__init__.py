@@ -1,4 +1,4 @@
 """Post-merging calibrators. See ``featcal.calibration.base.Calibrator``."""
-from featcal.calibration.base import CalibratedModel, Calibrator, NoCalibration
+from featcal.calibration.base import CalibratedModel, CalibrationReport, Calibrator, NoCalibration
 
-__all__ = ["CalibratedModel", "Calibrator", "NoCalibration"]
+__all__ = ["CalibratedModel", "CalibrationReport", "Calibrator", "NoCalibration"]

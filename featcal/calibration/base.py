@@ -2,12 +2,21 @@
 
 A calibrator receives a backbone adapter, the merged model, the base model, the
 experts (aligned with tasks) and per-task calibration batches; it never sees a
-dataset name. It returns a ``CalibratedModel`` that maps (inputs, task index) to
-the final representation that the task's head scores.
+dataset name. It returns a :class:`CalibratedModel`: per task index, an ``nn.Module``
+that behaves like the family's own model (``model_for_task``), a typed
+:class:`CalibrationReport` that the run writes and logs without knowing which
+calibrator produced it, and ``save``.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,53 +25,114 @@ from torch import nn
 from featcal.backbone.base import Backbone, Inputs
 
 
+@dataclass
+class CalibrationReport:
+    """What a calibrator tells the run, in one shape for every calibrator.
+
+    drift:      rows ``{"task": str, "block": int, "when": str, "drift": float}``
+                (per-block feature drift to the experts, e.g. ``when`` = before / after).
+    loss_curve: rows ``{"step": int, "loss": float}`` (training calibrators).
+    fallbacks:  solver fallbacks or other numerical events, one line each.
+    settings:   the hyper-parameters that produced the result.
+    timings:    seconds per calibrator phase.
+    extra:      anything else (JSON-serialisable), written as is.
+    """
+
+    method: str = "none"
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    loss_curve: list[dict[str, Any]] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def drift_rows(drift: dict[str, dict[int, list[float]]], tasks: list[str]) -> list[dict[str, Any]]:
+    """``{when: {task index: [drift per block]}}`` -> report rows."""
+    rows = []
+    for when, per_task in drift.items():
+        for t_index, values in per_task.items():
+            name = tasks[int(t_index)] if int(t_index) < len(tasks) else str(t_index)
+            for block, value in enumerate(values):
+                rows.append({"task": name, "block": block, "when": str(when), "drift": float(value)})
+    return rows
+
+
+def save_model_folder(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write ``model`` as a folder a user can load without this project, atomically.
+
+    Models with ``save_pretrained`` (transformers) become a normal Hugging Face folder
+    (``config.json`` + ``model.safetensors``, loadable with ``<Class>.from_pretrained``);
+    other modules a ``model.safetensors`` state dict.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            tmp.mkdir(parents=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 class CalibratedModel(nn.Module):
     """The merged model after calibration.
 
-    ``represent(inputs, task_index)`` gives the final representation. Task-agnostic
-    calibrators (FeatCal, none) ignore the task index; Surgery-style ones route by it.
-    ``report`` carries calibrator-specific diagnostics (drift per block, loss curves)
-    that the run saves and logs.
+    ``model_for_task(i)`` is the module to evaluate task i with: the family's own model
+    class (e.g. ``CLIPVisionModelWithProjection``), so task pools drive it exactly like
+    an expert. Task-agnostic calibrators (FeatCal, none) return the same calibrated
+    model for every task. ``report`` is the typed :class:`CalibrationReport`.
+    ``save(folder)`` writes what a user needs to use the result without this project.
     """
 
-    def __init__(self, backbone: Backbone, model: nn.Module):
+    #: folder name used by the run's ``save_calibrated=true``
+    save_name = "calibrated_model"
+    #: True when the model is the merged model as it was (the run reuses the merged scores)
+    unchanged = False
+
+    def __init__(self, backbone: Backbone, model: nn.Module, report: CalibrationReport | None = None):
         super().__init__()
         self.backbone = backbone
         self.model = model
-        self.report: dict[str, Any] = {}
+        self.report = report or CalibrationReport()
 
-    #: file name used by the run's ``save_calibrated=true``
-    save_name = "calibrated_model.safetensors"
+    def model_for_task(self, task_index: int) -> nn.Module:
+        return self.model
 
     @torch.no_grad()
     def represent(self, inputs: Inputs, task_index: int) -> torch.Tensor:
-        return self.backbone.represent(self.model, inputs)
+        """The final representation of ``inputs`` for task ``task_index`` (diagnostics/tests)."""
+        return self.backbone.represent(self.model_for_task(task_index), inputs)
 
-    def save(self, path) -> None:
-        """Save the calibrated weights (safetensors)."""
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, str(tmp))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path, backbone: Backbone, model: nn.Module) -> "CalibratedModel":
-        """Load weights saved by ``save`` into ``model`` (same architecture)."""
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(path)), strict=True)
-        return cls(backbone, model.eval())
+    def save(self, folder: str | os.PathLike) -> Path:
+        """The full calibrated model as a normal model folder (safetensors), plus the report."""
+        folder = save_model_folder(self.model, folder)
+        (folder / "calibration_report.json").write_text(json.dumps(self.report.to_dict(), indent=2, default=str) + "\n")
+        return folder
 
 
 class Calibrator(abc.ABC):
     """Adjusts a merged model with a few unlabeled examples per task."""
 
     name: str = "calibrator"
+
+    @classmethod
+    def validate_config(cls, node: dict[str, Any]) -> list[str]:
+        """Problems with a config node for this class (``key=value: what is allowed``)."""
+        return []
 
     @abc.abstractmethod
     def calibrate(
@@ -75,6 +145,10 @@ class Calibrator(abc.ABC):
         device: torch.device | str = "cpu",
     ) -> CalibratedModel:
         """``calibration[t]`` is task t's list of input batches (n examples in total)."""
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        return True
 
     @staticmethod
     def check_inputs(experts: list[nn.Module], calibration: list[list[Inputs]]) -> int:
@@ -93,5 +167,11 @@ class NoCalibration(Calibrator):
 
     name = "none"
 
+    @property
+    def needs_calibration_data(self) -> bool:
+        return False
+
     def calibrate(self, backbone, merged, base, experts, calibration, device="cpu") -> CalibratedModel:
-        return CalibratedModel(backbone, merged)
+        out = CalibratedModel(backbone, merged, CalibrationReport(method=self.name))
+        out.unchanged = True
+        return out

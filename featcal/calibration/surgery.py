@@ -16,8 +16,11 @@ float32 and on a GPU in bf16. Which split the calibration batches come from
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, Inputs, move_inputs
-from featcal.calibration.base import CalibratedModel, Calibrator
+from featcal.calibration.base import CalibratedModel, CalibrationReport, Calibrator
 from featcal.utils import torch_threads
 
 # --------------------------------------------------------------------------- modules
@@ -118,46 +121,121 @@ class SurgeryBank(nn.Module):
 
 
 class SurgeryCalibratedModel(CalibratedModel):
-    """Merged model + per-task residual modules: represent(x, t) = z − module_t(z)."""
+    """Merged model + per-task residual modules on the final representation.
 
-    save_name = "surgery_modules.pt"
+    ``model_for_task(t)`` returns the merged model (the family's own class) with module t
+    applied by a forward hook at ``backbone.representation_site(model)``: the
+    representation z becomes ẑ = z − module_t(z), whatever calls the model (the task
+    pool's scorer, ``generate``, ``backbone.represent``). The hook is installed on the
+    first call and routes to the task of the latest ``model_for_task`` call, so one task
+    is evaluated at a time; ``remove_hooks()`` restores the plain merged model.
+    """
 
-    def __init__(self, backbone: Backbone, model: nn.Module, bank: SurgeryBank):
-        super().__init__(backbone, model)
+    save_name = "surgery"
+
+    def __init__(self, backbone: Backbone, model: nn.Module, bank: SurgeryBank, report: CalibrationReport | None = None):
+        super().__init__(backbone, model, report)
         self.surgery = bank
+        self._task: int | None = None
+        self._handle = None
 
-    @torch.no_grad()
-    def represent(self, inputs: Inputs, task_index: int) -> torch.Tensor:
-        z = self.backbone.represent(self.model, inputs)
+    def model_for_task(self, task_index: int) -> nn.Module:
+        self.surgery.index(task_index)  # raises for an index without a module
+        self._task = int(task_index)
+        if self._handle is None:
+            module, where = self.backbone.representation_site(self.model)
+            self._handle = attach_correction(module, where, self._correct)
+        return self.model
+
+    def remove_hooks(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _correct(self, z: torch.Tensor) -> torch.Tensor:
         p = next(self.surgery.parameters())
-        z_hat, _ = self.surgery(z.to(device=p.device, dtype=p.dtype), task_index)
-        return z_hat
+        z_hat, _ = self.surgery(z.to(device=p.device, dtype=p.dtype), self._task)
+        return z_hat.to(device=z.device, dtype=z.dtype)
 
-    def save(self, path: str | Path) -> None:
-        """Save the surgery modules (not the merged model, which the merge recreates) and the report."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.surgery.state_dict().items()}
-        torch.save({"format": "featcal.surgery/1", "config": self.surgery.config(), "state_dict": state}, path)
+    def save(self, folder: str | Path) -> Path:
+        """The modules (``surgery_modules.safetensors``), their config and hook site
+        (``surgery_config.json``) and the report; the merged model is not saved (the merge
+        recreates it). Load back with :func:`load_surgery`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            module, where = self.backbone.representation_site(self.model)
+            site = next((n for n, m in self.model.named_modules() if m is module), None)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.surgery.state_dict().items()}
+            save_file(state, str(tmp / "surgery_modules.safetensors"))
+            config = {
+                "format": SURGERY_FORMAT,
+                "config": self.surgery.config(),
+                "site": {"module": site, "where": where},
+                "formula": "z_hat = z - module[t](z) at the site; module t = blocks.<t> (blocks.0 when shared)",
+            }
+            (tmp / "surgery_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / "calibration_report.json").write_text(json.dumps(self.report.to_dict(), indent=2, default=str) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.replace(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
 
     @classmethod
-    def load(
-        cls, path: str | Path, backbone: Backbone, model: nn.Module, map_location: torch.device | str | None = None
-    ) -> "SurgeryCalibratedModel":
-        """Rebuild a calibrated model from ``save`` output and the (same) merged model."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if payload.get("format") != "featcal.surgery/1":
-            raise ValueError(f"'{path}' is not a saved surgery calibration")
-        bank = SurgeryBank(**payload["config"])
-        bank.load_state_dict(payload["state_dict"])
-        if map_location is None:
-            try:
-                map_location = backbone.device_of(model)
-            except StopIteration:
-                map_location = None
-        if map_location is not None:
-            bank = bank.to(map_location)
-        return cls(backbone, model, bank.eval())
+    def load(cls, folder: str | Path, backbone: Backbone, model: nn.Module) -> "SurgeryCalibratedModel":
+        return load_surgery(folder, backbone, model)
+
+
+SURGERY_FORMAT = "featcal.surgery/2"
+
+
+def load_surgery(folder: str | Path, backbone: Backbone, model: nn.Module) -> SurgeryCalibratedModel:
+    """Rebuild a Surgery/ProbSurgery calibrated model from ``SurgeryCalibratedModel.save``
+    output and the same merged model (e.g. the run's merge recomputed)::
+
+        cal = load_surgery("outputs/<run>/surgery", backbone, merged)
+        model = cal.model_for_task(t)      # the merged model with module t hooked in
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_file = folder / "surgery_config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"'{folder}' is not a saved surgery calibration (no surgery_config.json)")
+    payload = json.loads(cfg_file.read_text())
+    if payload.get("format") != SURGERY_FORMAT:
+        raise ValueError(f"'{folder}' has format {payload.get('format')!r}, expected {SURGERY_FORMAT!r}")
+    bank = SurgeryBank(**payload["config"])
+    bank.load_state_dict(load_file(str(folder / "surgery_modules.safetensors")))
+    try:
+        bank = bank.to(backbone.device_of(model))
+    except StopIteration:
+        pass
+    return SurgeryCalibratedModel(backbone, model, bank.eval())
+
+
+def attach_correction(module: nn.Module, where: str, correct):
+    """Register a hook on ``module`` that replaces its output (``where="output"``) or its
+    first positional input (``"input"``) by ``correct(tensor)``; returns the handle."""
+    if where == "output":
+        def hook(mod, args, output):
+            if isinstance(output, torch.Tensor):
+                return correct(output)
+            return (correct(output[0]),) + tuple(output[1:])
+
+        return module.register_forward_hook(hook)
+    if where == "input":
+        def pre_hook(mod, args):
+            return (correct(args[0]),) + tuple(args[1:])
+
+        return module.register_forward_pre_hook(pre_hook)
+    raise ValueError(f"representation site must be 'output' or 'input', got {where!r}")
 
 
 # ----------------------------------------------------------------------- training
@@ -241,6 +319,22 @@ class _SurgeryBase(Calibrator):
         self.devices = devices
         self.precision = str(precision)
         self.progress = bool(progress)
+
+    @classmethod
+    def validate_config(cls, node: dict) -> list[str]:
+        from featcal.config import check_keys, non_negative_number, number_in, positive_int
+
+        return check_keys(node, {
+            "hidden": (positive_int, "must be a positive integer"),
+            "iterations": (positive_int, "must be a positive integer"),
+            "batches_per_iteration": (positive_int, "must be a positive integer"),
+            "batch_size": (positive_int, "must be a positive integer (training minibatch rows)"),
+            "lr": (number_in(0.0, math.inf, lo_open=True), "must be a number > 0"),
+            "kl_weight": (non_negative_number, "must be a number >= 0"),
+            "weight_decay": (non_negative_number, "must be a number >= 0"),
+            "log_every": (positive_int, "must be a positive integer"),
+            "seed": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "must be a non-negative integer"),
+        })
 
     # ---- feature cache ---------------------------------------------------
     @torch.no_grad()
@@ -366,31 +460,36 @@ class _SurgeryBase(Calibrator):
                 z_hat, _ = bank(z.to(next(bank.parameters()).dtype), t)
                 after[names[t]] = float(F.l1_loss(z_hat.float(), target))
 
-        calibrated = SurgeryCalibratedModel(backbone, merged, bank)
-        calibrated.report = {
-            "method": self.name,
-            "shared": self.shared,
-            "num_modules": len(bank.blocks),
-            "hidden": self.hidden,
-            "dim": int(dim),
-            "trainable_parameters": int(sum(p.numel() for p in bank.parameters())),
-            "steps": step,
-            "iterations": self.iterations,
-            "batches_per_iteration": self.batches_per_iteration,
-            "batch_size": self.batch_size,
-            "examples_per_task": {names[t]: int(merged_feats[t].shape[0]) for t in range(T)},
-            "loss_curve": curve,
-            "task_loss_curve": task_curve,
-            "l1_before": before,
-            "l1_after": after,
-            "l1_before_mean": sum(before.values()) / T if T else math.nan,
-            "l1_after_mean": sum(after.values()) / T if T else math.nan,
-            "device": str(fabric.device),
-            "precision": self.precision,
-            "cache_seconds": t_cache,
-            "train_seconds": t_train,
-            "calibration_seconds": time.perf_counter() - t0,
-        }
+        report = CalibrationReport(
+            method=self.name,
+            loss_curve=curve,
+            settings={
+                "shared": self.shared,
+                "hidden": self.hidden,
+                "kl_weight": self.kl_weight,
+                "iterations": self.iterations,
+                "batches_per_iteration": self.batches_per_iteration,
+                "batch_size": self.batch_size,
+                "lr": self.lr,
+                "seed": self.seed,
+                "precision": self.precision,
+            },
+            timings={"cache": t_cache, "train": t_train, "total": time.perf_counter() - t0},
+            extra={
+                "num_modules": len(bank.blocks),
+                "dim": int(dim),
+                "trainable_parameters": int(sum(p.numel() for p in bank.parameters())),
+                "steps": step,
+                "examples_per_task": {names[t]: int(merged_feats[t].shape[0]) for t in range(T)},
+                "task_loss_curve": task_curve,
+                "l1_before": before,
+                "l1_after": after,
+                "l1_before_mean": sum(before.values()) / T if T else math.nan,
+                "l1_after_mean": sum(after.values()) / T if T else math.nan,
+                "device": str(fabric.device),
+            },
+        )
+        calibrated = SurgeryCalibratedModel(backbone, merged, bank, report)
         return calibrated
 
 
@@ -415,6 +514,8 @@ class ProbSurgery(_SurgeryBase):
 
 
 __all__ = [
+    "attach_correction",
+    "load_surgery",
     "ProbSurgery",
     "ProbSurgeryModule",
     "Surgery",

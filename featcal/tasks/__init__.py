@@ -1,4 +1,4 @@
-"""Task pools: datasets, preprocessing, heads and metrics per benchmark."""
-from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool, evaluate
+"""Task pools: datasets, preprocessing, heads, metrics and evaluation per benchmark."""
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Metrics, Task, TaskPool, scores
 
-__all__ = ["ClassEmbeddingHead", "Task", "TaskPool", "evaluate"]
+__all__ = ["ClassEmbeddingHead", "ClassificationTaskPool", "Metrics", "Task", "TaskPool", "scores"]

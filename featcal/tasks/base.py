@@ -1,21 +1,27 @@
-"""Task pool interface: data, heads and metrics per task.
+"""Task pool interface: data, heads, metrics and evaluation per benchmark.
 
 A task pool is ordered like the backbone's experts (task i <-> expert i). It hands
 out unlabeled calibration batches (train split by default, shuffled with the run
-seed, first n) and labeled test batches, and scores final representations with the
-task's head. Calibrators never see a task pool, only the calibration batches.
+seed, first n) and evaluates models with its family's own scorer:
+``evaluate(model_for_task, device, batch_size) -> {task: {metric: value}}``, where
+``model_for_task(i)`` is the family's model (a ``CLIPVisionModelWithProjection``,
+a ``T5ForConditionalGeneration``, a causal LM) to score task i with.
+Calibrators never see a task pool, only the calibration batches.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.backbone.base import Inputs, move_inputs
+
+#: {task: {metric: value}}
+Metrics = dict[str, dict[str, float]]
 
 
 class ClassEmbeddingHead(nn.Module):
@@ -37,7 +43,7 @@ class ClassEmbeddingHead(nn.Module):
 
 @dataclass
 class Task:
-    """One task: its head and its data access."""
+    """One classification task: its head and its data access."""
 
     name: str
     head: nn.Module
@@ -45,12 +51,49 @@ class Task:
     calibration_batches: Callable[[int, int, int, str], Iterator[Inputs]]
     #: batch_size -> iterator over (inputs, labels)
     test_batches: Callable[[int], Iterator[tuple[Inputs, torch.Tensor]]]
-    train_size: int | None = None
-    metric: str = "accuracy"
 
 
 class TaskPool(abc.ABC):
     """An ordered collection of tasks, aligned with a backbone's experts."""
+
+    @property
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Task names, in expert order."""
+
+    @abc.abstractmethod
+    def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
+        """Per task, a list of unlabeled batches holding n examples in total."""
+
+    @abc.abstractmethod
+    def evaluate(
+        self,
+        model_for_task: Callable[[int], nn.Module],
+        device: torch.device | str,
+        batch_size: int = 256,
+        only: list[int] | None = None,
+        desc: str = "",
+    ) -> Metrics:
+        """``{task: {metric: value}}`` for every task (or the indices in ``only``);
+        ``model_for_task(i)`` is the model to score task i with."""
+
+    def primary_metric(self, task: str) -> str:
+        """The metric of ``task`` that the run averages and tables show."""
+        return "accuracy"
+
+
+def image_embeds(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """A CLIP vision model's projected image embedding: ``model(pixel_values=...).image_embeds``."""
+    if isinstance(inputs, Mapping):
+        out = model(**inputs)
+    else:
+        out = model(pixel_values=inputs)
+    return out.image_embeds
+
+
+class ClassificationTaskPool(TaskPool):
+    """CLIP-style pools: each task has a frozen head on the projected image embedding
+    (``model(pixel_values=...).image_embeds``); the metric is top-1 accuracy in %."""
 
     @property
     @abc.abstractmethod
@@ -62,32 +105,45 @@ class TaskPool(abc.ABC):
         return [t.name for t in self.tasks]
 
     def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
-        """Per task, a list of unlabeled batches holding n examples in total."""
         return [list(t.calibration_batches(n, seed, batch_size, split)) for t in self.tasks]
 
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model_for_task: Callable[[int], nn.Module],
+        device: torch.device | str,
+        batch_size: int = 256,
+        only: list[int] | None = None,
+        desc: str = "",
+    ) -> Metrics:
+        out: Metrics = {}
+        for i, task in enumerate(self.tasks):
+            if only is not None and i not in only:
+                continue
+            model = model_for_task(i)
+            head = task.head.to(device)
+            # counts stay on the device: no host round trip per batch
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            total = 0
+            for inputs, labels in tqdm(task.test_batches(batch_size), desc=f"{desc}:{task.name}", leave=False):
+                z = image_embeds(model, move_inputs(inputs, device))
+                pred = head(z).argmax(-1)
+                correct += (pred == labels.to(pred.device, non_blocking=True)).sum()
+                total += int(labels.numel())
+            out[task.name] = {"accuracy": 100.0 * int(correct.item()) / max(total, 1)}
+        return out
 
-@torch.no_grad()
-def evaluate(
-    represent: Callable[[Inputs, int], torch.Tensor],
-    pool: TaskPool,
-    device: torch.device | str,
-    batch_size: int = 256,
-    only: list[int] | None = None,
-    desc: str = "evaluate",
-) -> dict[str, float]:
-    """Top-1 accuracy (in %) per task of ``represent(inputs, task_index) -> z``."""
-    out: dict[str, float] = {}
-    for i, task in enumerate(pool.tasks):
-        if only is not None and i not in only:
-            continue
-        head = task.head.to(device)
-        # counts stay on the device: no host round trip per batch
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        total = 0
-        for inputs, labels in tqdm(task.test_batches(batch_size), desc=f"{desc}:{task.name}", leave=False):
-            z = represent(move_inputs(inputs, device), i)
-            pred = head(z).argmax(-1)
-            correct += (pred == labels.to(pred.device, non_blocking=True)).sum()
-            total += int(labels.numel())
-        out[task.name] = 100.0 * int(correct.item()) / max(total, 1)
+
+def scores(metrics: Metrics, pool: TaskPool) -> dict[str, float]:
+    """Per task its primary metric, plus ``average`` (their mean)."""
+    out = {task: float(values[pool.primary_metric(task)]) for task, values in metrics.items()}
+    if out:
+        out["average"] = sum(out.values()) / len(out)
     return out
+
+
+def model_for_task_of(models: Any) -> Callable[[int], nn.Module]:
+    """``model_for_task`` from one model (every task) or a list of models (one per task)."""
+    if isinstance(models, (list, tuple)):
+        return lambda i: models[i]
+    return lambda i: models

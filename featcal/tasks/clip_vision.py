@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
-from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
 
 DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
 CLIP_TASKS = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
@@ -326,7 +326,7 @@ class _Collate:
 # the task pool
 
 
-class CLIPVisionTaskPool(TaskPool):
+class CLIPVisionTaskPool(ClassificationTaskPool):
     """The CLIP image classification tasks, aligned with a CLIP backbone's experts.
 
     Args:
@@ -488,20 +488,21 @@ class CLIPVisionTaskPool(TaskPool):
 
     # ---- TaskPool -------------------------------------------------------
     @property
+    def names(self) -> list[str]:
+        return list(self.task_names)
+
+    @property
     def tasks(self) -> list[Task]:
         if self._tasks is None:
             heads = self.build_heads()
             out = []
             for t in self.task_names:
-                spec = self.specs[t]
-                local = Path(os.path.expanduser(str(spec["dataset"]))).exists()
                 out.append(
                     Task(
                         name=t,
                         head=heads[t],
                         calibration_batches=(lambda n, seed, bs, split="train", _t=t: self.calibration_batches(_t, n, seed, bs, split)),
                         test_batches=(lambda bs, _t=t: self.test_batches(_t, bs)),
-                        train_size=None if local else spec.get("train_size"),
                     )
                 )
             self._tasks = out

@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
-from featcal.tasks.base import ClassEmbeddingHead, Task, TaskPool
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
 from featcal.utils import torch_threads
 
 #: bump when the build procedure changes: old caches then live under another hash
@@ -750,7 +750,7 @@ class EmbeddedBackbone(_EmbeddedBuild, CLIPVisionBackbone):
         return load_clip_vision(str(self.folder / "experts" / task), projection_source=str(self.folder / "base"))
 
 
-class EmbeddedTaskPool(_EmbeddedBuild, TaskPool):
+class EmbeddedTaskPool(_EmbeddedBuild, ClassificationTaskPool):
     """The embedded suite's tasks: cached splits and frozen zero-shot prototype heads."""
 
     def __init__(
@@ -796,7 +796,6 @@ class EmbeddedTaskPool(_EmbeddedBuild, TaskPool):
                         head=head,
                         calibration_batches=self._calibration_fn(name),
                         test_batches=self._test_fn(name),
-                        train_size=int(self._data[name]["train_y"].numel()),
                     )
                 )
             self._tasks = out

@@ -3,6 +3,7 @@ about any model family (see the package docstring)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, BlockState, Inputs, is_norm, is_rms_norm, join_states, move_inputs
-from featcal.calibration.base import CalibratedModel, Calibrator
+from featcal.calibration.base import CalibratedModel, CalibrationReport, Calibrator, drift_rows
 from featcal.calibration.featcal.capture import capture_inputs
 from featcal.calibration.featcal.drift import token_drift
 from featcal.calibration.featcal.solver import (
@@ -70,7 +71,6 @@ class FeatCal(Calibrator):
         lambda_ratio: ridge strength λ towards the anchor.
         rho: anchor A = ρ·merged + (1 − ρ)·base (ρ = 1: anchor at the merged weights).
         alpha: teacher interpolation x_t = α·x_e + (1 − α)·x_s.
-        batch_size: calibration batch size (the run batches the calibration set with it).
         eps: ε added to the ridge of the weight system and the LayerNorm determinant floor.
         calibrate_bias / calibrate_norm: ablation switches (off: keep merged values).
         token_weighting: last-block token weights (readout tokens 1, others
@@ -106,7 +106,6 @@ class FeatCal(Calibrator):
         lambda_ratio: float = 0.05,
         rho: float = 2.2,
         alpha: float = 0.25,
-        batch_size: int = 16,
         eps: float = 1e-8,
         calibrate_bias: bool = True,
         calibrate_norm: bool = True,
@@ -129,7 +128,6 @@ class FeatCal(Calibrator):
         self.lam = float(lambda_ratio)
         self.rho = float(rho)
         self.alpha = float(alpha)
-        self.batch_size = int(batch_size)
         self.eps = float(eps)
         self.calibrate_bias = bool(calibrate_bias)
         self.calibrate_norm = bool(calibrate_norm)
@@ -150,6 +148,25 @@ class FeatCal(Calibrator):
         self.offload = offload
         self.offload_dir = offload_dir
         self.activation_dtype = as_torch_dtype(activation_dtype) if activation_dtype else None
+
+    @classmethod
+    def validate_config(cls, node: dict) -> list[str]:
+        from featcal.config import check_keys, non_negative_number, number_in
+
+        def opt_count(x):
+            return x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+
+        return check_keys(node, {
+            "lambda_ratio": (non_negative_number, "must be a number >= 0"),
+            "alpha": (number_in(0.0, 1.0), "must be a number in [0, 1]"),
+            "rho": (number_in(-math.inf, math.inf), "must be a finite number (1 anchors at the merged weights)"),
+            "eps": (non_negative_number, "must be a number >= 0"),
+            "last_block_patch_weight": (non_negative_number, "must be a number >= 0"),
+            "drift_examples": (opt_count, "must be an integer >= 0 or null (all)"),
+            "pass_tokens": (opt_count, "must be an integer >= 0 or null (no joining)"),
+            "cross_route": (lambda x: x in ("auto", "direct", "gram"), "allowed: auto, direct, gram"),
+            "dtype": (lambda x: x in ("float32", "float64"), "allowed: float32, float64 (the linear solves)"),
+        })
 
     # ---- helpers -----------------------------------------------------------
     def _weights(self, state: BlockState, weighted: bool) -> torch.Tensor | None:
@@ -321,14 +338,12 @@ class FeatCal(Calibrator):
                 )
             blk.to(home)
 
-        out = CalibratedModel(backbone, merged)
-        out.report = {
-            "calibration_seconds": time.perf_counter() - start,
-            "drift": {"before": drift_before, "after": drift_after} if track else {},
-            "drift_examples_per_task": {t: sum(plan[t]) for t in range(num_tasks)} if track else {},
-            "solver_fallbacks": fallbacks,
-            "cross_routes": routes,
-            "settings": {
+        tasks = list(backbone.tasks) if len(backbone.tasks) == num_tasks else [str(t) for t in range(num_tasks)]
+        report = CalibrationReport(
+            method="featcal",
+            drift=drift_rows({"before": drift_before, "after": drift_after}, tasks) if track else [],
+            fallbacks=fallbacks,
+            settings={
                 "lambda_ratio": self.lam,
                 "rho": self.rho,
                 "alpha": self.alpha,
@@ -343,7 +358,13 @@ class FeatCal(Calibrator):
                 "pass_tokens": self.pass_tokens,
                 "drift_examples": self.drift_examples,
             },
-        }
+            timings={"total": time.perf_counter() - start},
+            extra={
+                "drift_examples_per_task": {tasks[t]: sum(plan[t]) for t in range(num_tasks)} if track else {},
+                "cross_routes": routes,
+            },
+        )
+        out = CalibratedModel(backbone, merged, report)
         return out
 
     # ---- planning ------------------------------------------------------------
