@@ -62,8 +62,8 @@ def test_streamed_equals_in_memory_and_lowers_drift(world):
     ref, base, experts, merged_ref = _in_memory(mem, calib)
     merged_plain = mem.merge(TA, base, experts)
     got = _streamed(streaming, calib)
-    assert got.report["settings"]["streamed"] is True
-    assert "streamed" not in ref.report["settings"]
+    assert got.report.settings["streamed"] is True
+    assert "streamed" not in ref.report.settings
     sd_ref, sd_got = ref.model.state_dict(), got.model.state_dict()
     assert sd_ref.keys() == sd_got.keys()
     moved = 0
@@ -72,13 +72,14 @@ def test_streamed_equals_in_memory_and_lowers_drift(world):
         moved += not torch.equal(sd_got[k], merged_plain.state_dict()[k])
     assert moved >= 3 * 9  # every block's q/k/v/o, gate/up/down and two norms were solved
     # the drift reports agree too
-    for when in ("before", "after"):
-        for t in range(len(TASKS)):
-            assert got.report["drift"][when][t] == pytest.approx(ref.report["drift"][when][t], rel=1e-4, abs=1e-6)
+    assert len(got.report.drift) == len(ref.report.drift) == 2 * 3 * len(TASKS)
+    for a, b in zip(got.report.drift, ref.report.drift):
+        assert (a["task"], a["block"], a["when"]) == (b["task"], b["block"], b["when"])
+        assert a["drift"] == pytest.approx(b["drift"], rel=1e-4, abs=1e-6)
     before = _final_drift(mem, merged_plain, experts, test)
     after = _final_drift(mem, got.model, experts, test)
     assert all(a < b for a, b in zip(after, before)), (before, after)
-    mem_report = got.report["memory"]
+    mem_report = got.report.extra["memory"]
     assert mem_report["activation_mib"] > 0 and mem_report["peak_rss_mib"] > 0
 
 
@@ -86,7 +87,7 @@ def test_disk_offload_gives_the_same_calibration(world, tmp_path):
     _, streaming, calib, _ = world
     host = _streamed(streaming, calib, drift_examples=0)
     disk = _streamed(streaming, calib, drift_examples=0, offload="disk", offload_dir=str(tmp_path / "act"))
-    assert disk.report["memory"]["activation_store"] == "disk"
+    assert disk.report.extra["memory"]["activation_store"] == "disk"
     assert list((tmp_path / "act").glob("slot-*.bin"))
     for a, b in zip(host.model.parameters(), disk.model.parameters()):
         assert torch.equal(a, b)

@@ -190,13 +190,6 @@ class Backbone(abc.ABC):
         model.load_state_dict(dict(state_dict), strict=True)
         return model.eval()
 
-    def merge(self, merge_fn, base: nn.Module, experts: list[nn.Module], **data) -> nn.Module:
-        """The merged model. Default: in-memory state-dict arithmetic
-        ``merge_fn(base_sd, expert_sds, exclude=self.merge_excluded, **data)`` into a copy
-        of ``base``. Streaming backbones (LLMs) override it."""
-        sd = merge_fn(base.state_dict(), [e.state_dict() for e in experts], exclude=self.merge_excluded, **data)
-        return self.with_state_dict(base, sd)
-
     # ---- structure -----------------------------------------------------
     @abc.abstractmethod
     def blocks(self, model: nn.Module) -> list[nn.Module]:

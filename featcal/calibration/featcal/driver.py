@@ -165,6 +165,9 @@ class FeatCal(Calibrator):
             "drift_examples": (opt_count, "must be an integer >= 0 or null (all)"),
             "pass_tokens": (opt_count, "must be an integer >= 0 or null (no joining)"),
             "cross_route": (lambda x: x in ("auto", "direct", "gram"), "allowed: auto, direct, gram"),
+            "streaming": (lambda x: x in ("auto", True, False), "allowed: auto, true, false"),
+            "offload": (lambda x: x in ("host", "disk"), "allowed: host (pinned RAM), disk (memory-mapped files)"),
+            "activation_dtype": (lambda x: x in (None, "float32", "bfloat16", "float16"), "allowed: null (model dtype), float32, bfloat16, float16"),
             "dtype": (lambda x: x in ("float32", "float64"), "allowed: float32, float64 (the linear solves)"),
         })
 

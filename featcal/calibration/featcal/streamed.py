@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, BlockState, move_inputs
 from featcal.backbone.lazy import BlockSource, is_lazy
-from featcal.calibration.base import CalibratedModel
+from featcal.calibration.base import CalibratedModel, CalibrationReport, drift_rows
 from featcal.calibration.featcal.capture import capture_inputs
 from featcal.calibration.featcal.drift import token_drift
 from featcal.utils import current_rss_mib, peak_rss_mib
@@ -290,16 +290,20 @@ def calibrate_streamed(
     if fc.progress:
         print(msg)
     log.info(msg)
-    out = CalibratedModel(backbone, merged)
-    out.report = {
-        "calibration_seconds": time.perf_counter() - start,
-        "drift": {"before": drift_before, "after": drift_after} if track else {},
-        "drift_examples_per_task": {t: sum(plan[t]) for t in range(num_tasks)} if track else {},
-        "solver_fallbacks": fallbacks,
-        "cross_routes": routes,
-        "memory": memory,
-        "settings": _settings(fc),
-    }
+    tasks = list(backbone.tasks) if len(backbone.tasks) == num_tasks else [str(t) for t in range(num_tasks)]
+    report = CalibrationReport(
+        method="featcal",
+        drift=drift_rows({"before": drift_before, "after": drift_after}, tasks) if track else [],
+        fallbacks=fallbacks,
+        settings=_settings(fc),
+        timings={"total": time.perf_counter() - start},
+        extra={
+            "drift_examples_per_task": {tasks[t]: sum(plan[t]) for t in range(num_tasks)} if track else {},
+            "cross_routes": routes,
+            "memory": memory,
+        },
+    )
+    out = CalibratedModel(backbone, merged, report)
     return out
 
 
