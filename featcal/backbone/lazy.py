@@ -109,6 +109,18 @@ class LazyCausalLM:
                 out.add(m.group(1))
         return tuple(sorted(out))
 
+    def to(self, *args, **kwargs) -> "LazyCausalLM":
+        """Model-like ``.to``: a dtype changes the dtype blocks are loaded in; devices are
+        ignored (blocks go where the caller loads them)."""
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.dtype):
+                self.dtype = a
+                self._skeleton = None
+        return self
+
+    def eval(self) -> "LazyCausalLM":
+        return self
+
     def materialize(self) -> nn.Module:
         """The whole model in memory (eval mode, CPU)."""
         from featcal.backbone.llama import load_causal_lm
