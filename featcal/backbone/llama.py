@@ -32,6 +32,10 @@ from featcal.backbone.base import Backbone, BlockState, Inputs
 from featcal.hub import SourceUnavailable, offline_hint, resolve_model_dir
 from featcal.utils import as_torch_dtype
 
+import logging
+
+log = logging.getLogger(__name__)
+
 _LLM_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.tiktoken"]
 
 def load_causal_lm(source: str, dtype: str | torch.dtype = "float32", attn_implementation: str | None = "sdpa") -> nn.Module:
@@ -74,6 +78,15 @@ def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, 
     if "cache_position" in params:  # transformers 4.x
         kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
     return create_causal_mask(**kwargs)
+
+
+def merge_recipe(merge_fn, sources: list[str]) -> dict:
+    """What a streamed merge result depends on: sources, merge function and its options."""
+    fn, kw = merge_fn, {}
+    while hasattr(fn, "func"):
+        kw = {**getattr(fn, "keywords", {}), **kw}
+        fn = fn.func
+    return {"sources": list(sources), "merge": getattr(fn, "__module__", "") + "." + getattr(fn, "__name__", str(fn)), "kwargs": {k: repr(v) for k, v in sorted(kw.items())}}
 
 
 class LlamaBackbone(Backbone):
@@ -162,11 +175,7 @@ class LlamaBackbone(Backbone):
 
         if self.merge_dir:
             return Path(self.merge_dir)
-        fn, kw = merge_fn, {}
-        while hasattr(fn, "func"):
-            kw = {**getattr(fn, "keywords", {}), **kw}
-            fn = fn.func
-        key = json.dumps({"sources": sources, "merge": getattr(fn, "__name__", str(fn)), "kwargs": kw, "dtype": str(self.dtype)}, sort_keys=True, default=str)
+        key = json.dumps(merge_recipe(merge_fn, sources), sort_keys=True, default=str)
         root = Path(os.environ.get("FEATCAL_CACHE", Path.home() / ".cache" / "featcal"))
         return root / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -182,10 +191,19 @@ class LlamaBackbone(Backbone):
         if data:
             raise ValueError(f"streaming merges take no calibration data (got {sorted(data)})")
         folder = self._merge_folder(merge_fn, [str(base.folder)] + [str(e.folder) for e in experts])
-        stream_merge(
-            merge_fn, base.folder, [e.folder for e in experts], folder,
-            exclude=self.merge_excluded, device=self.merge_device,
-        )
+        marker = folder / "featcal_merge.json"
+        recipe = merge_recipe(merge_fn, [str(base.folder)] + [str(e.folder) for e in experts])
+        import json
+
+        if marker.is_file() and json.loads(marker.read_text()) == recipe:
+            log.info("streamed merge: reusing %s", folder)
+        else:
+            marker.unlink(missing_ok=True)
+            stream_merge(
+                merge_fn, base.folder, [e.folder for e in experts], folder,
+                exclude=self.merge_excluded, device=self.merge_device,
+            )
+            marker.write_text(json.dumps(recipe, indent=2))
         self.merged_folder = folder
         return load_causal_lm(str(folder), self.dtype, self.attn_implementation)
 

@@ -99,7 +99,10 @@ class MergeBenchTaskPool(TaskPool):
         max_length: truncation of calibration examples (tokens).
         limit: examples per lm-eval task (null: all).
         num_fewshot: passed to lm-eval (null: each task's default).
-        max_gen_toks / gen_batch_size: generation settings for HFLM.
+        max_gen_toks: generation cap for HFLM (null: lm-eval's default).
+        apply_chat_template: lm-eval's option (MergeBench evaluates without it).
+        allow_code_execution: lm-eval's ``confirm_run_unsafe_code`` (humaneval_plus /
+            mbpp_plus execute model-written code, as MergeBench's bigcode harness does).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class MergeBenchTaskPool(TaskPool):
         num_fewshot: int | None = None,
         max_gen_toks: int | None = None,
         apply_chat_template: bool = False,
+        allow_code_execution: bool = False,
     ):
         self.tasks = list(tasks)
         missing = [t for t in self.tasks if t not in datasets]
@@ -137,6 +141,7 @@ class MergeBenchTaskPool(TaskPool):
         self.num_fewshot = num_fewshot
         self.max_gen_toks = max_gen_toks
         self.apply_chat_template = bool(apply_chat_template)
+        self.allow_code_execution = bool(allow_code_execution)
         self.lm_eval_defaults = bool(lm_eval_defaults)
         self._tokenizer = None
         self._task_manager = None
@@ -156,6 +161,12 @@ class MergeBenchTaskPool(TaskPool):
             missing = [t for t in tasks if t not in given]
             if missing:
                 problems.append(f"{key}: no entry for task(s) {missing} (experts and data are paired by task name)")
+        unsafe = [t for ts in (node.get("lm_eval_tasks") or {}).values() for t in ts if str(t).startswith(("humaneval", "mbpp"))]
+        if unsafe and not node.get("allow_code_execution", False):
+            problems.append(
+                f"lm_eval_tasks {unsafe} execute model-written code: set backbone.taskpool.allow_code_execution=true "
+                "to run them (as MergeBench does) or drop them from backbone.taskpool.lm_eval_tasks.coding"
+            )
         return problems
 
     # ---- data ------------------------------------------------------------------
@@ -221,7 +232,7 @@ class MergeBenchTaskPool(TaskPool):
             if key not in values:
                 raise KeyError(f"lm-eval task {lm_task} reports {sorted(values)}, not {key!r}")
             return key, float(values[key])
-        for prefix in ("acc_norm,", "acc,", "exact_match,", "pass@1,", "prompt_level_strict_acc,"):
+        for prefix in ("acc_norm,", "acc,", "exact_match,", "pass@1,", "pass_at_1,", "pass_at_k,", "prompt_level_strict_acc,"):
             for key, v in values.items():
                 if key.startswith(prefix) and isinstance(v, (int, float)):
                     return key, float(v)
@@ -247,6 +258,7 @@ class MergeBenchTaskPool(TaskPool):
             limit=self.limit,
             num_fewshot=self.num_fewshot,
             apply_chat_template=self.apply_chat_template,
+            confirm_run_unsafe_code=self.allow_code_execution,
             log_samples=False,
             bootstrap_iters=0,
         )
