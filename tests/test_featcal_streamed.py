@@ -121,3 +121,28 @@ def test_streamed_in_bf16_matches_in_memory_bf16(world):
     for (n, a), b in zip(ref.model.named_parameters(), got.model.parameters()):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2, msg=n)
+
+
+def test_merged_on_disk_gives_the_same_calibration_as_a_folder(world, tmp_path):
+    """A merged model kept on disk: blocks read and written one at a time; the calibrated
+    model is a normal HF folder, equal to the in-memory streamed result."""
+    from transformers import AutoModelForCausalLM
+
+    mem, streaming, calib, _ = world
+    ref = _streamed(streaming, calib, drift_examples=0)
+    disk_bb = copy.copy(streaming)
+    disk_bb.merged_on_disk = True
+    base = disk_bb.load_base()
+    experts = disk_bb.load_experts()
+    merged = disk_bb.merge(TA, base, experts)
+    assert is_lazy(merged)
+    out = FeatCal(progress=False, drift_examples=0, output_dir=str(tmp_path / "cal")).calibrate(disk_bb, merged, base, experts, calib)
+    assert out.report.extra["calibrated_folder"] == str(tmp_path / "cal")
+    model = out.model_for_task(0)
+    for (n, a), (n2, b) in zip(ref.model.state_dict().items(), model.state_dict().items()):
+        assert n == n2 and torch.equal(a, b), n
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "cal"))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.equal(loaded(ids).logits, ref.model(ids).logits)
+    saved = out.save(tmp_path / "saved")
+    assert (saved / "calibration_report.json").is_file() and (saved / "model.safetensors.index.json").is_file()

@@ -107,6 +107,10 @@ class LlamaBackbone(Backbone):
             null: ``$FEATCAL_CACHE/merged/<hash of sources and merge>`` (or
             ``~/.cache/featcal/merged/...``).
         merge_device: where the streaming merge's per-tensor arithmetic runs.
+        merged_on_disk: streaming mode only: ``merge`` returns the merged model as a
+            ``LazyCausalLM`` (not loaded): evaluation loads it when it runs, FeatCal reads
+            it block by block and writes the calibrated model to disk. Host memory then
+            stays flat in model depth (``experiments/bench_llm_memory.py``).
     """
 
     key_value_patterns = ("k_proj", "v_proj")
@@ -121,6 +125,7 @@ class LlamaBackbone(Backbone):
         streaming: bool = False,
         merge_dir: str | None = None,
         merge_device: str = "cpu",
+        merged_on_disk: bool = False,
     ):
         super().__init__(tasks)
         self.base_source = str(base)
@@ -138,6 +143,7 @@ class LlamaBackbone(Backbone):
         self.streaming = bool(streaming)
         self.merge_dir = merge_dir
         self.merge_device = merge_device
+        self.merged_on_disk = bool(merged_on_disk)
 
     # ---- loading -------------------------------------------------------
     def _lazy(self, source: str):
@@ -205,6 +211,8 @@ class LlamaBackbone(Backbone):
             )
             marker.write_text(json.dumps(recipe, indent=2))
         self.merged_folder = folder
+        if self.merged_on_disk:
+            return self._lazy(str(folder))
         return load_causal_lm(str(folder), self.dtype, self.attn_implementation)
 
     def load_tokenizer(self):

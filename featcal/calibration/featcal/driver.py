@@ -97,6 +97,8 @@ class FeatCal(Calibrator):
         offload: where the streamed run keeps activations: "host" (pinned on CUDA) or
             "disk" (memory-mapped files under ``offload_dir``, a temp folder if null).
         activation_dtype: dtype of the stored activations (null: the model's dtype).
+        output_dir: streamed runs on a merged model kept on disk write the calibrated
+            model there (null: ``<merged folder>.featcal``).
     """
 
     name = "featcal"
@@ -122,6 +124,7 @@ class FeatCal(Calibrator):
         offload: str = "host",
         offload_dir: str | None = None,
         activation_dtype: str | None = None,
+        output_dir: str | None = None,
     ):
         if cross_route not in ("auto", "direct", "gram"):
             raise ValueError(f"cross_route must be auto, direct or gram, got {cross_route!r}")
@@ -147,6 +150,7 @@ class FeatCal(Calibrator):
         self.streaming = streaming
         self.offload = offload
         self.offload_dir = offload_dir
+        self.output_dir = output_dir
         self.activation_dtype = as_torch_dtype(activation_dtype) if activation_dtype else None
 
     @classmethod

@@ -7,8 +7,12 @@ object's planning, accumulation and solve methods), walked differently:
   expert is acquired when its turn comes through ``featcal.backbone.lazy.BlockSource``:
   a model on disk (``LazyCausalLM``) has only that block's tensors read from its
   safetensors shards, then dropped; an in-memory model has the block moved to the device
-  and back. The merged model (the output) stays on the host; its block l is written in
-  place. Nothing here knows a model family: blocks, embeddings and block forwards all
+  and back. An in-memory merged model (the output) stays on the host and its block l
+  is written in place; a merged model on disk (``LazyCausalLM``) is read block by block
+  too and the calibrated blocks are written, one safetensors shard per block, into a new
+  HF folder (``<merged folder>.featcal`` or ``fc.output_dir``) whose model is loaded
+  only when a task asks for it (``DiskCalibratedModel``): host memory then stays flat in
+  depth. Nothing here knows a model family: blocks, embeddings and block forwards all
   come from the backbone.
 - **Activations on the host.** Student and expert hidden states of every calibration
   batch of every task live in an ``ActivationStore`` on the host (pinned memory when a
@@ -17,7 +21,8 @@ object's planning, accumulation and solve methods), walked differently:
   device. Statistics are float32 on the device.
 
 Peak device memory ≈ (experts + 2) blocks + the block's statistics + one batch of
-activations; peak host memory ≈ the activations + the merged model + a few blocks.
+activations; peak host memory ≈ the activations + a few blocks (+ the merged model when
+it is kept in memory).
 Both are printed at the end and returned in ``report["memory"]``.
 """
 from __future__ import annotations
@@ -131,13 +136,13 @@ def calibrate_streamed(
     if not fc.forward_order:
         raise ValueError("layer-streamed FeatCal runs in forward order only (forward_order=false needs the in-memory driver)")
     num_tasks = fc.check_inputs(experts, calibration)
-    if is_lazy(merged):
-        merged = merged.materialize()
-    merged.eval()
+    on_disk = is_lazy(merged)
+    if not on_disk:
+        merged.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_start = current_rss_mib()
-    qualified = {id(m): n for n, m in merged.named_modules()}
+    qualified = {id(m): n for n, m in (merged.skeleton() if on_disk else merged).named_modules()}
     src_m = BlockSource(backbone, merged)
     src_0 = BlockSource(backbone, base)
     src_e = [BlockSource(backbone, e) for e in experts]
@@ -160,8 +165,11 @@ def calibrate_streamed(
             out.append(_Slot(st))
         return out
 
+    shell = src_m.embedder()
     for t in range(num_tasks):
-        slots.append(embed_all(merged, "s", t))
+        slots.append(embed_all(shell, "s", t))
+    del shell
+    writer = _BlockFolderWriter(merged, backbone, fc.output_dir) if on_disk else None
     for t in range(num_tasks):
         shell = src_e[t].embedder()  # a lazy expert: the model without its blocks
         embed_all(shell, "e", t)  # same masks as the student's: only the hidden states are kept
@@ -270,6 +278,8 @@ def calibrate_streamed(
                 f"->{sum(v[-1] for v in drift_after.values()) / num_tasks:.3f}",
                 rss=f"{current_rss_mib() / 1024:.1f}G",
             )
+        if writer is not None:
+            writer.write_block(l, blk)
         src_m.release(l, blk)
 
     act_bytes = store.nbytes()
@@ -303,7 +313,12 @@ def calibrate_streamed(
             "memory": memory,
         },
     )
-    out = CalibratedModel(backbone, merged, report)
+    if writer is not None:
+        folder = writer.finish()
+        report.extra["calibrated_folder"] = str(folder)
+        out = DiskCalibratedModel(backbone, folder, merged, device, report)
+    else:
+        out = CalibratedModel(backbone, merged, report)
     return out
 
 
@@ -325,3 +340,77 @@ def _settings(fc) -> dict:
         "offload": fc.offload,
         "activation_dtype": str(fc.activation_dtype).replace("torch.", "") if fc.activation_dtype else None,
     }
+
+
+class _BlockFolderWriter:
+    """Writes a calibrated model on disk: one safetensors shard per calibrated block, one
+    shard with every non-block tensor of the merged checkpoint, the index, the config and
+    tokenizer files: a normal HF folder."""
+
+    def __init__(self, merged, backbone, output_dir=None):
+        self.merged = merged
+        self.prefixes = merged.block_prefixes(backbone)
+        self.folder = Path(output_dir) if output_dir else merged.folder.with_name(merged.folder.name + ".featcal")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("*.safetensors"):
+            old.unlink()
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        from featcal.merge.streaming import ShardWriter
+
+        layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+        w = ShardWriter(self.folder / name, layout)
+        for k, v in tensors.items():
+            w.write(k, v)
+            self.weight_map[k] = name
+        w.close()
+        self.total += w.total_bytes
+
+    def write_block(self, index: int, block: nn.Module) -> None:
+        prefix = self.prefixes[index]
+        on_disk = set(self.merged.reader.state_dict(prefix).keys())
+        sd = {prefix + k: v.detach() for k, v in block.state_dict().items() if k in on_disk}
+        self._write(f"model-block-{index:05d}.safetensors", sd)
+
+    def finish(self) -> Path:
+        import json
+
+        from featcal.merge.streaming import INDEX_NAME, copy_model_files
+
+        rest = [k for k in self.merged.reader.keys() if not k.startswith(tuple(self.prefixes))]
+        self._write("model-rest.safetensors", {k: self.merged.reader.get(k) for k in rest})
+        copy_model_files(self.merged.folder, self.folder)
+        (self.folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2))
+        return self.folder
+
+
+class DiskCalibratedModel(CalibratedModel):
+    """A calibrated model written to disk by the layer-streamed FeatCal; loaded (once, onto
+    the calibration device) when a task first asks for it."""
+
+    def __init__(self, backbone, folder: Path, merged_lazy, device: torch.device, report: CalibrationReport):
+        super().__init__(backbone, None, report)
+        self.folder = Path(folder)
+        self._lazy = merged_lazy
+        self._device = device
+        self._loaded: nn.Module | None = None
+
+    def model_for_task(self, task_index: int) -> nn.Module:
+        if self._loaded is None:
+            from featcal.backbone.lazy import LazyCausalLM
+
+            lazy = LazyCausalLM(self.folder, self._lazy.dtype, self._lazy.attn_implementation)
+            self._loaded = lazy.materialize().to(self._device)
+        return self._loaded
+
+    def save(self, folder):
+        import shutil
+
+        folder = Path(folder)
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(self.folder, folder)
+        (folder / "calibration_report.json").write_text(__import__("json").dumps(self.report.to_dict(), indent=2, default=str) + "\n")
+        return folder
