@@ -128,3 +128,20 @@ def test_gemma_featcal_lowers_final_drift_and_moves_all_four_norms(gemma_world):
     # generation path still works (final soft-capping inside the model)
     logits = out.model(**test[0]).logits
     assert torch.isfinite(logits).all() and logits.abs().max() <= 30.0 + 1e-4
+
+
+def test_gemma_layer_streamed_equals_in_memory(gemma_world):
+    """Lazy Gemma-2 checkpoints (tied lm_head, sliding/full layers): streamed merge and
+    layer-streamed FeatCal give the in-memory result."""
+    import functools
+
+    backbone, base, experts, merged_sd, calib, test, base_dir, expert_dirs = gemma_world
+    merged = backbone.with_state_dict(base, merged_sd)
+    ref = FeatCal(progress=False, pass_tokens=0, drift_examples=0).calibrate(backbone, merged, base, experts, calib)
+    st = Gemma2Backbone(TASKS, base=base_dir, experts=expert_dirs, streaming=True, merge_dir=str(base_dir) + "-merged")
+    lb, le = st.load_base(), st.load_experts()
+    m = st.merge(functools.partial(task_arithmetic, scaling_factor=0.3), lb, le)
+    got = FeatCal(progress=False, drift_examples=0).calibrate(st, m, lb, le, calib)
+    assert got.report.settings["streamed"] is True
+    for (n, a), b in zip(ref.model.state_dict().items(), got.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=n)
