@@ -9,7 +9,8 @@ model: a safetensors folder plus its config. It never holds more than what is as
 - ``shell()``: the model with **zero** blocks and its non-block weights (embeddings,
   final norm, rotary tables, LM head) loaded: what ``backbone.embed`` / ``readout`` need;
 - ``load_block(backbone, l, device)``: block l as a real module on ``device`` with its
-  weights read from the shards (``safe_open``: only that block's tensors are read).
+  weights read from the shards (positioned reads: only that block's tensors are read,
+  nothing stays mapped).
 
 ``BlockSource`` gives the streamed FeatCal one interface over both kinds of model: an
 in-memory ``nn.Module`` (block l moved to the device and back) or a ``LazyCausalLM``

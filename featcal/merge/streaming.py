@@ -49,16 +49,17 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class CheckpointReader:
-    """Lazy, tensor-by-tensor access to a folder of safetensors shards.
+    """Tensor-by-tensor access to a folder of safetensors shards, without memory maps.
 
     ``keys()`` in file order (the index's shard order, then each file's order), ``get(key)``
-    reads one tensor (memory-mapped by ``safe_open``), ``meta(key)`` its dtype and shape
-    without reading it. Files stay open (mmaps, no resident memory) until ``close``.
+    reads one tensor with a positioned read straight into a fresh tensor, ``meta(key)``
+    its dtype and shape from the header. Nothing stays mapped or cached between calls:
+    reading through a held ``safe_open`` handle keeps every touched page of the file
+    resident in the process (its RSS grows to the whole checkpoint), which is what
+    streaming must avoid.
     """
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         if index.is_file():
@@ -71,10 +72,15 @@ class CheckpointReader:
 
                 raise SourceUnavailable(f"no *.safetensors weights in model folder '{self.folder}' (streaming needs safetensors)")
         self.files = files
-        self._handles = {f: safe_open(str(self.folder / f), framework="pt") for f in files}
+        self._headers: dict[str, tuple[int, dict]] = {}
+        self._meta: dict[str, dict] = {}
+        for f in files:
+            start, header, meta = _read_header(self.folder / f)
+            self._headers[f] = (start, header)
+            self._meta[f] = meta
         self._where: dict[str, str] = {}
         for f in files:
-            for k in self._handles[f].keys():
+            for k in self._headers[f][1]:
                 self._where[k] = f
 
     def keys(self) -> list[str]:
@@ -90,14 +96,28 @@ class CheckpointReader:
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        file = self._where[key]
+        start, header = self._headers[file]
+        info = header[key]
+        dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        out = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with open(self.folder / file, "rb") as fh:
+                fh.seek(start + begin)
+                got = fh.readinto(view)
+            if got != end - begin:
+                raise OSError(f"{self.folder / file}: short read for {key} ({got} of {end - begin} bytes)")
+        return out
 
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        sl = self._handles[self._where[key]].get_slice(key)
-        return _ST_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
+        info = self._headers[self._where[key]][1][key]
+        return _ST_DTYPES[info["dtype"]], tuple(info["shape"])
 
     def metadata(self, file: str) -> dict:
-        return self._handles[file].metadata() or {}
+        """The file's ``__metadata__`` (string pairs)."""
+        return dict(self._meta.get(file, {}))
 
     def state_dict(self, prefix: str = "", strip: bool = True) -> dict[str, torch.Tensor]:
         """The tensors whose key starts with ``prefix`` (prefix removed if ``strip``)."""
@@ -108,7 +128,17 @@ class CheckpointReader:
         return out
 
     def close(self) -> None:
-        self._handles.clear()
+        pass
+
+
+def _read_header(path: Path) -> tuple[int, dict, dict]:
+    """(data start offset, {key: {dtype, shape, data_offsets}}, __metadata__) of a
+    safetensors file."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    return 8 + n, header, meta
 
 
 # ============================================================================ writing
