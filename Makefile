@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: install run test bench sweep collect report
+.PHONY: install run test test-fast bench sweep collect report
 
 install:            ## editable install with test tools
 	$(PY) -m pip install -e '.[dev]'
@@ -10,6 +10,9 @@ run:                ## the embedded default: offline, CPU, minutes
 
 test:               ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
+
+test-fast:          ## everything but the slow (cold default run, subprocess end-to-end) and GPU tests
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 bench:              ## calibrator wall-clock / memory ratios on a ViT-B/32-shaped tower
 	$(PY) experiments/bench_calibration.py

@@ -108,7 +108,8 @@ def run_one(method: str, args) -> dict:
         cfg[key] = value
     if "progress" in cfg:
         cfg.progress = False
-    calibrator = instantiate(cfg)
+    # calibrator yamls take the run seed by interpolation (seed: ${seed})
+    calibrator = instantiate(OmegaConf.create({"seed": args.seed, "calibration": cfg}).calibration)
     backbone, merged, base, experts, calibration = build_workload(args.experts, args.n, args.delta, args.seed)
 
     proc = psutil.Process()
@@ -137,12 +138,13 @@ def run_one(method: str, args) -> dict:
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }
-    drift = out.report.get("drift", {}) if isinstance(out.report, dict) else {}
-    if drift.get("before") and drift.get("after"):
-        before = [v[-1] for v in drift["before"].values()]
-        after = [v[-1] for v in drift["after"].values()]
-        result["last_block_drift_before"] = sum(before) / len(before)
-        result["last_block_drift_after"] = sum(after) / len(after)
+    drift = out.report.drift
+    if drift:
+        last = max(r["block"] for r in drift)
+        for when in ("before", "after"):
+            values = [r["drift"] for r in drift if r["block"] == last and r["when"] == when]
+            if values:
+                result[f"last_block_drift_{when}"] = sum(values) / len(values)
     return result
 
 

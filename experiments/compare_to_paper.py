@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from featcal.collect import metric_column
+
 AVERAGE_NAMES = {"average", "avg", "mean"}
 MATCH_PROTOCOLS = {"train-split calibration", "individual fine-tuned experts"}
 DEFAULT_PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
@@ -44,7 +46,7 @@ def load_paper(paper_dir: Path) -> pd.DataFrame:
 
 
 def load_ours(sweep_csv: Path) -> pd.DataFrame:
-    df = pd.read_csv(sweep_csv)
+    df = metric_column(pd.read_csv(sweep_csv), "accuracy")
     need = {"backbone", "merge", "calibration", "budget", "task", "stage", "accuracy"}
     missing = need - set(df.columns)
     if missing:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from featcal.collect import metric_column
 from featcal.report import format_table
 from featcal.utils import atomic_write_text
 
@@ -21,6 +22,7 @@ ORDER = ["featcal", "surgery", "probsurgery"]
 
 
 def build(df: pd.DataFrame) -> str:
+    df = metric_column(df, "accuracy")
     tasks = [t for t in dict.fromkeys(df["task"]) if t != "average"] + ["average"]
     experts = df[df.stage == "experts"].groupby("task")["accuracy"].mean()
     merged = df[df.stage == "merged"].groupby("task")["accuracy"].mean()

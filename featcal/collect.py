@@ -35,6 +35,17 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def metric_column(df: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
+    """The rows of one metric with its values in a column named after it (long CSVs
+    since the ``metric``/``value`` columns; older CSVs that carry an ``accuracy``
+    column pass through)."""
+    if "metric" not in df.columns:
+        return df
+    out = df[df["metric"] == metric].copy()
+    out[metric] = out["value"]
+    return out
+
+
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run and stage (experts / merged / calibrated), one column per task (its
     primary metric) plus the average."""

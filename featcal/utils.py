@@ -46,6 +46,17 @@ def _json_default(obj: Any):
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
+def cache_root() -> Path:
+    """featcal's cache root: ``$FEATCAL_CACHE`` or the platform's user cache folder
+    (``~/.cache/featcal`` on Linux, honouring ``XDG_CACHE_HOME``)."""
+    env = os.environ.get("FEATCAL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("featcal"))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from clip_fixtures import (
@@ -25,7 +26,6 @@ from clip_fixtures import (
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
 from featcal.hub import SourceUnavailable
 from featcal.tasks import clip_vision as cv
-from featcal.tasks.base import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGIT_SCALE = float(np.exp(2.6592))
@@ -70,17 +70,6 @@ def test_text_tower_loads_both_layouts(tiny):
     with torch.no_grad():
         alone = model(**{k: enc1[k] for k in ("input_ids", "attention_mask")}).text_embeds
     torch.testing.assert_close(alone[0], want[1], atol=1e-5, rtol=1e-5)
-
-
-def test_transformers5_from_pretrained_reads_4x_clipmodel(tiny):
-    """What transformers 5 does with a 4.x CLIPModel folder: loads it, no missing keys."""
-    from transformers import CLIPModel
-
-    root, ref = tiny
-    model, info = CLIPModel.from_pretrained(str(root / "v4"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"]
-    for k, v in ref.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[k], v)
 
 
 def test_vision_tower_and_expert_4x_layout(tiny):
@@ -194,7 +183,9 @@ def test_evaluate_with_pool_and_split_test(tiny, tmp_path):
                                  cache_dir=str(tmp_path / "heads"), device="cpu", max_test_examples=7)
     adapter = CLIPVisionBackbone(["mnist", "eurosat"], str(root / "v4"), {"mnist": str(root / "expert"), "eurosat": str(root / "expert")})
     base = adapter.load_base()
-    acc = evaluate(lambda inputs, i: adapter.represent(base, inputs), pool, "cpu", batch_size=4)
+    metrics = pool.evaluate(lambda i: base, "cpu", batch_size=4)
+    assert all(set(m) == {"accuracy"} for m in metrics.values()) and pool.primary_metric("mnist") == "accuracy"
+    acc = {t: m["accuracy"] for t, m in metrics.items()}
     assert set(acc) == {"mnist", "eurosat"} and all(0.0 <= a <= 100.0 for a in acc.values())
     # every accuracy is a multiple of 1/7: max_test_examples honoured
     assert all(abs(a * 7 / 100 - round(a * 7 / 100)) < 1e-6 for a in acc.values())
@@ -376,8 +367,7 @@ def test_backbone_config_runs_tiny_benchmark(tmp_path):
     calib = pool.calibration_set(4, seed=0, batch_size=4)
     z = adapter.represent(experts[0], calib[0][0])
     assert z.shape == (4, 16)
-    acc = evaluate(lambda inputs, i: adapter.represent(base, inputs), pool, "cpu", batch_size=3)
-    assert set(acc) == {"mnist", "eurosat"}
+    assert set(pool.evaluate(lambda i: base, "cpu", batch_size=3)) == {"mnist", "eurosat"}
 
 
 def test_openclip_backbone_config_requires_checkpoint_dir():
@@ -395,20 +385,19 @@ def test_openclip_backbone_config_requires_checkpoint_dir():
     assert cfg.backbone.taskpool.base == "openai/clip-vit-base-patch32"
 
 
-def test_experiment_presets():
-    cfg = _compose(["experiment=clip_vit_b32_table", "logger=none"], return_hydra_config=True)
-    assert cfg.hydra.mode.name == "MULTIRUN"
-    assert cfg.backbone.name == "clip_vit_b32" and cfg.budget.per_task == 256
-    params = cfg.hydra.sweeper.params
-    assert set(params.merge.split(",")) == {"weight_average", "task_arithmetic", "ties"}
-    assert set(params.calibration.split(",")) == {"none", "featcal", "surgery", "probsurgery"}
-    cfg = _compose(["experiment=clip_vit_b32_budget", "logger=none"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params
-    assert [int(b.strip("'\"")) for b in params.budget.split(",")] == [8, 16, 32, 64, 128, 256]
-    for value in params.budget.split(","):  # each job's override composes (the sweeper passes them on as is)
-        assert _compose([f"budget={value}", "backbone=clip_vit_b32", "logger=none"]).budget.per_task == int(value.strip("'"))
-    assert set(params.calibration.split(",")) == {"featcal", "surgery", "probsurgery"}
-    assert cfg.backbone.name == "clip_vit_b32"
+def test_experiment_presets_sweep_overrides_compose():
+    """Every value a preset sweeps over a plain key (budget.per_task) composes into a
+    config with that value (the sweeper passes each one on as an override); group
+    choices are composed by test_config."""
+    for preset in ("clip_vit_b32_table", "clip_vit_b32_budget"):
+        cfg = _compose([f"experiment={preset}", "logger=none"], return_hydra_config=True)
+        assert cfg.hydra.mode.name == "MULTIRUN"
+        for key, values in cfg.hydra.sweeper.params.items():
+            if "." not in key:
+                continue
+            for value in str(values).split(","):
+                job = _compose([f"experiment={preset}", f"{key}={value}", "logger=none"])
+                assert str(OmegaConf.select(job, key)) == value
 
 
 # ---- paper comparison ----------------------------------------------------------------

@@ -101,6 +101,14 @@ def _block_params(backbone, model):
     return out
 
 
+def _drift(report, when: str, tasks: list[str]) -> dict[int, list[float]]:
+    """The report's drift rows for one ``when``, as {task index: [drift per block]}."""
+    out: dict[int, list[float]] = {}
+    for row in sorted((r for r in report.drift if r["when"] == when), key=lambda r: r["block"]):
+        out.setdefault(tasks.index(row["task"]), []).append(row["drift"])
+    return out
+
+
 def test_clip_featcal_lowers_final_drift_to_every_expert(clip_world):
     backbone, base, experts, merged_sd, calib, test = clip_world
     merged = backbone.with_state_dict(base, merged_sd)
@@ -113,12 +121,13 @@ def test_clip_featcal_lowers_final_drift_to_every_expert(clip_world):
     torch.testing.assert_close(out.represent(test[0], 0), backbone.represent(out.model, test[0]))
     # report: per-block drift before/after per task index, JSON-friendly
     rep = out.report
-    json.dumps(rep)
-    assert set(rep["drift"]["before"]) == set(range(T)) == set(rep["drift"]["after"])
-    assert all(len(v) == 2 for v in rep["drift"]["after"].values())
+    json.dumps(rep.to_dict())
+    before_d, after_d = _drift(rep, "before", backbone.tasks), _drift(rep, "after", backbone.tasks)
+    assert set(before_d) == set(range(T)) == set(after_d)
+    assert all(len(v) == 2 for v in after_d.values())
     # the calibrated blocks drift less than the merged ones along the forward pass
-    assert all(rep["drift"]["after"][t][0] < rep["drift"]["before"][t][0] for t in range(T))
-    assert rep["calibration_seconds"] > 0 and rep["solver_fallbacks"] == []
+    assert all(after_d[t][0] < before_d[t][0] for t in range(T))
+    assert rep.method == "featcal" and rep.timings["total"] > 0 and rep.fallbacks == []
 
 
 def test_clip_parameters_outside_blocks_keep_merged_values(clip_world):
@@ -188,8 +197,9 @@ def test_clip_forward_order_false_uses_uncalibrated_inputs(clip_world):
     assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("0.")) < 1e-6
     assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("1.")) > 1e-4
     # in the ablation the "before" chain is the student chain: same before-drift as forward order
+    flat_d, fwd_d = _drift(flat.report, "before", backbone.tasks), _drift(fwd.report, "before", backbone.tasks)
     for t in range(T):
-        assert flat.report["drift"]["before"][t] == pytest.approx(fwd.report["drift"]["before"][t], rel=1e-5)
+        assert flat_d[t] == pytest.approx(fwd_d[t], rel=1e-5)
     # and it still calibrates
     backbone, base, experts, merged_sd, calib, test = clip_world
     merged = backbone.with_state_dict(base, merged_sd)
@@ -275,7 +285,7 @@ def test_llama_featcal_lowers_final_drift_to_every_expert(llama_world):
     out = _calibrate(llama_world)
     after = _final_drift(backbone, out.model, experts, test)
     assert all(a < b for a, b in zip(after, before)), (before, after)
-    json.dumps(out.report)
+    json.dumps(out.report.to_dict())
     # every module of every block (q/k/v/o, gate/up/down, both RMSNorms) was calibrated
     names = set()
     for i, blk in enumerate(backbone.blocks(out.model)):
@@ -330,12 +340,13 @@ def test_drift_examples_caps_the_diagnostic_chain_only(clip_world):
     full = _calibrate(clip_world, drift_examples=None)
     few = _calibrate(clip_world, drift_examples=5)
     off = _calibrate(clip_world, drift_examples=0)
-    assert full.report["drift_examples_per_task"] == {t: 32 for t in range(len(clip_world[2]))}
-    assert few.report["drift_examples_per_task"] == {t: 5 for t in range(len(clip_world[2]))}
-    assert off.report["drift"] == {}
+    tasks = clip_world[0].tasks
+    assert full.report.extra["drift_examples_per_task"] == {t: 32 for t in tasks}
+    assert few.report.extra["drift_examples_per_task"] == {t: 5 for t in tasks}
+    assert off.report.drift == []
     for a, b, c in zip(full.model.parameters(), few.model.parameters(), off.model.parameters()):
         assert torch.equal(a, b) and torch.equal(a, c)
-    assert few.report["drift"]["before"] != full.report["drift"]["before"]
+    assert _drift(few.report, "before", tasks) != _drift(full.report, "before", tasks)
 
 
 def test_block_state_take_cuts_batch_tensors_in_extras(llama_world):

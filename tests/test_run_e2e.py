@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from featcal.wandb_log import read_offline_run
+
+pytestmark = pytest.mark.slow  # subprocess runs of featcal-run
 
 SMALL = ["backbone=embedded_small"]
 
@@ -44,13 +47,14 @@ def offline_runs(run_dir: Path):
 
 def test_single_run_writes_results_and_wandb(env, tmp_path):
     out = tmp_path / "run"
-    proc = featcal_run(SMALL + ["calibration=featcal", "budget=32", "save_calibrated=true", f"hydra.run.dir={out}"], env, tmp_path)
+    proc = featcal_run(SMALL + ["calibration=featcal", "budget.per_task=32", "save_calibrated=true", f"hydra.run.dir={out}"], env, tmp_path)
     res = json.loads((out / "results.json").read_text())
     tasks = res["tasks"]
-    assert set(res["accuracy"]) == {"experts", "base", "merged", "calibrated"}
-    for stage in res["accuracy"].values():
+    assert set(res["score"]) == {"experts", "base", "merged", "calibrated"}
+    for stage in res["score"].values():
         assert set(stage) == set(tasks) | {"average"}
         assert all(0.0 <= v <= 100.0 for v in stage.values())
+    assert res["primary_metric"] == {t: "accuracy" for t in tasks}
     for stage in ("load", "merge", "evaluate_merged", "calibrate", "evaluate_calibrated"):
         assert res["timings"][stage] >= 0.0
     assert res["memory"]["peak_rss_mib"] > 0
@@ -60,35 +64,48 @@ def test_single_run_writes_results_and_wandb(env, tmp_path):
     assert "| task" in proc.stdout and "calibrated" in proc.stdout
     # long CSV readable by pandas, consistent with the JSON
     df = pd.read_csv(out / "results.csv")
-    assert {"run_dir", "backbone", "merge", "calibration", "budget", "stage", "task", "accuracy"} <= set(df.columns)
+    assert {"run_dir", "backbone", "merge", "calibration", "budget", "stage", "task", "metric", "value", "primary"} <= set(df.columns)
     row = df[(df.stage == "calibrated") & (df.task == "average")]
-    assert row.accuracy.item() == pytest.approx(res["accuracy"]["calibrated"]["average"])
-    # per-block drift before and after FeatCal
+    assert row.metric.item() == "accuracy" and row.value.item() == pytest.approx(res["score"]["calibrated"]["average"])
+    # per-block drift before and after FeatCal: FeatCal lowered the last block's drift for every task
     drift = pd.read_csv(out / "drift.csv")
     assert set(drift["when"]) == {"before", "after"} and set(drift["task"]) == set(tasks)
+    last = drift[drift.block == drift.block.max()]
+    for task in tasks:
+        rows = last[last.task == task].set_index("when")["drift"]
+        assert rows["after"] < rows["before"], task
     # W&B offline run: config, summary metrics, tables
     (run,) = offline_runs(out)
     logged = read_offline_run(run)
-    assert logged["config"]["merge"]["name"] == "task_arithmetic"
+    assert logged["config"]["run"]["merge"] == "task_arithmetic"
     assert logged["config"]["budget"]["per_task"] == 32
-    for stage, accs in res["accuracy"].items():
-        for task, acc in accs.items():
-            assert logged["summary"][f"acc/{stage}/{task}"] == pytest.approx(acc)
+    for stage, per_task in res["metrics"].items():
+        for task, values in per_task.items():
+            assert logged["summary"][f"accuracy/{stage}/{task}"] == pytest.approx(values["accuracy"])
+        assert logged["summary"][f"score/{stage}/average"] == pytest.approx(res["score"][stage]["average"])
     assert logged["summary"]["time/calibrate"] == pytest.approx(res["timings"]["calibrate"])
     keys = {k.split("/")[0] for k in logged["summary"]}
-    assert {"per_task_accuracy", "feature_drift"} <= keys
+    assert {"per_task", "feature_drift"} <= keys
     assert logged["group"] is None
-    # the calibrated weights were saved and load back into the same architecture
-    from safetensors.torch import load_file
+    # the calibrated model was saved as a plain Hugging Face folder, and it is not the merged model
+    from transformers import CLIPVisionModelWithProjection
 
-    saved = load_file(str(out / "calibrated_model.safetensors"))
-    assert any(".encoder.layers." in k for k in saved)
+    saved = CLIPVisionModelWithProjection.from_pretrained(str(out / "calibrated_model")).state_dict()
+    from featcal.backbone.clip import load_clip_vision
+    from featcal.merge import task_arithmetic
+
+    (folder,) = [p for p in Path(env["FEATCAL_CACHE"], "embedded").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    base = load_clip_vision(str(folder / "base"))
+    experts = [load_clip_vision(str(folder / "experts" / t), projection_source=str(folder / "base")) for t in tasks]
+    merged = task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], scaling_factor=0.3)
+    changed = [k for k in merged if not torch.allclose(saved[k], merged[k], atol=1e-6)]
+    assert changed and all(".encoder.layers." in k for k in changed)  # FeatCal changes blocks only
 
 
 def test_sweep_shares_group_collects_and_is_deterministic(env, tmp_path):
     sweep = tmp_path / "sweep"
     featcal_run(
-        SMALL + ["-m", "merge=task_arithmetic,ties", "calibration=featcal", "budget=32", f"hydra.sweep.dir={sweep}"],
+        SMALL + ["-m", "merge=task_arithmetic,ties", "calibration=featcal", "budget.per_task=32", f"hydra.sweep.dir={sweep}"],
         env,
         tmp_path,
     )
@@ -106,17 +123,17 @@ def test_sweep_shares_group_collects_and_is_deterministic(env, tmp_path):
     assert "ties" in (sweep / "collected.md").read_text()
     # same seed, same numbers, in a separate process
     single = tmp_path / "again"
-    featcal_run(SMALL + ["merge=task_arithmetic", "calibration=featcal", "budget=32", "logger=none", f"hydra.run.dir={single}"], env, tmp_path)
+    featcal_run(SMALL + ["merge=task_arithmetic", "calibration=featcal", "budget.per_task=32", "logger=none", f"hydra.run.dir={single}"], env, tmp_path)
     ta_run = next(r for r in runs if json.loads((r / "results.json").read_text())["merge"] == "task_arithmetic")
-    a = json.loads((ta_run / "results.json").read_text())["accuracy"]
-    b = json.loads((single / "results.json").read_text())["accuracy"]
+    a = json.loads((ta_run / "results.json").read_text())["metrics"]
+    b = json.loads((single / "results.json").read_text())["metrics"]
     assert a == b
 
 
 def test_run_completes_when_wandb_cannot_start(env, tmp_path):
     out = tmp_path / "run"
     proc = featcal_run(
-        SMALL + ["calibration=none", "budget=8", "evaluate_experts=false", "evaluate_base=false", "logger.mode=online", f"hydra.run.dir={out}"],
+        SMALL + ["calibration=none", "budget.per_task=8", "evaluate_experts=false", "evaluate_base=false", "logger.mode=online", f"hydra.run.dir={out}"],
         env,
         tmp_path,
     )
@@ -143,7 +160,7 @@ def test_cfg_job_prints_config(env, tmp_path):
 def test_surgery_run_logs_loss_curve(env, tmp_path):
     out = tmp_path / "run"
     featcal_run(
-        SMALL + ["calibration=surgery", "calibration.iterations=25", "budget=16", "evaluate_base=false", f"hydra.run.dir={out}"],
+        SMALL + ["calibration=surgery", "calibration.iterations=25", "budget.per_task=16", "evaluate_base=false", f"hydra.run.dir={out}"],
         env,
         tmp_path,
     )
@@ -151,6 +168,10 @@ def test_surgery_run_logs_loss_curve(env, tmp_path):
     assert res["calibration"] == "surgery"
     curve = res["loss_curve"]
     assert curve and curve[-1]["loss"] < curve[0]["loss"]
+    # the modules moved the merged representations towards the experts', and changed the model's scores
+    extra = res["calibration_report"]["extra"]
+    assert extra["l1_after_mean"] < extra["l1_before_mean"]
+    assert res["metrics"]["calibrated"] != res["metrics"]["merged"]
     (run,) = offline_runs(out)
     logged = [h["calibration/loss"] for h in read_offline_run(run)["history"] if "calibration/loss" in h]
     assert logged == pytest.approx([p["loss"] for p in curve])

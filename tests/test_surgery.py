@@ -5,7 +5,6 @@ CLIPVisionBackbone; the merged model is task arithmetic (λ = 0.3).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ from featcal.calibration.surgery import (
     ProbSurgeryModule,
     Surgery,
     SurgeryBank,
-    SurgeryCalibratedModel,
     SurgeryModule,
+    load_surgery,
 )
 from featcal.merge import task_arithmetic
 
@@ -140,11 +139,12 @@ def test_identity_at_init_equals_merged(setup):
     for calibrator in (Surgery(iterations=0, **{k: v for k, v in FAST.items() if k != "iterations"}),
                        ProbSurgery(iterations=0, **{k: v for k, v in FAST.items() if k != "iterations"})):
         cal = _calibrate(calibrator, setup)
-        assert cal.report["steps"] == 0
+        assert cal.report.extra["steps"] == 0
+        plain = _merged(backbone, base_m, merged_sd)
         for t in range(len(TASKS)):
             x = calib[t][0]
-            assert torch.equal(cal.represent(x, t), backbone.represent(cal.model, x))
-            assert cal.report["l1_before"][TASKS[t]] == pytest.approx(cal.report["l1_after"][TASKS[t]])
+            assert torch.equal(cal.represent(x, t), backbone.represent(plain, x))
+            assert cal.report.extra["l1_before"][TASKS[t]] == pytest.approx(cal.report.extra["l1_after"][TASKS[t]])
 
 
 @pytest.mark.parametrize("cls", [Surgery, ProbSurgery])
@@ -154,19 +154,19 @@ def test_training_reduces_l1_for_every_task(cls, setup):
     before = _l1(backbone, lambda x, t: backbone.represent(merged, x), experts, calib)
     cal = _calibrate(cls(**{**FAST, "iterations": 100}), setup)
     after = _l1(backbone, cal.represent, experts, calib)
-    assert cal.report["steps"] == 100 * 2 * len(TASKS)
-    assert cal.report["num_modules"] == len(TASKS)
+    assert cal.report.extra["steps"] == 100 * 2 * len(TASKS)
+    assert cal.report.extra["num_modules"] == len(TASKS)
     for t in range(len(TASKS)):
         assert after[t] < 0.8 * before[t], (t, before, after)
-        assert cal.report["l1_after"][TASKS[t]] == pytest.approx(after[t], rel=1e-4)
-        assert cal.report["l1_before"][TASKS[t]] == pytest.approx(before[t], rel=1e-4)
-    curve = cal.report["loss_curve"]
-    assert curve[-1]["step"] == cal.report["steps"]
+        assert cal.report.extra["l1_after"][TASKS[t]] == pytest.approx(after[t], rel=1e-4)
+        assert cal.report.extra["l1_before"][TASKS[t]] == pytest.approx(before[t], rel=1e-4)
+    curve = cal.report.loss_curve
+    assert curve[-1]["step"] == cal.report.extra["steps"]
     assert curve[-1]["l1"] < curve[0]["l1"]
-    assert cal.report["calibration_seconds"] > 0
+    assert cal.report.timings["total"] > 0
     import json
 
-    json.dumps(cal.report)  # JSON-friendly
+    json.dumps(cal.report.to_dict())  # JSON-friendly
 
 
 def test_probsurgery_inference_is_deterministic(setup):
@@ -176,7 +176,7 @@ def test_probsurgery_inference_is_deterministic(setup):
     a, b = cal.represent(x, 1), cal.represent(x, 1)
     assert torch.equal(a, b)
     # and it is z − μ (the μ head has moved away from zero)
-    z = backbone.represent(cal.model, x)
+    z = backbone.represent(_merged(backbone, base_m, merged_sd), x)
     mu, _ = cal.surgery.blocks[1](z)
     assert mu.abs().max() > 0
     assert torch.allclose(a, z - mu)
@@ -185,15 +185,15 @@ def test_probsurgery_inference_is_deterministic(setup):
 def test_shared_variant_trains_one_module(setup):
     backbone, base_m, experts, merged_sd, calib = setup
     cal = _calibrate(ProbSurgery(shared=True, **FAST), setup)
-    assert len(cal.surgery.blocks) == 1 and cal.report["num_modules"] == 1
-    assert cal.report["shared"] is True
+    assert len(cal.surgery.blocks) == 1 and cal.report.extra["num_modules"] == 1
+    assert cal.report.settings["shared"] is True
     assert cal.surgery.blocks[0].mu.weight.abs().sum() > 0
     x = calib[0][0]
     outs = [cal.represent(x, t) for t in range(len(TASKS))]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     n_params = sum(p.numel() for p in cal.surgery.parameters())
-    assert cal.report["trainable_parameters"] == n_params == 3 * 24 * 128
-    assert cal.report["l1_after_mean"] < cal.report["l1_before_mean"]
+    assert cal.report.extra["trainable_parameters"] == n_params == 3 * 24 * 128
+    assert cal.report.extra["l1_after_mean"] < cal.report.extra["l1_before_mean"]
 
 
 @pytest.mark.parametrize("cls", [Surgery, ProbSurgery])
@@ -203,7 +203,7 @@ def test_same_seed_same_result(cls, setup):
     c = _calibrate(cls(seed=4, **FAST), setup)
     sa, sb, sc = a.surgery.state_dict(), b.surgery.state_dict(), c.surgery.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.report["loss_curve"] == b.report["loss_curve"]
+    assert a.report.loss_curve == b.report.loss_curve
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
@@ -211,14 +211,49 @@ def test_same_seed_same_result(cls, setup):
 def test_save_load_round_trip(cls, setup, tmp_path):
     backbone, base_m, experts, merged_sd, calib = setup
     cal = _calibrate(cls(**FAST), setup)
-    path = tmp_path / "surgery.pt"
-    cal.save(path)
-    loaded = SurgeryCalibratedModel.load(path, backbone, _merged(backbone, base_m, merged_sd))
+    folder = cal.save(tmp_path / "surgery")
+    assert {p.name for p in folder.iterdir()} == {"surgery_modules.safetensors", "surgery_config.json", "calibration_report.json"}
+    loaded = load_surgery(folder, backbone, _merged(backbone, base_m, merged_sd))
+    plain = _merged(backbone, base_m, merged_sd)
     assert len(loaded.surgery.blocks) == len(TASKS)
     for t in range(len(TASKS)):
         x = calib[t][0]
         assert torch.equal(loaded.represent(x, t), cal.represent(x, t))
-        assert not torch.equal(loaded.represent(x, t), backbone.represent(loaded.model, x))
+        assert not torch.equal(loaded.represent(x, t), backbone.represent(plain, x))
+
+
+def test_model_for_task_hooks_the_family_model(setup):
+    """model_for_task(t) is the merged CLIPVisionModelWithProjection itself: its forward
+    (image_embeds), the adapter's represent and the hook's formula agree; the hook
+    follows the latest task index and goes away with remove_hooks()."""
+    backbone, base_m, experts, merged_sd, calib = setup
+    cal = _calibrate(Surgery(**FAST), setup)
+    plain = _merged(backbone, base_m, merged_sd)
+    x = calib[0][0]
+    with torch.no_grad():
+        z = plain(pixel_values=x).image_embeds
+        for t in range(len(TASKS)):
+            model = cal.model_for_task(t)
+            assert model is cal.model and type(model) is type(plain)
+            want = z - cal.surgery.blocks[t](z)[0]
+            torch.testing.assert_close(model(pixel_values=x).image_embeds, want)
+            torch.testing.assert_close(backbone.represent(model, x), want)
+        with pytest.raises(IndexError):
+            cal.model_for_task(len(TASKS))
+        cal.remove_hooks()
+        torch.testing.assert_close(cal.model(pixel_values=x).image_embeds, z)
+
+
+def test_input_site_hook_corrects_the_first_input():
+    from featcal.calibration.surgery import attach_correction
+
+    lin = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    handle = attach_correction(lin, "input", lambda v: v * 0)
+    assert torch.equal(lin(x), lin.bias.expand(2, 3))
+    handle.remove()
+    with pytest.raises(ValueError, match="output"):
+        attach_correction(lin, "middle", lambda v: v)
 
 
 class _CountingBackbone(CLIPVisionBackbone):
@@ -239,37 +274,21 @@ def test_features_are_cached_not_recomputed_per_step(setup):
         cal = Surgery(**{**FAST, "iterations": iterations}).calibrate(
             counting, _merged(backbone, base_m, merged_sd), base_m, experts, calib, "cpu"
         )
-        assert cal.report["steps"] == iterations * 2 * len(TASKS)
+        assert cal.report.extra["steps"] == iterations * 2 * len(TASKS)
         counts.append(counting.calls)
     n_batches = sum(len(b) for b in calib)
     # merged + expert representation of every calibration batch, exactly once
     assert counts == [2 * n_batches, 2 * n_batches]
 
 
-def test_hydra_configs_instantiate_with_defaults():
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf / "calibration"), version_base="1.3"):
-        s = instantiate(compose(config_name="surgery"))
-        p = instantiate(compose(config_name="probsurgery"))
-        ps = instantiate(compose(config_name="probsurgery_shared"))
-    assert isinstance(s, Surgery) and s.hidden == 16 and not s.shared
-    assert (s.iterations, s.batches_per_iteration, s.batch_size, s.lr) == (500, 2, 16, 1e-3)
-    assert s.betas == (0.9, 0.999) and s.weight_decay == 0.0 and s.precision == "32-true"
-    assert isinstance(p, ProbSurgery) and p.hidden == 128 and p.kl_weight == 1e-4 and not p.shared
-    assert isinstance(ps, ProbSurgery) and ps.shared and ps.hidden == 128
-
-
 def test_fabric_bf16_mixed_and_auto_accelerator(setup):
     # accelerator "auto" follows the device handed to calibrate; bf16 autocast trains fp32 modules
     opts = {**FAST, "accelerator": "auto", "precision": "bf16-mixed"}
     cal = _calibrate(Surgery(**opts), setup)
-    assert cal.report["device"] == "cpu" and cal.report["precision"] == "bf16-mixed"
+    assert cal.report.extra["device"] == "cpu" and cal.report.settings["precision"] == "bf16-mixed"
     assert next(cal.surgery.parameters()).dtype == torch.float32
     for t in TASKS:
-        assert cal.report["l1_after"][t] < cal.report["l1_before"][t]
+        assert cal.report.extra["l1_after"][t] < cal.report.extra["l1_before"][t]
 
 
 def test_misaligned_inputs_are_rejected():

@@ -166,6 +166,12 @@ class Backbone(abc.ABC):
     def __init__(self, tasks: list[str]):
         self.tasks = list(tasks)
 
+    @classmethod
+    def validate_config(cls, node: dict[str, Any]) -> list[str]:
+        """Problems with this adapter's config node (``key=value: what is allowed``),
+        found before anything loads; ``featcal.config.validate`` collects them."""
+        return []
+
     # ---- loading -------------------------------------------------------
     @abc.abstractmethod
     def load_base(self) -> nn.Module:

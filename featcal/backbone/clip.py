@@ -24,35 +24,53 @@ from torch import nn
 from featcal.backbone.base import Backbone, BlockState, Inputs
 from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
 
-_TOWER_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+#: per tower: (model prefix, projection prefix, bare root prefixes of a tower saved alone)
+_TOWERS = {
+    "vision": ("vision_model.", "visual_projection.", ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")),
+    "text": ("text_model.", "text_projection.", ("embeddings.", "encoder.", "final_layer_norm.")),
+}
 
 
-def canonical_clip_vision_keys(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map any CLIP checkpoint layout onto ``CLIPVisionModelWithProjection`` keys."""
+def canonical_clip_keys(raw: Mapping[str, torch.Tensor], tower: str = "vision") -> dict[str, torch.Tensor]:
+    """Map any CLIP checkpoint layout onto one tower's ``CLIP<Tower>ModelWithProjection``
+    keys (``vision_model.*`` + ``visual_projection.*``, or ``text_model.*`` +
+    ``text_projection.*``): full ``CLIPModel`` (the other tower's keys are dropped),
+    a tower saved alone by transformers 4.x (prefixed) or 5.x (bare root keys),
+    wrapper prefixes (``model.``, ``clip_model.``, ``module.``); persisted
+    ``position_ids`` buffers are dropped (recomputed at init)."""
+    model_prefix, proj_prefix, roots = _TOWERS[tower]
+    ours = (model_prefix, proj_prefix)
     out: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         k = key
         for prefix in ("model.", "clip_model.", "module."):
-            if k.startswith(prefix) and (k[len(prefix):].startswith(("vision_model.", "visual_projection.")) or k[len(prefix):].startswith(_TOWER_ROOTS)):
+            if k.startswith(prefix) and k[len(prefix):].startswith(ours + roots):
                 k = k[len(prefix):]
-        if k.startswith("vision_model.vision_model."):
-            k = k[len("vision_model."):]
-        if k.startswith(_TOWER_ROOTS):
-            k = "vision_model." + k
-        if k.startswith("vision_model.") or k.startswith("visual_projection."):
-            if k.endswith("position_ids"):
-                continue  # a buffer recomputed at init; older checkpoints stored it
+        if k.startswith(model_prefix + model_prefix):
+            k = k[len(model_prefix):]
+        if k.startswith(roots):
+            k = model_prefix + k
+        if k.startswith(ours) and not k.endswith("position_ids"):
             out[k] = value
     return out
+
+
+def canonical_clip_vision_keys(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return canonical_clip_keys(raw, "vision")
+
+
+def read_model_config(folder: Path) -> dict:
+    """``config.json`` of a model folder, as a dict."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.exists():
+        raise SourceUnavailable(f"no config.json in model folder '{folder}'")
+    return json.loads(cfg_file.read_text())
 
 
 def _vision_config(folder: Path):
     from transformers import CLIPVisionConfig
 
-    cfg_file = folder / "config.json"
-    if not cfg_file.exists():
-        raise SourceUnavailable(f"no config.json in model folder '{folder}'")
-    data = json.loads(cfg_file.read_text())
+    data = read_model_config(folder)
     if "vision_config" in data or "vision_config_dict" in data:  # a full CLIPModel config
         # legacy 4.x configs carry ``vision_config_dict``, whose values take precedence
         vision = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})}

@@ -91,9 +91,9 @@ def save_model_folder(model: nn.Module, folder: str | os.PathLike) -> Path:
 class CalibratedModel(nn.Module):
     """The merged model after calibration.
 
-    ``model_for_task(i)`` is the module to evaluate task i with: the family's own model
-    class (e.g. ``CLIPVisionModelWithProjection``), so task pools drive it exactly like
-    an expert. Task-agnostic calibrators (FeatCal, none) return the same calibrated
+    ``model_for_task(i)`` is the module to evaluate task i with: an instance of the
+    family's own model class (the class the experts load as), so task pools drive it
+    exactly like an expert. Task-agnostic calibrators (FeatCal, none) return the same calibrated
     model for every task. ``report`` is the typed :class:`CalibrationReport`.
     ``save(folder)`` writes what a user needs to use the result without this project.
     """

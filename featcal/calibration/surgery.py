@@ -1,9 +1,10 @@
 """Representation Surgery (Yang et al., ICML 2024) and ProbSurgery (Wei et al., ICML 2025).
 
 Both put a small residual module on the merged model's final representation
-z = backbone.represent(merged, x) (CLIP: the projected image embedding, before
-L2 normalisation) and train it so that ẑ = z − module(z) matches the expert's
-representation of the same input under an L1 loss. Only the modules train.
+z = backbone.represent(merged, x) (whatever the backbone names as its final
+representation, e.g. a projected embedding before L2 normalisation) and train it so
+that ẑ = z − module(z) matches the expert's representation of the same input under
+an L1 loss. Only the modules train.
 
 Because the merged encoder and the experts are frozen, their representations of the
 calibration set are computed once (no grad, batched) and the modules train on the

@@ -56,6 +56,12 @@ class Task:
 class TaskPool(abc.ABC):
     """An ordered collection of tasks, aligned with a backbone's experts."""
 
+    @classmethod
+    def validate_config(cls, node: dict[str, Any]) -> list[str]:
+        """Problems with this pool's config node (``key=value: what is allowed``),
+        found before anything loads; ``featcal.config.validate`` collects them."""
+        return []
+
     @property
     @abc.abstractmethod
     def names(self) -> list[str]:

@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcal.backbone.clip import canonical_clip_keys, read_model_config
 from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
 from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
+from featcal.utils import cache_root
 
 DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
 CLIP_TASKS = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
@@ -58,32 +60,6 @@ def task_table(path: str | os.PathLike | None = None) -> dict[str, dict]:
 # text tower, tokenizer, image preprocessing of the base model
 
 
-def _model_config(folder: Path) -> dict:
-    cfg_file = folder / "config.json"
-    if not cfg_file.exists():
-        raise SourceUnavailable(f"no config.json in model folder '{folder}'")
-    return json.loads(cfg_file.read_text())
-
-
-def canonical_clip_text_keys(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map CLIP checkpoint layouts (4.x / 5.x, CLIPModel / CLIPTextModel[WithProjection])
-    onto ``CLIPTextModelWithProjection`` keys (``text_model.*``, ``text_projection.*``)."""
-    roots = ("embeddings.", "encoder.", "final_layer_norm.")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        k = key
-        for prefix in ("model.", "clip_model.", "module."):
-            if k.startswith(prefix) and k[len(prefix):].startswith(("text_model.", "text_projection.")):
-                k = k[len(prefix):]
-        if k.startswith("text_model.text_model."):
-            k = k[len("text_model."):]
-        if k.startswith(roots):
-            k = "text_model." + k
-        if (k.startswith("text_model.") or k.startswith("text_projection.")) and not k.endswith("position_ids"):
-            out[k] = value
-    return out
-
-
 def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, float]:
     """The text tower + ``text_projection`` of a CLIP model, and its ``logit_scale.exp()``.
 
@@ -96,7 +72,7 @@ def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjection
 
     folder = resolve_model_dir(source)
-    data = _model_config(folder)
+    data = read_model_config(folder)
     if data.get("model_type") == "clip" or "text_config" in data or "text_config_dict" in data:
         clean = {k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")}
         full = CLIPConfig(**clean)
@@ -105,7 +81,7 @@ def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.
     else:
         config = CLIPTextConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")})
     raw = load_raw_state_dict(folder)
-    sd = canonical_clip_text_keys(raw)
+    sd = canonical_clip_keys(raw, "text")
     if "text_projection.weight" not in sd:
         raise SourceUnavailable(f"'{source}' has no text_projection: a full CLIPModel checkpoint is needed for zero-shot heads")
     config.projection_dim = sd["text_projection.weight"].shape[0]
@@ -162,7 +138,7 @@ class CLIPImagePreprocess:
         folder = resolve_model_dir(source, allow_patterns=["*.json", "*.txt"])
         image_size = 224
         try:
-            data = _model_config(folder)
+            data = read_model_config(folder)
             vision = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})} or data
             image_size = int(vision.get("image_size", 224))
         except SourceUnavailable:
@@ -246,8 +222,7 @@ def _source_identity(source: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("FEATCAL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "featcal")
-    return Path(os.path.expanduser(root)) / "clip_heads"
+    return cache_root() / "clip_heads"
 
 
 # ---------------------------------------------------------------------------
@@ -465,13 +440,31 @@ class CLIPVisionTaskPool(ClassificationTaskPool):
         for t in self.task_names:
             if t in self._heads:
                 continue
-            f = self.head_cache_file(t)
-            if f.exists():
-                blob = torch.load(str(f), map_location="cpu", weights_only=True)
-                self._heads[t] = ClassEmbeddingHead(blob["class_embeddings"], float(blob["logit_scale"]))
-            else:
+            if not self._load_cached_head(t):
                 todo.append(t)
         if todo:
+            self._build_heads(todo)
+        return {t: self._heads[t] for t in self.task_names}
+
+    def _load_cached_head(self, task: str) -> bool:
+        f = self.head_cache_file(task)
+        if not f.exists():
+            return False
+        blob = torch.load(str(f), map_location="cpu", weights_only=True)
+        self._heads[task] = ClassEmbeddingHead(blob["class_embeddings"], float(blob["logit_scale"]))
+        return True
+
+    def _build_heads(self, todo: list[str]) -> None:
+        """Zero-shot heads of ``todo`` through the base's text tower, written to the cache;
+        concurrent runs (a sweep) build them once (a file lock per base model)."""
+        from filelock import FileLock
+
+        lock_dir = self.cache_dir / _slug(self.base)
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_dir / ".build.lock")):
+            todo = [t for t in todo if not self._load_cached_head(t)]  # another process may have built some
+            if not todo:
+                return
             text_model, logit_scale = load_clip_text(self.base)
             tokenizer = load_clip_tokenizer(self.base)
             for t in todo:
@@ -484,7 +477,6 @@ class CLIPVisionTaskPool(ClassificationTaskPool):
                 os.replace(tmp, f)
                 self._heads[t] = ClassEmbeddingHead(emb, logit_scale)
             del text_model
-        return {t: self._heads[t] for t in self.task_names}
 
     # ---- TaskPool -------------------------------------------------------
     @property
