@@ -145,6 +145,23 @@ class LlamaBackbone(Backbone):
         self.merge_device = merge_device
         self.merged_on_disk = bool(merged_on_disk)
 
+    @classmethod
+    def validate_config(cls, node: dict) -> list[str]:
+        problems = []
+        tasks = list(node.get("tasks") or [])
+        experts = node.get("experts")
+        if isinstance(experts, Mapping):
+            missing = [t for t in tasks if t not in experts]
+            if missing:
+                problems.append(f"experts: no expert for task(s) {missing} (experts are paired with tasks by name)")
+        elif experts is not None and len(experts) != len(tasks):
+            problems.append(f"experts: {len(experts)} given for {len(tasks)} tasks")
+        if node.get("dtype", "float32") not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            problems.append(f"dtype={node.get('dtype')!r}: allowed: float32, bfloat16, float16")
+        if node.get("merged_on_disk") and not node.get("streaming"):
+            problems.append("merged_on_disk=true needs streaming=true")
+        return problems
+
     # ---- loading -------------------------------------------------------
     def _lazy(self, source: str):
         from featcal.backbone.lazy import LazyCausalLM
