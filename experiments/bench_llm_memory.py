@@ -118,7 +118,12 @@ def _rss_now_mib() -> float:
 
 
 def _child(args: list[str]) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # a fixed glibc mmap threshold: large tensors are always mmapped and returned to the OS
+    # on free (glibc's dynamic threshold otherwise moves them into the heap after the first
+    # free, where freed blocks stay resident and peak RSS creeps with the number of blocks
+    # allocated in turn); the same setting for both modes
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="1048576",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
@@ -176,7 +181,8 @@ def _report(rows: list[dict], out: Path, a) -> None:
         "",
         f"Llama from config, random weights, CPU, fp32; {a.tasks} experts, n = {a.n} per task, "
         f"sequence {a.seq}, batch {a.batch}; task arithmetic then FeatCal. Peak RSS above the "
-        "process's RSS after imports and a warm-up, each configuration and mode in a fresh subprocess.",
+        "process's RSS after imports and a warm-up, each configuration and mode in a fresh subprocess "
+        "(glibc MALLOC_MMAP_THRESHOLD_=1 MiB in both).",
         "",
         "| depth | hidden | model (MiB) | in-memory peak (MiB) | streaming peak (MiB) | ratio | in-memory wall (s) | streaming wall (s) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",

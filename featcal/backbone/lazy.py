@@ -89,7 +89,7 @@ class LazyCausalLM:
         if getattr(cfg, "layer_types", None) is not None:
             cfg.layer_types = []
         model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype).eval()
-        sd = {k: v for k, v in self.reader.state_dict().items() if not k.startswith(prefixes)}
+        sd = {k: self.reader.get(k) for k in self.reader.keys() if not k.startswith(prefixes)}  # blocks never read
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = getattr(model, "_tied_weights_keys", None) or {}
         tied = set(tied) if not isinstance(tied, dict) else set(tied.keys())
