@@ -287,12 +287,12 @@ class GlobalTies(_Method):
         elif p == 1:
             self.low_hist = None
         elif p == 2:
-            self.sign_sum = 0.0
+            self.sign_sum = 0
 
     def observe(self, p, key, base, experts):
         b32 = base.to(torch.float32)
         if p == 2:
-            self.sign_sum += float(self._elected(b32, experts)[1].sum())
+            self.sign_sum += int(self._elected(b32, experts)[1].sum(dtype=torch.int64))  # exact count
             return
         for t, e in enumerate(experts):
             bits = self._bits(_task_vector(b32, e))
