@@ -222,6 +222,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             calibrated.eval()
             metrics["calibrated"] = evaluate(calibrated, calibrated.model_for_task, desc="calibrated")
 
+    metrics = pool.finalize(metrics)
+
     # ---- report ---------------------------------------------------------------
     memory = {
         "peak_rss_mib": peak_rss_mib(),

@@ -209,6 +209,12 @@ class Backbone(abc.ABC):
                 out[name] = mod
         return out
 
+    def norm_scale_offset(self, module: nn.Module) -> float:
+        """A norm's effective scale is ``weight + offset`` (0 for LayerNorm/Llama RMSNorm,
+        1 for Gemma's RMSNorm, which scales by 1 + weight). FeatCal solves for the
+        effective scale and writes it back minus the offset."""
+        return 0.0
+
     def is_key_value(self, module_name: str) -> bool:
         leaf = module_name.rsplit(".", 1)[-1]
         return any(p == leaf or p in leaf for p in self.key_value_patterns)

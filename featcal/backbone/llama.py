@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -34,6 +35,8 @@ from featcal.backbone.base import Backbone, BlockState, Inputs
 from featcal.errors import CheckpointMismatch, loading
 from featcal.hub import SourceUnavailable, resolve_model_dir
 from featcal.utils import as_torch_dtype
+
+log = logging.getLogger(__name__)
 
 _LLM_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.tiktoken"]
 
@@ -155,15 +158,37 @@ def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, 
     return create_causal_mask(**kwargs)
 
 
+def merge_recipe(merge_fn, sources: list[str]) -> dict:
+    """What a streamed merge result depends on: sources, merge function and its options."""
+    fn, kw = merge_fn, {}
+    while hasattr(fn, "func"):
+        kw = {**getattr(fn, "keywords", {}), **kw}
+        fn = fn.func
+    return {"sources": list(sources), "merge": getattr(fn, "__module__", "") + "." + getattr(fn, "__name__", str(fn)), "kwargs": {k: repr(v) for k, v in sorted(kw.items())}}
+
+
 class LlamaBackbone(Backbone):
     """Adapter for decoder-only transformers LLMs (Llama, Mistral, Qwen2-style layouts).
 
     Args:
         tasks: task names, one expert per task.
         base: hub id or local folder of θ₀.
-        experts: hub ids / folders, a mapping task → source or a list aligned with tasks.
+        experts: hub ids / folders, a mapping task → source (experts are paired with
+            tasks BY NAME) or a list aligned with tasks.
         dtype: model dtype (``bfloat16`` for real LLMs; FeatCal statistics stay float32).
         attn_implementation: passed to ``from_pretrained`` (``sdpa`` or ``eager``).
+        streaming: bounded-memory mode. ``load_base``/``load_expert`` return
+            ``LazyCausalLM`` handles (safetensors folders read block by block), ``merge``
+            streams tensor by tensor into ``merge_dir`` (``featcal.merge.streaming``) and
+            returns the merged model loaded in memory; FeatCal then runs layer-streamed.
+        merge_dir: where the streamed merged model is written (a normal HF folder);
+            null: ``$FEATCAL_CACHE/merged/<hash of sources and merge>`` (or
+            ``~/.cache/featcal/merged/...``).
+        merge_device: where the streaming merge's per-tensor arithmetic runs.
+        merged_on_disk: streaming mode only: ``merge`` returns the merged model as a
+            ``LazyCausalLM`` (not loaded): evaluation loads it when it runs, FeatCal reads
+            it block by block and writes the calibrated model to disk. Host memory then
+            stays flat in model depth (``experiments/bench_llm_memory.py``).
     """
 
     key_value_patterns = ("k_proj", "v_proj")
@@ -175,24 +200,117 @@ class LlamaBackbone(Backbone):
         experts: Mapping[str, str] | list[str],
         dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
+        streaming: bool = False,
+        merge_dir: str | None = None,
+        merge_device: str = "cpu",
+        merged_on_disk: bool = False,
     ):
         super().__init__(tasks)
         self.base_source = str(base)
         if isinstance(experts, Mapping):
+            missing = [t for t in self.tasks if t not in experts]
+            if missing:
+                raise ValueError(f"no expert given for task(s) {missing} (experts: {sorted(experts)})")
             self.expert_sources = {t: str(experts[t]) for t in self.tasks}
         else:
+            if len(experts) != len(self.tasks):
+                raise ValueError(f"{len(experts)} experts for {len(self.tasks)} tasks")
             self.expert_sources = {t: str(e) for t, e in zip(self.tasks, experts)}
         self.dtype = dtype
         self.attn_implementation = attn_implementation
+        self.streaming = bool(streaming)
+        self.merge_dir = merge_dir
+        self.merge_device = merge_device
+        self.merged_on_disk = bool(merged_on_disk)
+
+    @classmethod
+    def validate_config(cls, node: dict) -> list[str]:
+        problems = []
+        tasks = list(node.get("tasks") or [])
+        experts = node.get("experts")
+        if isinstance(experts, Mapping):
+            missing = [t for t in tasks if t not in experts]
+            if missing:
+                problems.append(f"experts: no expert for task(s) {missing} (experts are paired with tasks by name)")
+        elif experts is not None and len(experts) != len(tasks):
+            problems.append(f"experts: {len(experts)} given for {len(tasks)} tasks")
+        if node.get("dtype", "float32") not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            problems.append(f"dtype={node.get('dtype')!r}: allowed: float32, bfloat16, float16")
+        if node.get("merged_on_disk") and not node.get("streaming"):
+            problems.append("merged_on_disk=true needs streaming=true")
+        return problems
 
     # ---- loading -------------------------------------------------------
+    def _lazy(self, source: str):
+        from featcal.backbone.lazy import LazyCausalLM
+
+        folder = resolve_model_dir(source, allow_patterns=_LLM_FILES)
+        try:
+            return LazyCausalLM(folder, self.dtype, self.attn_implementation, name=source)
+        except SourceUnavailable:
+            raise
+        except Exception as err:
+            raise _llm_load_error(str(source), folder, err) from err
+
     def load_base(self) -> nn.Module:
         with loading("the base model, set by backbone.adapter.base"):
+            if self.streaming:
+                return self._lazy(self.base_source)
             return load_causal_lm(self.base_source, self.dtype, self.attn_implementation)
 
     def load_expert(self, task: str) -> nn.Module:
         with loading(f"the expert of task '{task}', set by backbone.adapter.experts.{task}"):
+            if self.streaming:
+                return self._lazy(self.expert_sources[task])
             return load_causal_lm(self.expert_sources[task], self.dtype, self.attn_implementation)
+
+    def materialize(self, model) -> nn.Module:
+        """A loaded model for a lazy handle (the model itself otherwise)."""
+        from featcal.backbone.lazy import is_lazy
+
+        return model.materialize() if is_lazy(model) else model
+
+    def _merge_folder(self, merge_fn, sources: list[str]) -> "Path":
+        import hashlib
+        import json
+        import os
+        from pathlib import Path
+
+        if self.merge_dir:
+            return Path(self.merge_dir)
+        key = json.dumps(merge_recipe(merge_fn, sources), sort_keys=True, default=str)
+        root = Path(os.environ.get("FEATCAL_CACHE", Path.home() / ".cache" / "featcal"))
+        return root / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def merge(self, merge_fn, base, experts, **data) -> nn.Module:
+        """Streaming mode: tensor-by-tensor merge of the safetensors folders into a HF
+        folder, then that folder loaded as the merged model. Otherwise in memory."""
+        from featcal.backbone.lazy import is_lazy
+
+        if not (is_lazy(base) or any(is_lazy(e) for e in experts)):
+            return super().merge(merge_fn, base, experts, **data)
+        from featcal.merge.streaming import stream_merge
+
+        if data:
+            raise ValueError(f"streaming merges take no calibration data (got {sorted(data)})")
+        folder = self._merge_folder(merge_fn, [str(base.folder)] + [str(e.folder) for e in experts])
+        marker = folder / "featcal_merge.json"
+        recipe = merge_recipe(merge_fn, [str(base.folder)] + [str(e.folder) for e in experts])
+        import json
+
+        if marker.is_file() and json.loads(marker.read_text()) == recipe:
+            log.info("streamed merge: reusing %s", folder)
+        else:
+            marker.unlink(missing_ok=True)
+            stream_merge(
+                merge_fn, base.folder, [e.folder for e in experts], folder,
+                exclude=self.merge_excluded, device=self.merge_device,
+            )
+            marker.write_text(json.dumps(recipe, indent=2))
+        self.merged_folder = folder
+        if self.merged_on_disk:
+            return self._lazy(str(folder))
+        return load_causal_lm(str(folder), self.dtype, self.attn_implementation)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

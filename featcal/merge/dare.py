@@ -25,6 +25,13 @@ from featcal.merge.base import (
 )
 
 
+def dare_seed(seed: int, key: str, expert: int) -> int:
+    """The generator seed of one tensor's drop mask for one expert."""
+    import zlib
+
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode()) * 31 + expert) % (2**63 - 1)
+
+
 def dare(
     base: StateDict,
     experts: Sequence[StateDict],
@@ -36,14 +43,14 @@ def dare(
 ) -> dict[str, torch.Tensor]:
     """θ₀ + λ · Σ_t m_t ⊙ τ_t / (1 − p) with m_t ~ Bernoulli(1 − p) per entry.
 
-    The drop masks come from one seeded CPU generator (in state-dict order, expert by
-    expert), so a seed gives the same merge on every device; each mask is moved to the
-    task vector's device.
+    The drop mask of a tensor comes from a seeded CPU generator of its own, keyed by
+    (seed, key, expert index): a seed gives the same merge on every device and in any
+    tensor order (streaming merges visit tensors in shard order); each mask is moved to
+    the task vector's device.
     """
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
     check_experts(base, experts)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
     factor = 1.0 / (1.0 - drop_rate) if rescale else 1.0
     out = {}
     for key, b in base.items():
@@ -51,8 +58,9 @@ def dare(
             out[key] = b.clone()
             continue
         acc = None
-        for sd in experts:
+        for t, sd in enumerate(experts):
             tv = task_vector(sd[key], b)
+            gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, key, t))
             keep = torch.rand(tv.shape, generator=gen, device="cpu") >= drop_rate
             part = tv * keep.to(tv.device) * factor
             acc = part if acc is None else acc + part

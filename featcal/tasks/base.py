@@ -111,6 +111,11 @@ class TaskPool(abc.ABC):
         """The metric of ``task`` that the run averages and tables show."""
         return "accuracy"
 
+    def finalize(self, metrics: dict[str, Metrics]) -> dict[str, Metrics]:
+        """Metrics that need several stages at once (``{stage: {task: {metric: v}}}``,
+        e.g. merged ÷ expert), added once every stage is evaluated; default: unchanged."""
+        return metrics
+
 
 def image_embeds(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     """A CLIP vision model's projected image embedding: ``model(pixel_values=...).image_embeds``."""

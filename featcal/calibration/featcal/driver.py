@@ -28,6 +28,7 @@ from featcal.calibration.featcal.solver import (
     solve_rmsnorm,
     solve_weight_from_sums,
 )
+from featcal.utils import as_torch_dtype
 from featcal.calibration.featcal.stats import MomentAccumulator, normalise_without_affine, finish_gram
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class _NormStats:
     name: str
     weighted: bool
     rms: bool
+    offset: float = 0.0  # effective scale = weight + offset (Gemma: 1 + w); solved in that space
     e: list[torch.Tensor] = field(default_factory=list)
     m: list[torch.Tensor] = field(default_factory=list)
     gammas: list[torch.Tensor] = field(default_factory=list)
@@ -115,6 +117,14 @@ class FeatCal(Calibrator):
             the bench reports its parameter difference to full fp32. Off by default.
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
+        streaming: layer-streamed calibration (``featcal.calibration.featcal.streamed``):
+            "auto" (when the backbone hands out models on disk, e.g. LLM backbones with
+            ``streaming: true``), true or false.
+        offload: where the streamed run keeps activations: "host" (pinned on CUDA) or
+            "disk" (memory-mapped files under ``offload_dir``, a temp folder if null).
+        activation_dtype: dtype of the stored activations (null: the model's dtype).
+        output_dir: streamed runs on a merged model kept on disk write the calibrated
+            model there (null: ``<merged folder>.featcal``).
     """
 
     name = "featcal"
@@ -138,6 +148,11 @@ class FeatCal(Calibrator):
         gram_tf32: bool = False,
         inplace: bool = True,
         progress: bool = True,
+        streaming: bool | str = "auto",
+        offload: str = "host",
+        offload_dir: str | None = None,
+        activation_dtype: str | None = None,
+        output_dir: str | None = None,
     ):
         if cross_route not in ("auto", "direct", "gram"):
             raise ValueError(f"cross_route must be auto, direct or gram, got {cross_route!r}")
@@ -160,6 +175,15 @@ class FeatCal(Calibrator):
         self.gram_tf32 = bool(gram_tf32)
         self.inplace = bool(inplace)
         self.progress = bool(progress)
+        if streaming not in ("auto", True, False):
+            raise ValueError(f"streaming must be auto, true or false, got {streaming!r}")
+        if offload not in ("host", "disk"):
+            raise ValueError(f"offload must be host or disk, got {offload!r}")
+        self.streaming = streaming
+        self.offload = offload
+        self.offload_dir = offload_dir
+        self.output_dir = output_dir
+        self.activation_dtype = as_torch_dtype(activation_dtype) if activation_dtype else None
 
     @classmethod
     def validate_config(cls, node: dict) -> list[str]:
@@ -177,6 +201,9 @@ class FeatCal(Calibrator):
             "drift_examples": (opt_count, "must be an integer >= 0 or null (all)"),
             "pass_tokens": (opt_count, "must be an integer >= 0 or null (no joining)"),
             "cross_route": (lambda x: x in ("auto", "direct", "gram"), "allowed: auto, direct, gram"),
+            "streaming": (lambda x: x in ("auto", True, False), "allowed: auto, true, false"),
+            "offload": (lambda x: x in ("host", "disk"), "allowed: host (pinned RAM), disk (memory-mapped files)"),
+            "activation_dtype": (lambda x: x in (None, "float32", "bfloat16", "float16"), "allowed: null (model dtype), float32, bfloat16, float16"),
             "dtype": (lambda x: x in ("float32", "float64"), "allowed: float32, float64 (the linear solves)"),
             "block_dtype": (lambda x: x in (None, "fp32", "tf32", "bf16"), "allowed: null, fp32, tf32, bf16"),
             "gram_tf32": (lambda x: isinstance(x, bool), "must be true or false"),
@@ -225,6 +252,12 @@ class FeatCal(Calibrator):
         calibration: list[list[Inputs]],
         device: torch.device | str = "cpu",
     ) -> CalibratedModel:
+        from featcal.backbone.lazy import is_lazy
+
+        if self.streaming is True or (self.streaming == "auto" and any(is_lazy(m) for m in (merged, base, *experts))):
+            from featcal.calibration.featcal.streamed import calibrate_streamed
+
+            return calibrate_streamed(self, backbone, merged, base, experts, calibration, device)
         start = time.perf_counter()
         device = torch.device(device)
         num_tasks = self.check_inputs(experts, calibration)
@@ -416,7 +449,7 @@ class FeatCal(Calibrator):
                 g.out_dims.append(mod.out_features)
                 g.has_bias.append(mod.bias is not None)
             elif is_norm(mod) and self.calibrate_norm:
-                norms[name] = _NormStats(name, weighted, is_rms_norm(mod))
+                norms[name] = _NormStats(name, weighted, is_rms_norm(mod), float(backbone.norm_scale_offset(mod)))
         for g in groups.values():
             g.route = self._route(tokens, g.in_dim, sum(g.out_dims))
         return list(groups.values()), norms
@@ -494,7 +527,7 @@ class FeatCal(Calibrator):
             if n not in xs:
                 continue
             entry = acc[("n", n)]
-            z = normalise_without_affine(mods[n], xs[n], torch.float32)
+            z = normalise_without_affine(mods[n], xs[n], torch.float32, ns.offset)
             z = z.reshape(-1, z.shape[-1])
             w = weights(n, ns.weighted)
             zw = z if w is None else z * w[:, None]
@@ -555,7 +588,7 @@ class FeatCal(Calibrator):
             ns.e.append(e)
             # copies on the work device: ``.float()`` of a float32 parameter is the parameter
             # itself, which follows the expert block when it goes back to its home device
-            ns.gammas.append(_detached_copy(emods[n].weight, m.device))
+            ns.gammas.append(_detached_copy(emods[n].weight, m.device) + ns.offset)
             if not ns.rms:
                 ns.betas.append(_detached_copy(emods[n].bias, m.device))
 
@@ -600,10 +633,11 @@ class FeatCal(Calibrator):
                 continue
             mod, bmod = mods[n], base_mods[n]
             e, m, gam = torch.stack(ns.e), torch.stack(ns.m), torch.stack(ns.gammas)
-            a_g = anchor(mod.weight.double(), bmod.weight.to(device=device, dtype=torch.float64), rho)
+            off = ns.offset  # solve for the effective scale g = weight + offset, write g − offset
+            a_g = anchor(mod.weight.double() + off, bmod.weight.to(device=device, dtype=torch.float64) + off, rho)
             if ns.rms:
                 gamma = solve_rmsnorm(e, gam, a_g, lam)
-                out.append((mod.weight, gamma))
+                out.append((mod.weight, gamma - off))
             else:
                 a_b = anchor(mod.bias.double(), bmod.bias.to(device=device, dtype=torch.float64), rho)
                 gamma, beta = solve_layernorm(e, m, gam, torch.stack(ns.betas), a_g, a_b, lam, self.eps)

@@ -134,11 +134,14 @@ class MomentAccumulator:
         return self.raw_full() / max(self.weight_sum, 1e-30)
 
 
-def normalise_without_affine(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The norm module's output with unit scale and zero shift: z = norm(x) without affine."""
+def normalise_without_affine(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, offset: float = 0.0) -> torch.Tensor:
+    """The norm module's output with unit scale and zero shift: z = norm(x) without affine.
+
+    ``offset``: the norm scales by (weight + offset) (Gemma's RMSNorm: 1 + weight), so the
+    unit effective scale is weight = 1 − offset."""
     from torch.func import functional_call
 
-    params = {"weight": torch.ones_like(module.weight, dtype=dtype)}
+    params = {"weight": torch.full_like(module.weight, 1.0 - offset, dtype=dtype)}
     if getattr(module, "bias", None) is not None:
         params["bias"] = torch.zeros_like(module.bias, dtype=dtype)
     return functional_call(module, params, (x.to(dtype),)).to(dtype)

@@ -1,0 +1,471 @@
+"""Streaming merges: base and experts read tensor by tensor from their safetensors
+shards, the merged model written shard by shard.
+
+Host memory is about one tensor × (experts + 2) (the base tensor, each expert's
+tensor, the merged result), never a whole model: the merged shards are written in the
+safetensors format directly (header first, computed from the base's shapes and dtypes,
+then each tensor's bytes as soon as it is merged), so not even a shard is buffered.
+The output is a normal Hugging Face folder (the base's shard layout and index json,
+its config, generation config and tokenizer files) that transformers, lm-eval and vLLM
+load as is.
+
+Every method is the same arithmetic as its in-memory version in ``featcal.merge``
+(weight average, task arithmetic and DARE call it on one tensor at a time; TIES needs
+a global per-task threshold over the whole task vector, found exactly by two
+histogram passes over the float32 bit patterns of the magnitudes, then the majority
+sign by a third pass, then the merge pass). Keys for which ``exclude(key)`` holds and
+non-floating tensors keep the base value (LLMs: token embeddings and ``lm_head``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Exclude = Callable[[str], bool] | None
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# safetensors dtype names <-> torch dtypes
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+# ============================================================================ reading
+
+
+class CheckpointReader:
+    """Tensor-by-tensor access to a folder of safetensors shards, without memory maps.
+
+    ``keys()`` in file order (the index's shard order, then each file's order), ``get(key)``
+    reads one tensor with a positioned read straight into a fresh tensor, ``meta(key)``
+    its dtype and shape from the header. Nothing stays mapped or cached between calls:
+    reading through a held ``safe_open`` handle keeps every touched page of the file
+    resident in the process (its RSS grows to the whole checkpoint), which is what
+    streaming must avoid.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if not files:
+                from featcal.hub import SourceUnavailable
+
+                raise SourceUnavailable(f"no *.safetensors weights in model folder '{self.folder}' (streaming needs safetensors)")
+        self.files = files
+        self._headers: dict[str, tuple[int, dict]] = {}
+        self._meta: dict[str, dict] = {}
+        for f in files:
+            start, header, meta = _read_header(self.folder / f)
+            self._headers[f] = (start, header)
+            self._meta[f] = meta
+        self._where: dict[str, str] = {}
+        for f in files:
+            for k in self._headers[f][1]:
+                self._where[k] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def file_of(self, key: str) -> str:
+        return self._where[key]
+
+    def keys_of(self, file: str) -> list[str]:
+        return [k for k, f in self._where.items() if f == file]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self._where[key]
+        start, header = self._headers[file]
+        info = header[key]
+        dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        out = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with open(self.folder / file, "rb") as fh:
+                fh.seek(start + begin)
+                got = fh.readinto(view)
+            if got != end - begin:
+                raise OSError(f"{self.folder / file}: short read for {key} ({got} of {end - begin} bytes)")
+        return out
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        info = self._headers[self._where[key]][1][key]
+        return _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+
+    def metadata(self, file: str) -> dict:
+        """The file's ``__metadata__`` (string pairs)."""
+        return dict(self._meta.get(file, {}))
+
+    def state_dict(self, prefix: str = "", strip: bool = True) -> dict[str, torch.Tensor]:
+        """The tensors whose key starts with ``prefix`` (prefix removed if ``strip``)."""
+        out = {}
+        for k in self._where:
+            if k.startswith(prefix):
+                out[k[len(prefix):] if strip else k] = self.get(k)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _read_header(path: Path) -> tuple[int, dict, dict]:
+    """(data start offset, {key: {dtype, shape, data_offsets}}, __metadata__) of a
+    safetensors file."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    return 8 + n, header, meta
+
+
+# ============================================================================ writing
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor: the header (offsets from the
+    announced shapes/dtypes) first, then each tensor's bytes in the announced order."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        for key, dtype, shape in layout:
+            size = _numel(shape) * _itemsize(dtype)
+            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.expected = [(k, d, tuple(s)) for k, d, s in layout]
+        self.position = 0
+        self.total_bytes = offset
+        self.fh = open(self.tmp, "wb")
+        self.fh.write(struct.pack("<Q", len(raw)))
+        self.fh.write(raw)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        want_key, dtype, shape = self.expected[self.position]
+        if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"shard {self.path.name}: expected {want_key} {dtype} {shape}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self.fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.position += 1
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.position != len(self.expected):
+            raise ValueError(f"shard {self.path.name}: {self.position} of {len(self.expected)} tensors written")
+        self.tmp.replace(self.path)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+#: non-weight files copied from the source folder (config, generation config, tokenizer)
+COPY_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja")
+
+
+def copy_model_files(source: Path, dest: Path) -> list[str]:
+    """Copy config / tokenizer files (not weights, not the weight index)."""
+    copied = []
+    for pattern in COPY_PATTERNS:
+        for p in sorted(Path(source).glob(pattern)):
+            if p.name == INDEX_NAME or not p.is_file():
+                continue
+            shutil.copy2(p, dest / p.name)
+            copied.append(p.name)
+    return copied
+
+
+# ============================================================================ per-tensor kernels
+
+
+def _one(fn, key: str, base: torch.Tensor, experts: list[torch.Tensor], **kwargs) -> torch.Tensor:
+    """Run an in-memory merge function of ``featcal.merge`` on a one-tensor state dict."""
+    return fn({key: base}, [{key: e} for e in experts], **kwargs)[key]
+
+
+def _task_vector(base32: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    return expert.to(base32.device, torch.float32) - base32
+
+
+class _Method:
+    """A streaming merge method: optional global passes, then one merged tensor per key."""
+
+    passes = 0
+
+    def begin_pass(self, p: int, num_tasks: int) -> None:  # pragma: no cover - trivial
+        pass
+
+    def observe(self, p: int, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
+        pass
+
+    def end_pass(self, p: int) -> None:
+        pass
+
+    def merge(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _PerTensor(_Method):
+    """Weight average / task arithmetic / DARE: the in-memory function on one tensor."""
+
+    def __init__(self, fn, kwargs):
+        self.fn, self.kwargs = fn, kwargs
+
+    def merge(self, key, base, experts):
+        return _one(self.fn, key, base, experts, **self.kwargs)
+
+
+class GlobalTies(_Method):
+    """TIES with a global trim per task (top ``density`` of the whole flattened task
+    vector by magnitude; entries with |τ| ≥ the k-th value kept, k = N − int(N·density)
+    counted from the smallest), the sign elected per entry by summed kept mass (a zero
+    elected sign takes the majority sign: the sign of the sum of all elected signs),
+    then the disjoint ``merge_func`` (sum | mean | max) of agreeing entries, times λ.
+
+    Pass 0: per task, a histogram of the upper 16 bits of |τ|'s float32 bit pattern
+    (non-negative floats order like their bit patterns). Pass 1: inside the bin holding
+    the threshold, a histogram of the lower 16 bits: the exact k-th value. Pass 2: the
+    majority sign. Then the merge pass.
+    """
+
+    passes = 3
+
+    def __init__(self, scaling_factor: float = 0.3, density: float = 0.2, merge_func: str = "sum"):
+        if merge_func not in ("sum", "mean", "max"):
+            raise ValueError(f"merge_func must be sum, mean or max, got {merge_func!r}")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        self.lam, self.density, self.merge_func = float(scaling_factor), float(density), merge_func
+        self.thresholds: list[float] | None = None
+        self.majority = 1.0
+
+    @staticmethod
+    def _bits(tv: torch.Tensor) -> torch.Tensor:
+        return tv.abs().reshape(-1).view(torch.int32).to(torch.int64)
+
+    def begin_pass(self, p, num_tasks):
+        self.num_tasks = num_tasks
+        if p == 0:
+            self.count = 0
+            self.hist = None
+        elif p == 1:
+            self.low_hist = None
+        elif p == 2:
+            self.sign_sum = 0
+
+    def observe(self, p, key, base, experts):
+        b32 = base.to(torch.float32)
+        if p == 2:
+            self.sign_sum += int(self._elected(b32, experts)[1].sum(dtype=torch.int64))  # exact count
+            return
+        for t, e in enumerate(experts):
+            bits = self._bits(_task_vector(b32, e))
+            if p == 0:
+                if self.hist is None:
+                    self.hist = torch.zeros(self.num_tasks, 1 << 16, dtype=torch.int64, device=bits.device)
+                self.hist[t] += torch.bincount(bits >> 16, minlength=1 << 16)
+                if t == 0:
+                    self.count += bits.numel()
+            else:
+                if self.low_hist is None:
+                    self.low_hist = torch.zeros(self.num_tasks, 1 << 16, dtype=torch.int64, device=bits.device)
+                sel = bits[(bits >> 16) == self.high_bin[t]]
+                self.low_hist[t] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+
+    def end_pass(self, p):
+        n = self.count
+        k_small = n - int(n * self.density)  # 1-indexed rank (from the smallest) of the threshold
+        if p == 0:
+            self.k_small = k_small
+            if k_small <= 0:  # keep everything
+                self.high_bin = [0] * self.num_tasks
+                self.rank_in_bin = [0] * self.num_tasks
+                return
+            cum = self.hist.cumsum(1)
+            self.high_bin, self.rank_in_bin = [], []
+            for t in range(self.num_tasks):
+                hb = int(torch.searchsorted(cum[t], torch.tensor(k_small, device=cum.device)))
+                below = int(cum[t, hb - 1]) if hb > 0 else 0
+                self.high_bin.append(hb)
+                self.rank_in_bin.append(k_small - below)
+            self.hist = None
+        elif p == 1:
+            self.thresholds = []
+            for t in range(self.num_tasks):
+                if self.k_small <= 0:
+                    self.thresholds.append(0.0)
+                    continue
+                cum = self.low_hist[t].cumsum(0)
+                lb = int(torch.searchsorted(cum, torch.tensor(self.rank_in_bin[t], device=cum.device)))
+                bits = torch.tensor([(self.high_bin[t] << 16) | lb], dtype=torch.int32)
+                self.thresholds.append(float(bits.view(torch.float32)))
+            self.low_hist = None
+        elif p == 2:
+            self.majority = 1.0 if self.sign_sum >= 0 else -1.0
+            # torch.sign(0) = 0: with no elected signs at all there is nothing to resolve
+
+    def _elected(self, b32, experts):
+        tvs = torch.stack([_task_vector(b32, e) for e in experts])
+        thr = torch.tensor(self.thresholds, dtype=torch.float32, device=tvs.device).view(-1, *([1] * b32.dim()))
+        trimmed = torch.where(tvs.abs() >= thr, tvs, torch.zeros((), dtype=tvs.dtype, device=tvs.device))
+        return trimmed, torch.sign(trimmed.sum(0))
+
+    def merge(self, key, base, experts):
+        b32 = base.to(torch.float32)
+        trimmed, sign = self._elected(b32, experts)
+        sign = torch.where(sign == 0, torch.full_like(sign, self.majority), sign)
+        agree = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+        sel = trimmed * agree
+        if self.merge_func == "sum":
+            tv = sel.sum(0)
+        elif self.merge_func == "mean":
+            tv = sel.sum(0) / agree.sum(0).clamp(min=1)
+        else:
+            tv = sel.abs().max(0).values * sign
+        return (b32 + self.lam * tv).to(base.dtype)
+
+
+def streaming_method(merge_fn) -> _Method:
+    """The streaming implementation of a merge function from ``featcal.merge`` (plain or a
+    ``functools.partial`` as Hydra's ``_partial_: true`` builds it)."""
+    import featcal.merge as mem
+
+    fn, kwargs = merge_fn, {}
+    while isinstance(fn, functools.partial):
+        kwargs = {**fn.keywords, **kwargs}
+        fn = fn.func
+    kwargs.pop("exclude", None)
+    name = getattr(fn, "__name__", str(fn))
+    if name == "ties":
+        unknown = set(kwargs) - {"scaling_factor", "density", "merge_func"}
+        if unknown:
+            raise ValueError(f"streaming TIES does not know the option(s) {sorted(unknown)}")
+        return GlobalTies(**kwargs)
+    if fn in (mem.weight_average, mem.task_arithmetic, mem.dare) or name in ("weight_average", "task_arithmetic", "dare"):
+        return _PerTensor(getattr(mem, name), kwargs)
+    if getattr(fn, "needs_calibration_data", False):
+        raise ValueError(f"merge '{name}' needs calibration data and model activations: it has no streaming version")
+    raise ValueError(f"merge '{name}' has no streaming version (streaming: weight_average, task_arithmetic, ties, dare)")
+
+
+# ============================================================================ driver
+
+
+def _mergeable(key: str, dtype: torch.dtype, exclude: Exclude) -> bool:
+    return dtype.is_floating_point and not (exclude is not None and exclude(key))
+
+
+def stream_merge(
+    merge_fn,
+    base: str | os.PathLike,
+    experts: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    exclude: Exclude = None,
+    device: torch.device | str = "cpu",
+    files_from: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Merge safetensors checkpoints tensor by tensor into ``out`` (a HF model folder).
+
+    ``merge_fn``: a merge function of ``featcal.merge`` (or its partial), see
+    ``streaming_method``. ``device``: where the per-tensor arithmetic runs. ``files_from``:
+    the folder whose config/tokenizer files are copied (default: the base's).
+    Returns ``out``. Written atomically per file; the index last.
+    """
+    from tqdm.auto import tqdm
+
+    method = streaming_method(merge_fn)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    rb = CheckpointReader(base)
+    res = [CheckpointReader(e) for e in experts]
+    if not res:
+        raise ValueError("merging needs at least one expert")
+    keys = rb.keys()
+    for i, r in enumerate(res):
+        if set(r.keys()) != set(keys):
+            missing = sorted(set(keys) - set(r.keys()))[:5]
+            extra = sorted(set(r.keys()) - set(keys))[:5]
+            raise ValueError(f"expert {i} ({experts[i]}) does not match the base: missing {missing}, unexpected {extra}")
+        for k in keys:
+            if r.meta(k)[1] != rb.meta(k)[1]:
+                raise ValueError(f"expert {i} ({experts[i]}): {k} has shape {r.meta(k)[1]}, base {rb.meta(k)[1]}")
+    merge_keys = [k for k in keys if _mergeable(k, rb.meta(k)[0], exclude)]
+
+    def load(k):
+        return rb.get(k).to(device), [r.get(k).to(device) for r in res]
+
+    for p in range(method.passes):
+        method.begin_pass(p, len(res))
+        for k in tqdm(merge_keys, desc=f"merge pass {p + 1}/{method.passes + 1}", disable=not progress, leave=False):
+            b, es = load(k)
+            method.observe(p, k, b, es)
+            del b, es
+        method.end_pass(p)
+
+    total = 0
+    weight_map = {}
+    for file in tqdm(rb.files, desc=f"merge -> {out.name}", disable=not progress):
+        file_keys = rb.keys_of(file)
+        layout = [(k, *rb.meta(k)) for k in file_keys]
+        writer = ShardWriter(out / file, layout, {k: v for k, v in rb.metadata(file).items() if k != "format"})
+        for k in file_keys:
+            if k in merge_keys:
+                b, es = load(k)
+                t = method.merge(k, b, es)
+                del b, es
+            else:
+                t = rb.get(k)
+            writer.write(k, t)
+            weight_map[k] = file
+            del t
+        writer.close()
+        total += writer.total_bytes
+    copy_model_files(Path(files_from) if files_from else Path(base), out)
+    if len(rb.files) > 1 or (Path(base) / INDEX_NAME).is_file():
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        tmp = out / (INDEX_NAME + ".tmp")
+        tmp.write_text(json.dumps(index, indent=2))
+        tmp.replace(out / INDEX_NAME)
+    return out
+
+
+def iter_block_keys(keys: Iterable[str], prefix: str) -> list[str]:
+    return [k for k in keys if k.startswith(prefix)]

@@ -1,0 +1,168 @@
+"""MergeBench task pool: calibration data formatted like the experts' training data and
+paired by task name; lm-eval through HFLM on an in-memory calibrated tiny model with local
+YAML tasks over local JSON data (offline)."""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from featcal.backbone.llama import LlamaBackbone
+from featcal.calibration.featcal import FeatCal
+from featcal.merge import task_arithmetic
+from featcal.tasks.mergebench import MergeBenchTaskPool, alpaca_text
+from tests.llm_fixtures import TASKS, build_world, task_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_alpaca_text_layout():
+    text = alpaca_text("Add 2 and 3.", "5")
+    lines = text.split("\n")
+    assert lines[0].startswith("Below is an instruction that describes a task")
+    assert lines[2] == " " * 8 + "### Instruction:" and lines[3] == " " * 8 + "Add 2 and 3."
+    assert lines[5] == " " * 8 + "### Response:" and lines[6] == " " * 8 + "5"
+    assert "### Input:" not in text and text.endswith("\n" + " " * 8)
+    assert "### Input:\n        ctx\n" in alpaca_text("q", "a", "ctx")
+
+
+def write_task_data(root, tasks=TASKS, n=12):
+    """Per task a json file whose rows use that task's MergeBench columns; the words
+    (w<16·t + i>) tell the tasks apart."""
+    from featcal.tasks.mergebench import DEFAULT_COLUMNS
+
+    out = {}
+    for t, task in enumerate(tasks):
+        cols = DEFAULT_COLUMNS[task]
+        rows = [
+            {cols["instruction"]: f"w{16 * t + i % 8} w{16 * t + 1}", cols["response"]: " ".join(f"w{16 * t + j}" for j in range(i % 5 + 1))}
+            for i in range(n)
+        ]
+        path = root / f"{task}_val.json"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        out[task] = str(path)
+    return out
+
+
+def test_calibration_data_is_paired_by_task_name_and_truncated(tmp_path):
+    from tests.llm_fixtures import word_tokenizer
+
+    word_tokenizer(tmp_path / "tok")
+    data = write_task_data(tmp_path)
+    # the mapping's order differs from the task order: pairing is by name
+    shuffled = {t: data[t] for t in reversed(TASKS)}
+    pool = MergeBenchTaskPool(TASKS, str(tmp_path / "tok"), shuffled, {t: [] for t in TASKS}, max_length=7)
+    texts = {t: pool.calibration_texts(t, 5, seed=0) for t in TASKS}
+    for t, task in enumerate(TASKS):
+        for text in texts[task]:
+            assert f"w{16 * t + 1}" in text and "### Response:" in text
+            assert not any(f"w{16 * u + 1} " in text for u in range(len(TASKS)) if u != t)
+    assert pool.calibration_texts("math", 5, seed=0) == texts["math"]
+    assert pool.calibration_texts("math", 5, seed=1) != texts["math"]
+    calib = pool.calibration_set(5, seed=0, batch_size=2)
+    assert [len(c) for c in calib] == [3, 3, 3]
+    assert all(b["input_ids"].shape[1] <= 7 and b["input_ids"].shape == b["attention_mask"].shape for c in calib for b in c)
+    with pytest.raises(ValueError, match="asked"):
+        pool.calibration_texts("math", 999, seed=0)
+    problems = MergeBenchTaskPool.validate_config({"tasks": TASKS, "datasets": {"math": "x"}, "lm_eval_tasks": {}, "max_length": 0})
+    assert any("max_length" in p for p in problems) and any("datasets" in p for p in problems)
+
+
+def write_lm_eval_tasks(root):
+    """A multiple-choice and a generation task over local JSON data."""
+    docs = [{"context": f"w{i} w{i + 1} w{i + 2}", "choices": [f"w{i + 3}", f"w{i + 9}", f"w{i + 20}"], "label": i % 3} for i in range(6)]
+    (root / "mc.json").write_text("\n".join(json.dumps(d) for d in docs))
+    gen = [{"context": f"w{i} w{i + 1}", "answer": f"w{i + 2}"} for i in range(3)]
+    (root / "gen.json").write_text("\n".join(json.dumps(d) for d in gen))
+    (root / "tiny_mc.yaml").write_text(
+        f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root / 'mc.json'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
+    (root / "tiny_gen.yaml").write_text(
+        f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root / 'gen.json'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["</s>"]
+  max_gen_toks: 2
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
+    return docs
+
+
+@torch.no_grad()
+def _manual_mc_accuracy(model, tok, docs):
+    correct = 0
+    for d in docs:
+        ctx = tok(d["context"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in d["choices"]:
+            cont = tok(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ctx + cont])
+            logp = model(ids).logits.float().log_softmax(-1)[0]
+            scores.append(sum(float(logp[len(ctx) - 1 + j, c]) for j, c in enumerate(cont)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == d["label"])
+    return 100.0 * correct / len(docs)
+
+
+def test_lm_eval_through_hflm_on_a_calibrated_model(tmp_path):
+    base_dir, experts = build_world(tmp_path / "world", "llama", layers=2, steps=3)
+    backbone = LlamaBackbone(TASKS, base=base_dir, experts=experts)
+    base = backbone.load_base()
+    ex = backbone.load_experts()
+    merged = backbone.merge(lambda b, e, exclude=None: task_arithmetic(b, e, 0.3, exclude=exclude), base, ex)
+    calib = [[task_batch(t, 8, t)] for t in range(len(TASKS))]
+    calibrated = FeatCal(progress=False).calibrate(backbone, merged, base, ex, calib)
+    docs = write_lm_eval_tasks(tmp_path)
+    data = write_task_data(tmp_path)
+    pool = MergeBenchTaskPool(
+        TASKS, base_dir, data,
+        lm_eval_tasks={"instruction": ["tiny_gen"], "math": ["tiny_mc"], "coding": ["tiny_mc", "tiny_gen"]},
+        lm_eval_include=[str(tmp_path)], lm_eval_defaults=False, limit=5,
+    )
+    model = calibrated.model_for_task(1)
+    metrics = pool.evaluate(calibrated.model_for_task, "cpu", batch_size=4)
+    assert set(metrics) == set(TASKS)
+    assert set(metrics["coding"]) == {"tiny_mc/acc", "tiny_gen/exact_match", "score"}
+    # lm-eval's accuracy is the model's own choice ranking on the first `limit` docs
+    want = _manual_mc_accuracy(model, pool.tokenizer(), docs[:5])
+    assert metrics["math"]["tiny_mc/acc"] == pytest.approx(want)
+    assert metrics["coding"]["score"] == pytest.approx((metrics["coding"]["tiny_mc/acc"] + metrics["coding"]["tiny_gen/exact_match"]) / 2)
+    assert 0.0 <= metrics["instruction"]["tiny_gen/exact_match"] <= 100.0
+    # normalised score against the experts' scores
+    expert_metrics = {}
+    for i, e in enumerate(ex):
+        expert_metrics.update(pool.evaluate(lambda _i, e=e: e, "cpu", batch_size=4, only=[i]))
+    final = pool.finalize({"experts": expert_metrics, "calibrated": metrics})
+    for task in TASKS:
+        if final["experts"][task]["score"]:
+            assert final["calibrated"][task]["normalized"] == pytest.approx(metrics[task]["score"] / expert_metrics[task]["score"])
