@@ -101,7 +101,7 @@ def test_surgery_creates_tensors_on_the_device_or_from_cpu_generators():
         assert "torch.randperm without device=" in kinds
         assert ("torch.randn without device=" in kinds) == (cls is ProbSurgery)
         assert kinds <= {"torch.randperm without device=", "torch.randn without device="}, kinds
-        assert cal.report["steps"] == 3 * 2
+        assert cal.report.extra["steps"] == 3 * 2
 
 
 def test_block_dtype_bf16_runs_the_passes_in_bf16_and_keeps_fp32_statistics(clip_world):

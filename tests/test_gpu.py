@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from featcal.calibration.featcal import FeatCal
-from featcal.calibration.surgery import ProbSurgery, Surgery, SurgeryCalibratedModel
+from featcal.calibration.surgery import ProbSurgery, Surgery, load_surgery
 from featcal.merge import dare, task_arithmetic, ties, weight_average
 from test_featcal_driver import _final_drift, clip_world, llama_world  # noqa: F401  (module fixtures)
 
@@ -80,8 +80,10 @@ def test_featcal_on_cuda_gives_the_cpu_parameters(name, route, request):
         worst = max(diffs, key=diffs.get)
         print(f"{name}/{route}/models on {home}: worst {worst} {diffs[worst]:.2e}")
         assert diffs[worst] < 5e-4, (worst, diffs[worst])
-        for t in cpu.report["drift"]["after"]:
-            assert gpu.report["drift"]["after"][t] == pytest.approx(cpu.report["drift"]["after"][t], rel=1e-3, abs=1e-5)
+        after = lambda r: {(d["task"], d["block"]): d["drift"] for d in r.report.drift if d["when"] == "after"}  # noqa: E731
+        assert after(cpu) and set(after(gpu)) == set(after(cpu))
+        for k, v in after(cpu).items():
+            assert after(gpu)[k] == pytest.approx(v, rel=1e-3, abs=1e-5)
 
 
 @pytest.mark.parametrize("name", ["clip", "llama"])
@@ -124,25 +126,28 @@ def test_surgery_trains_on_cuda_like_on_cpu(cls, clip_world, tmp_path):
         merged = backbone.with_state_dict(base, merged_sd)
         runs[device] = cls(**opts).calibrate(backbone, merged, base, experts, calib, device)
     gpu, cpu = runs[DEV], runs["cpu"]
-    assert gpu.report["device"].startswith(DEV)
+    assert gpu.report.extra["device"].startswith(DEV)
     assert next(gpu.surgery.parameters()).device.type == DEV
-    for task, value in gpu.report["l1_after"].items():
-        assert value < gpu.report["l1_before"][task]
+    for task, value in gpu.report.extra["l1_after"].items():
+        assert value < gpu.report.extra["l1_before"][task]
         # same seeds, same CPU-drawn indices and noise: the same training up to float rounding
-        assert value == pytest.approx(cpu.report["l1_after"][task], rel=1e-2)
+        assert value == pytest.approx(cpu.report.extra["l1_after"][task], rel=1e-2)
     # bf16 autocast on the GPU
     merged = backbone.with_state_dict(base, merged_sd)
     mixed = cls(**opts, precision="bf16-mixed").calibrate(backbone, merged, base, experts, calib, DEV)
-    assert all(mixed.report["l1_after"][t] < mixed.report["l1_before"][t] for t in mixed.report["l1_after"])
+    assert all(mixed.report.extra["l1_after"][t] < mixed.report.extra["l1_before"][t] for t in mixed.report.extra["l1_after"])
     # represent on the GPU, save, load back and represent again
     x = calib[0][0].to(CUDA)
     gpu.model.to(CUDA)
-    z = gpu.represent(x, 0)
+    with torch.no_grad():
+        z = backbone.represent(gpu.model_for_task(0), x)
     assert z.device.type == DEV
-    gpu.save(tmp_path / "s.pt")
-    back = SurgeryCalibratedModel.load(tmp_path / "s.pt", backbone, gpu.model)
-    assert next(back.surgery.parameters()).device.type == DEV
-    torch.testing.assert_close(back.represent(x, 0), z)
+    gpu.save(tmp_path / "surgery")
+    gpu.remove_hooks()
+    back = load_surgery(tmp_path / "surgery", backbone, gpu.model)
+    back.surgery.to(CUDA)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.represent(back.model_for_task(0), x), z)
 
 
 # ----------------------------------------------------------------------------- merges
@@ -187,7 +192,7 @@ def e2e_tmp(tmp_path_factory):
 
 def test_featcal_run_bf16_on_cuda_end_to_end(e2e_tmp):
     """`featcal-run device=cuda precision=bf16` completes, saves, and scores like fp32."""
-    common = ["calibration=featcal", "budget=32", "evaluate_experts=false", "evaluate_base=false"]
+    common = ["calibration=featcal", "budget.per_task=32", "evaluate_experts=false", "evaluate_base=false"]
     fp32, _ = _run([f"device={DEV}", "precision=fp32", *common], e2e_tmp, "fp32_featcal")
     res, out = _run([f"device={DEV}", "precision=bf16", "merge=ties", "save_calibrated=true", *common],
                     e2e_tmp, "bf16_featcal_ties")
@@ -196,19 +201,19 @@ def test_featcal_run_bf16_on_cuda_end_to_end(e2e_tmp):
         assert r["device"].startswith(DEV)
         if DEV == "cuda":
             assert r["memory"]["cuda_peak_mib"] > 0
-        assert 0 <= r["accuracy"]["calibrated"]["average"] <= 100
-    assert (out / "calibrated_model.safetensors").exists()
+        assert 0 <= r["score"]["calibrated"]["average"] <= 100
+    assert (out / "calibrated_model" / "config.json").exists()
     # bf16 weights change the accuracies by rounding only
     for stage in ("merged", "calibrated"):
-        a, b = fp32["accuracy"][stage]["average"], bf16["accuracy"][stage]["average"]
+        a, b = fp32["score"][stage]["average"], bf16["score"][stage]["average"]
         assert abs(a - b) < 3.0, (stage, a, b)
 
 
 @pytest.mark.parametrize("calibration", ["surgery", "probsurgery"])
 def test_surgery_run_on_cuda_end_to_end(calibration, e2e_tmp):
-    res, _ = _run([f"device={DEV}", f"calibration={calibration}", "budget=32", "calibration.iterations=50",
+    res, _ = _run([f"device={DEV}", f"calibration={calibration}", "budget.per_task=32", "calibration.iterations=50",
                    "evaluate_experts=false", "evaluate_base=false"], e2e_tmp, calibration)
     assert res["device"].startswith(DEV)
-    assert res["calibration_report"]["device"].startswith(DEV)
-    assert res["calibration_report"]["steps"] == 50 * 2 * len(res["tasks"])
-    assert 0 <= res["accuracy"]["calibrated"]["average"] <= 100
+    assert res["calibration_report"]["extra"]["device"].startswith(DEV)
+    assert res["calibration_report"]["extra"]["steps"] == 50 * 2 * len(res["tasks"])
+    assert 0 <= res["score"]["calibrated"]["average"] <= 100

@@ -288,11 +288,11 @@ def test_hydra_configs_instantiate_with_defaults():
     from hydra.utils import instantiate
 
     conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf / "calibration"), version_base="1.3"):
-        s = instantiate(compose(config_name="surgery"))
-        p = instantiate(compose(config_name="probsurgery"))
-        ps = instantiate(compose(config_name="probsurgery_shared"))
-        po = instantiate(compose(config_name="probsurgery_original"))
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        s, p, ps, po = (
+            instantiate(compose(config_name="config", overrides=[f"calibration={name}"]).calibration)
+            for name in ("surgery", "probsurgery", "probsurgery_shared", "probsurgery_original")
+        )
     assert isinstance(s, Surgery) and s.hidden == 16 and not s.shared
     assert (s.iterations, s.batches_per_iteration, s.batch_size, s.lr) == (500, 2, 16, 1e-3)
     assert s.betas == (0.9, 0.999) and s.weight_decay == 0.0 and s.precision == "32-true"

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcal.tasks.embedded import _file_lock, _sha256, default_cache_root
+from featcal.tasks.embedded_build import _file_lock, _sha256, default_cache_root
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
 from featcal.utils import torch_threads
 
