@@ -226,8 +226,9 @@ def calibrate_streamed(
             for b in range(len(slots[t])):
                 s_state = state("s", t, b)
                 e_state = state("e", t, b)
-                xs, order, _ = capture_inputs(backbone, blk, mods, s_state, stop_after=stop_after)
-                xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
+                with fc._pass_context(device):
+                    xs, order, _ = capture_inputs(backbone, blk, mods, s_state, stop_after=stop_after)
+                    xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
                 store.put(("e", t, b), e_out.hidden)
                 if groups is None:
                     groups, norms = fc._plan(backbone, mods, xs, order, last, tokens)
@@ -237,7 +238,8 @@ def calibrate_streamed(
                     stop_after = order[-1]
                 if block_acc is None:
                     block_acc = fc._new_block_acc(groups, norms, device)
-                fc._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state)
+                with fc._gram_context(device):
+                    fc._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state, backbone)
                 del xs, xe, e_out, s_state, e_state
                 inner.update(1)
             fc._finish_task(block_acc, groups, norms, mods, emods, qual)
@@ -248,7 +250,8 @@ def calibrate_streamed(
         if track:  # the uncalibrated chain, through the block before it is solved
             for t in range(num_tasks):
                 for b, c in enumerate(plan[t]):
-                    store.put(("u", t, b), backbone.run_block(blk, state("u", t, b, c)).hidden)
+                    with fc._pass_context(device):
+                        store.put(("u", t, b), backbone.run_block(blk, state("u", t, b, c)).hidden)
 
         new_params = fc._solve_block(groups or [], norms, mods, backbone.calibratable_modules(base_blk), qual, device, fallbacks)
         for param, value in new_params:
@@ -262,7 +265,8 @@ def calibrate_streamed(
                 if last and (not track or b >= len(plan[t])):
                     continue
                 cut = plan[t][b] if last else None
-                out = backbone.run_block(blk, state("s", t, b, cut)).hidden
+                with fc._pass_context(device):
+                    out = backbone.run_block(blk, state("s", t, b, cut)).hidden
                 if cut is not None:
                     store.slots[("s", t, b)][:cut].copy_(out)
                 else:
