@@ -38,10 +38,7 @@ import json
 import math
 import os
 import random
-import shutil
 import time
-import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -50,13 +47,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcal.tasks.embedded_build import _file_lock, _sha256, default_cache_root
+from featcal.cache import ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
+from featcal.utils import cache_root
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
 from featcal.utils import torch_threads
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 1
-MANIFEST = "manifest.json"
 #: CPU threads used while building
 BUILD_THREADS = 1
 IGNORE = -100
@@ -139,7 +136,7 @@ def expected_split_sizes(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None)
 # cache: location, manifest, validation
 # --------------------------------------------------------------------------------------
 def cache_path(spec: EmbeddedT5Spec, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     return root / "embedded_t5" / spec.spec_hash()
 
 
@@ -155,40 +152,7 @@ def _required_files(spec: EmbeddedT5Spec) -> list[str]:
 
 def validate_cache(folder: Path, spec: EmbeddedT5Spec) -> str | None:
     """``None`` if ``folder`` holds a complete build of ``spec``, else the reason it does not."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "missing"
-    mpath = folder / MANIFEST
-    if not mpath.is_file():
-        return "no manifest"
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        if manifest.get("spec_hash") != spec.spec_hash() or manifest.get("build_version") != BUILD_VERSION:
-            return "manifest belongs to another spec"
-    except (ValueError, KeyError, TypeError) as err:
-        return f"unreadable manifest ({type(err).__name__})"
-    if not isinstance(files, dict):
-        return "unreadable manifest (files)"
-    missing = [f for f in _required_files(spec) if f not in files]
-    if missing:
-        return f"manifest does not list {missing[:3]}"
-    for rel, meta in files.items():
-        p = folder / rel
-        if not p.is_file():
-            return f"missing file {rel}"
-        try:
-            if p.stat().st_size != int(meta["size"]):
-                return f"size mismatch for {rel}"
-            if _sha256(p) != meta["sha256"]:
-                return f"checksum mismatch for {rel}"
-        except (KeyError, TypeError, ValueError):
-            return f"unreadable manifest entry for {rel}"
-    return None
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    return manifest_problem(folder, spec.spec_hash(), BUILD_VERSION, _required_files(spec))
 
 
 def ensure_built(
@@ -203,30 +167,12 @@ def ensure_built(
     a warning. Builders are serialised with a lock file next to the folder.
     """
     spec = EmbeddedT5Spec.from_config(spec)
-    folder = cache_path(spec, cache_dir)
-    if validate_cache(folder, spec) is None:
-        return folder
-    with _file_lock(folder.parent / f".{folder.name}.lock"):
-        reason = validate_cache(folder, spec)  # another process may have built it meanwhile
-        if reason is None:
-            return folder
-        if reason != "missing":
-            warnings.warn(f"embedded_t5 cache {folder} is invalid ({reason}); rebuilding it", RuntimeWarning, stacklevel=2)
-        tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            build(spec, tmp, device=device, progress=progress)
-            if folder.exists():
-                trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
-                os.replace(folder, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    reason = validate_cache(folder, spec)
-    if reason is not None:  # pragma: no cover - would be a bug in build()
-        raise RuntimeError(f"embedded_t5 build at {folder} failed validation: {reason}")
-    return folder
+    return ensure_folder(
+        cache_path(spec, cache_dir),
+        lambda folder: validate_cache(folder, spec),
+        lambda tmp: build(spec, tmp, device=device, progress=progress),
+        "embedded_t5 suite",
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -455,11 +401,7 @@ def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, p
     timings["cpu_total"] = time.process_time() - cpu_started
 
     # ---- manifest, last -------------------------------------------------------------
-    files = {}
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            files[p.relative_to(out).as_posix()] = {"sha256": _sha256(p), "size": p.stat().st_size}
-    manifest = {
+    return write_manifest(out, {
         "build_version": BUILD_VERSION,
         "spec_hash": spec.spec_hash(),
         "spec": spec.to_dict(),
@@ -472,9 +414,4 @@ def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, p
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "files": files,
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
-    return manifest
+    })

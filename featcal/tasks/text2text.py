@@ -124,8 +124,9 @@ def pad_labels(rows: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def default_cache_root() -> Path:
-    root = os.environ.get("FEATCAL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "featcal")
-    return Path(os.path.expanduser(root)) / "text2text"
+    from featcal.utils import cache_root
+
+    return cache_root() / "text2text"
 
 
 def _hash(data: Any) -> str:

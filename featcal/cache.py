@@ -1,0 +1,132 @@
+"""Built-once, verified caches (the embedded suites): one folder per spec hash, a
+checksum manifest written last, builds into a temporary folder renamed into place,
+builders serialised by a lock file, a corrupt or partial folder rebuilt with a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from featcal.utils import cache_root
+
+MANIFEST = "manifest.json"
+
+__all__ = ["MANIFEST", "cache_root", "ensure_folder", "file_lock", "manifest_problem", "read_manifest", "sha256_of", "write_manifest"]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive inter-process (and inter-thread) lock held while the block runs."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # thread_local=False: the lock object is per call, so threads of one process
+    # exclude each other through the OS lock like separate processes do
+    with FileLock(str(path), thread_local=False):
+        yield
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(out: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Checksum every file under ``out`` and write ``fields`` + ``files`` as the manifest
+    (atomically, last: a folder without a manifest is an unfinished build)."""
+    out = Path(out)
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(out).as_posix()] = {"sha256": sha256_of(p), "size": p.stat().st_size}
+    manifest = {**fields, "files": files}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def manifest_problem(folder: Path, spec_hash: str, build_version: int, required: Iterable[str]) -> str | None:
+    """``None`` if ``folder`` holds a complete build (manifest of this spec hash and build
+    version, every required file listed, every listed file present with its size and
+    checksum), else the reason it does not."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        return "no manifest"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if manifest.get("spec_hash") != spec_hash or manifest.get("build_version") != build_version:
+            return "manifest belongs to another spec"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({type(err).__name__})"
+    if not isinstance(files, dict):
+        return "unreadable manifest (files)"
+    missing = [f for f in required if f not in files]
+    if missing:
+        return f"manifest does not list {missing[:3]}"
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        try:
+            if p.stat().st_size != int(meta["size"]):
+                return f"size mismatch for {rel}"
+            if sha256_of(p) != meta["sha256"]:
+                return f"checksum mismatch for {rel}"
+        except (KeyError, TypeError, ValueError):
+            return f"unreadable manifest entry for {rel}"
+    return None
+
+
+def ensure_folder(folder: Path, problem: Callable[[Path], str | None], build: Callable[[Path], Any], label: str) -> Path:
+    """``folder`` once ``problem(folder)`` is None, building it with ``build(tmp)`` into a
+    temporary sibling renamed into place if needed (under a lock file; a corrupt or partial
+    folder is rebuilt with a warning). Idempotent and safe for concurrent callers."""
+    from featcal.errors import CorruptCache
+
+    folder = Path(folder)
+    if problem(folder) is None:
+        return folder
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        reason = problem(folder)  # another process may have built it meanwhile
+        if reason is None:
+            return folder
+        if reason != "missing":
+            warnings.warn(f"{label} cache {folder} is invalid ({reason}); rebuilding it", RuntimeWarning, stacklevel=3)
+        tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            build(tmp)
+            if folder.exists():
+                trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+                os.replace(folder, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    reason = problem(folder)
+    if reason is not None:
+        raise CorruptCache(
+            f"the {label} built at {folder} failed validation ({reason})",
+            f"Delete {folder} and run again; set FEATCAL_CACHE to a folder on a healthy disk if it persists.",
+        )
+    return folder
