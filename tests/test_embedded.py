@@ -39,6 +39,9 @@ TINY = dict(
     pretrain_batch=32,
     finetune_steps=4,
     finetune_batch=16,
+    # heads on each task's own split (test_split_sizes_and_heads checks them); the
+    # default canonical heads are checked by test_canonical_heads_are_upright_digit_prototypes
+    head_source="task",
 )
 
 
