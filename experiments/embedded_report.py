@@ -163,3 +163,56 @@ NOTES = """## Notes
   cores (two threads ran 4-10x slower than one on this busy machine). Build times above were
   measured while another job was using the CPU.
 """
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", default=None, help="cache root (default: $FEATCAL_CACHE or the user cache dir)")
+    ap.add_argument("--cold", action="store_true", help="build into a fresh temporary cache and time it")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", nargs="*", default=[], help="spec overrides key=value")
+    ap.add_argument("--featcal", nargs="*", type=int, default=[], help="FeatCal budgets to try (needs featcal.calibration.featcal)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "embedded_benchmark.md"))
+    ap.add_argument("--json", default=None, help="also dump the raw figures here")
+    ap.add_argument("--from-json", default=None, help="only re-render the Markdown from a --json dump")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        Path(args.out).write_text(markdown(res, res.get("cold_build_seconds")))
+        print(Path(args.out).read_text())
+        return 0
+
+    overrides = {}
+    for item in args.set:
+        k, v = item.split("=", 1)
+        try:
+            overrides[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            overrides[k] = v
+    spec = EmbeddedSpec.from_config(None, **overrides)
+    cache_dir = args.cache_dir
+    cold = None
+    tmp = None
+    if args.cold:
+        tmp = tempfile.TemporaryDirectory(prefix="featcal-embedded-")
+        cache_dir = tmp.name
+        t0 = time.time()
+        ensure_built(spec, cache_dir, device=args.device)
+        cold = time.time() - t0
+        print(f"cold build: {cold:.1f} s at {cache_path(spec, cache_dir)}", file=sys.stderr)
+    res = measure(spec, cache_dir, args.device, args.featcal)
+    res["cold_build_seconds"] = cold
+    text = markdown(res, cold)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    print(text)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
