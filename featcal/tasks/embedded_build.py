@@ -10,15 +10,16 @@ the package; nothing is downloaded):
 3. A small ``CLIPVisionModelWithProjection`` (same module types as ViT-B/32, reduced
    size) is pre-trained as the shared **base**: digit identity with a throwaway cosine
    classifier, under mild random augmentations. With ``pretrain_data="upright"`` (the
-   default, the v1 recipe) it sees upright digits only under generic augmentations
-   (none of the tasks' transforms); with ``"union"`` it sees every task's input
-   distribution (the train pool upright and once through each task's transform: the
-   transforms act as augmentations), as CLIP's pre-training covers the domains of its
-   downstream tasks.
+   pre-v3 recipe, kept in ``INTERFERENCE_SPEC``) it sees upright digits only under
+   generic augmentations (none of the tasks' transforms); with ``"union"`` (the default
+   since v3) it sees every task's input distribution (the train pool upright plus a
+   ``pretrain_transformed`` share of it through each task's transform: the transforms
+   act as augmentations), as CLIP's pre-training covers the domains of its downstream
+   tasks.
 4. Each task's frozen head is a ``ClassEmbeddingHead`` of "zero-shot" class embeddings
    from the base: the normalised mean base embedding of each class, centred over
    classes (the role CLIP's text embeddings play), on the task's own train split with
-   ``head_source="task"`` (the default, v1), or with ``"canonical"`` on *upright,
+   ``head_source="task"`` (pre-v3), or with ``"canonical"`` (the default) on *upright,
    untransformed* train-pool digits under the task's label map: the class described
    once, independently of the task's input distribution, as CLIP's text prompts do.
 5. One **expert** per task fine-tunes the whole tower (not the head) from the base.
