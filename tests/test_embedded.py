@@ -39,6 +39,9 @@ TINY = dict(
     pretrain_batch=32,
     finetune_steps=4,
     finetune_batch=16,
+    # heads on each task's own split (test_split_sizes_and_heads checks them); the
+    # default canonical heads are checked by test_canonical_heads_are_upright_digit_prototypes
+    head_source="task",
 )
 
 
@@ -315,7 +318,7 @@ def test_evaluate_reproduces_the_build_accuracy_and_test_batches(built):
 
 # ---- the union pre-training and canonical heads -------------------------------------------
 def test_union_pretraining_data_covers_every_task_distribution():
-    spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "union"})
+    spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 1.0})
     images8, digits = emb._load_digits()
     x, y, augment = emb.pretraining_data(spec, images8, digits)
     pool = emb._pools(spec)["train"]
@@ -334,9 +337,29 @@ def test_union_pretraining_data_covers_every_task_distribution():
     # the per-batch jitter keeps shapes and is seeded
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     assert torch.equal(augment(x[:4], g1), augment(x[:4], g2))
-    upright_spec = EmbeddedSpec.from_config(TINY)
+    upright_spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "upright"})
     xu, yu, _ = emb.pretraining_data(upright_spec, images8, digits)
     assert xu.shape[0] == n and torch.equal(yu, digits[pool])
+
+
+def test_union_pretraining_with_a_share_of_transformed_inputs():
+    spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 0.15})
+    images8, digits = emb._load_digits()
+    x, y, _ = emb.pretraining_data(spec, images8, digits)
+    pool = emb._pools(spec)["train"]
+    n, m = len(pool), round(0.15 * len(pool))
+    assert x.shape[0] == n + len(spec.tasks) * m and y.shape[0] == x.shape[0]
+    full, _, _ = emb.pretraining_data(EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 1.0}), images8, digits)
+    assert torch.equal(x[:n], full[:n])  # every upright digit
+    # each task's share: distinct digits of the pool through that task's transform
+    for k in range(len(spec.tasks)):
+        block = x[n + k * m: n + (k + 1) * m]
+        ref = full[(1 + k) * n: (2 + k) * n]
+        hits = [int(((ref - row).abs().amax(dim=(1, 2, 3)) == 0).nonzero()[0]) for row in block[:20]]
+        assert len(set(hits)) == len(hits)
+        assert torch.equal(y[n + k * m: n + k * m + 20], digits[pool][hits])
+    with pytest.raises(ValueError, match="pretrain_transformed"):
+        EmbeddedSpec.from_config({**TINY, "pretrain_transformed": 1.5})
 
 
 def test_canonical_heads_are_upright_digit_prototypes(tmp_path):
@@ -365,3 +388,42 @@ def test_canonical_heads_are_upright_digit_prototypes(tmp_path):
     with torch.no_grad():
         own = emb.prototypes(adapter.represent(base, xr), yr, 10)
     assert not torch.allclose(pool.tasks[0].head.class_embeddings, own, atol=1e-3)
+
+
+# ---- the regime (issue 11): base < Task Arithmetic < experts, on the small build ---------
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("small-cache")
+    spec = EmbeddedSpec.from_config(OmegaConf.to_container(_yaml("embedded_small").backbone.spec, resolve=True))
+    ensure_built(spec, cache, device="cpu", progress=False)
+    return spec, cache
+
+
+def test_small_build_is_in_the_merging_regime(small_build):
+    """Through the run's own code (adapter, merge functions, task pool): the base is
+    weak-but-useful, Task Arithmetic (λ = 0.3) is well above it and well below the
+    experts, and weight averaging lies between base and experts."""
+    from featcal.merge import task_arithmetic, weight_average
+
+    spec, cache = small_build
+    assert spec.pretrain_data == "union" and spec.head_source == "canonical"
+    adapter = EmbeddedBackbone(spec=spec, cache_dir=cache)
+    pool = EmbeddedTaskPool(spec=spec, cache_dir=cache)
+    base = adapter.load_base()
+    experts = [adapter.load_expert(t) for t in pool.names]
+
+    def avg(model_for_task):
+        res = pool.evaluate(model_for_task, "cpu")
+        return sum(r["accuracy"] for r in res.values()) / len(res)
+
+    acc_base = avg(lambda i: base)
+    acc_experts = avg(lambda i: experts[i])
+    ta = adapter.merge(lambda b, e, exclude=None: task_arithmetic(b, e, scaling_factor=0.3, exclude=exclude), base, experts)
+    acc_ta = avg(lambda i: ta)
+    acc_wa = avg(lambda i: adapter.merge(weight_average, base, experts))
+    # measured at commit time: base 66.5, TA 77.1, WA 79.0, experts 88.1
+    assert acc_base >= 40.0  # zero-shot heads are useful (chance: 10 %)
+    assert acc_experts >= 84.0
+    assert acc_ta >= acc_base + 5.0
+    assert acc_ta <= acc_experts - 5.0
+    assert acc_base < acc_wa < acc_experts

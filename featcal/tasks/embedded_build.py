@@ -10,15 +10,16 @@ the package; nothing is downloaded):
 3. A small ``CLIPVisionModelWithProjection`` (same module types as ViT-B/32, reduced
    size) is pre-trained as the shared **base**: digit identity with a throwaway cosine
    classifier, under mild random augmentations. With ``pretrain_data="upright"`` (the
-   default, the v1 recipe) it sees upright digits only under generic augmentations
-   (none of the tasks' transforms); with ``"union"`` it sees every task's input
-   distribution (the train pool upright and once through each task's transform: the
-   transforms act as augmentations), as CLIP's pre-training covers the domains of its
-   downstream tasks.
+   pre-v3 recipe, kept in ``INTERFERENCE_SPEC``) it sees upright digits only under
+   generic augmentations (none of the tasks' transforms); with ``"union"`` (the default
+   since v3) it sees every task's input distribution (the train pool upright plus a
+   ``pretrain_transformed`` share of it through each task's transform: the transforms
+   act as augmentations), as CLIP's pre-training covers the domains of its downstream
+   tasks.
 4. Each task's frozen head is a ``ClassEmbeddingHead`` of "zero-shot" class embeddings
    from the base: the normalised mean base embedding of each class, centred over
    classes (the role CLIP's text embeddings play), on the task's own train split with
-   ``head_source="task"`` (the default, v1), or with ``"canonical"`` on *upright,
+   ``head_source="task"`` (pre-v3), or with ``"canonical"`` (the default) on *upright,
    untransformed* train-pool digits under the task's label map: the class described
    once, independently of the task's input distribution, as CLIP's text prompts do.
 5. One **expert** per task fine-tunes the whole tower (not the head) from the base.
@@ -61,7 +62,7 @@ from featcal.cache import ensure_folder, manifest_problem, read_manifest, write_
 from featcal.utils import cache_root, torch_threads
 
 #: bump when the build procedure changes: old caches then live under another hash
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 #: number of images in sklearn's digits dataset
 DIGITS_N = 1797
 #: CPU threads used while building (see ``build``)
@@ -160,7 +161,11 @@ TASKS: dict[str, TaskDef] = {
     ]
 }
 
-DEFAULT_TASKS = (
+#: the default suite (build v3): seven input distributions of the digits, digit identity
+#: as the label everywhere (the heads are canonical upright-digit prototypes)
+DEFAULT_TASKS = ("inverted", "rot90", "mirror", "patch_shuffle", "small", "upside_red", "transpose")
+#: the over-interfering stress suite's tasks (the default's before build v3)
+INTERFERENCE_TASKS = (
     "inverted",
     "rot90",
     "mirror_parity",
@@ -170,8 +175,6 @@ DEFAULT_TASKS = (
     "upside_red",
     "transpose_mod4",
 )
-#: the over-interfering stress suite's tasks (today the same as the default's)
-INTERFERENCE_TASKS = DEFAULT_TASKS
 #: eight input distributions of the digits, all with digit identity as the label (the
 #: candidate suite for the union-pre-trained, canonical-head recipe; see the README)
 IDENTITY_TASKS = ("inverted", "rot90", "mirror", "patch_shuffle", "noisy", "small", "upside_red", "transpose")
@@ -199,19 +202,22 @@ class EmbeddedSpec:
     # base pre-training: digit identity under mild random augmentations, on "upright"
     # digits only or on the "union" of every task's input distribution (the train pool
     # upright and through each task's transform, the transforms acting as augmentations)
-    pretrain_data: str = "upright"
-    pretrain_steps: int = 400
+    pretrain_data: str = "union"
+    #: with ``union``: the share of the train pool passed through each task's transform
+    #: (a seeded subset per task; 1.0: all of it)
+    pretrain_transformed: float = 0.15
+    pretrain_steps: int = 300
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
     # zero-shot heads: class prototypes of the base on "canonical" inputs (upright,
     # untransformed train-pool digits under the task's label map: the class described
     # once, independently of the task's input distribution, as CLIP's text prompts do)
     # or on the "task"'s own train split
-    head_source: str = "task"
-    # expert fine-tuning (whole tower, frozen head)
-    finetune_steps: int = 100
+    head_source: str = "canonical"
+    # expert fine-tuning (whole tower, frozen head): gentle, as CLIP's experts
+    finetune_steps: int = 60
     finetune_batch: int = 64
-    finetune_lr: float = 3e-4
+    finetune_lr: float = 1e-4
     weight_decay: float = 0.1
     warmup_frac: float = 0.1
     logit_scale: float = 100.0
@@ -228,6 +234,8 @@ class EmbeddedSpec:
             raise ValueError(f"pretrain_data must be one of {list(PRETRAIN_DATA)}, got {self.pretrain_data!r}")
         if self.head_source not in HEAD_SOURCES:
             raise ValueError(f"head_source must be one of {list(HEAD_SOURCES)}, got {self.head_source!r}")
+        if not 0.0 <= float(self.pretrain_transformed) <= 1.0:
+            raise ValueError(f"pretrain_transformed must be in [0, 1], got {self.pretrain_transformed}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.width % self.heads:
@@ -281,6 +289,7 @@ class EmbeddedSpec:
 INTERFERENCE_SPEC = EmbeddedSpec(
     tasks=INTERFERENCE_TASKS,
     pretrain_data="upright",
+    pretrain_transformed=1.0,
     pretrain_steps=400,
     pretrain_batch=128,
     pretrain_lr=1e-3,
@@ -551,13 +560,21 @@ def pretraining_data(
     upright = _upscale(images8[pool], spec.image_size)
     if spec.pretrain_data == "upright":
         return upright, digits[pool], _augment
-    xs = [_normalise(_gray(upright))]
+    xs, ys = [_normalise(_gray(upright))], [digits[pool]]
+    n_sub = int(round(float(spec.pretrain_transformed) * len(pool)))
     for name in spec.tasks:
+        if n_sub == 0:
+            break
         g_fixed = _task_generator(spec, name, "fixed")
         g_sample = _task_generator(spec, name, "sample-pretrain")
-        xs.append(_normalise(TASKS[name].transform(upright, spec, g_fixed, g_sample)))
+        if n_sub < len(pool):
+            sub = torch.randperm(len(pool), generator=_task_generator(spec, name, "pretrain-subset"))[:n_sub]
+        else:
+            sub = torch.arange(len(pool))
+        xs.append(_normalise(TASKS[name].transform(upright[sub], spec, g_fixed, g_sample)))
+        ys.append(digits[pool][sub])
     x = torch.cat(xs).to(torch.float16).float()  # the precision the task splits are stored in
-    return x, digits[pool].repeat(len(xs)), _jitter
+    return x, torch.cat(ys), _jitter
 
 
 def canonical_inputs(spec: EmbeddedSpec, images8: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
