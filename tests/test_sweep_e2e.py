@@ -102,10 +102,10 @@ def test_scaling_preset_composes():
         cfg = compose("config", overrides=["experiment=embedded_scaling"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     counts = [len(chunk.split(",")) for chunk in params["backbone.tasks"].strip("[]").split("],[")]
-    assert counts == [2, 4, 8]
+    assert counts == [2, 4, 7]
     assert set(params.calibration.split(",")) == {"none", "featcal", "surgery"}
     assert [int(b) for b in str(params["budget.per_task"]).split(",")] == [8, 32, 128]
-    assert cfg.backbone.adapter._target_.endswith("EmbeddedBackbone") and len(cfg.backbone.spec.tasks) == 8 and cfg.evaluate_experts
+    assert cfg.backbone.adapter._target_.endswith("EmbeddedBackbone") and len(cfg.backbone.spec.tasks) == 7 and cfg.evaluate_experts
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def report_sweep(env, tmp_path_factory):
     """A small scaling sweep logged to W&B (offline): 2 and 4 tasks x none/featcal x budgets 8/16."""
     cwd = tmp_path_factory.mktemp("report")
     sweep = cwd / "sweep"
-    featcal("featcal.run", SMALL + ["-m", "backbone.tasks=[digits,inverted],[digits,inverted,rot90,mirror_parity]",
+    featcal("featcal.run", SMALL + ["-m", "backbone.tasks=[inverted,rot90],[inverted,rot90,mirror,transpose]",
                                     "calibration=none,featcal", "budget.per_task=8,16", "evaluate_base=false",
                                     f"hydra.sweep.dir={sweep}"], env, cwd)
     return sweep, cwd
@@ -124,7 +124,7 @@ def test_task_subsets_run_the_selected_experts(report_sweep):
     sweep, _ = report_sweep
     results = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
     assert len(results) == 8
-    assert {tuple(r["tasks"]) for r in results} == {("digits", "inverted"), ("digits", "inverted", "rot90", "mirror_parity")}
+    assert {tuple(r["tasks"]) for r in results} == {("inverted", "rot90"), ("inverted", "rot90", "mirror", "transpose")}
     for r in results:
         assert set(r["score"]["experts"]) == set(r["tasks"]) | {"average"}
 
