@@ -130,3 +130,40 @@ def ensure_folder(folder: Path, problem: Callable[[Path], str | None], build: Ca
             f"Delete {folder} and run again; set FEATCAL_CACHE to a folder on a healthy disk if it persists.",
         )
     return folder
+
+
+class SuiteSpec:
+    """What a built suite's frozen-dataclass spec shares: construction from a config
+    mapping, a plain dict, and the hash that names its cache folder. Subclasses set
+    ``SUITE`` (the name in messages) and ``BUILD_VERSION`` (bumped when the build
+    procedure changes, so old caches live under another hash) as class attributes."""
+
+    SUITE = "suite"
+    BUILD_VERSION = 0
+
+    @classmethod
+    def from_config(cls, spec: Any = None, **overrides: Any):
+        """A spec from a mapping (e.g. a Hydra node) or a spec, plus keyword overrides;
+        unknown keys fail."""
+        import dataclasses
+
+        data = dataclasses.asdict(spec) if isinstance(spec, cls) else dict(spec or {})
+        data.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.SUITE} spec key(s) {unknown}; allowed: {sorted(names)}")
+        if "tasks" in data:
+            data["tasks"] = tuple(data["tasks"])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(d["tasks"])
+        return d
+
+    def spec_hash(self) -> str:
+        payload = json.dumps({"build_version": self.BUILD_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

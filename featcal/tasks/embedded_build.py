@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -58,7 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.tasks.base import ClassEmbeddingHead
-from featcal.cache import ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
+from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal.utils import cache_root, torch_threads
 
 #: bump when the build procedure changes: old caches then live under another hash
@@ -184,8 +183,11 @@ IDENTITY_TASKS = ("inverted", "rot90", "mirror", "patch_shuffle", "noisy", "smal
 # the spec
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class EmbeddedSpec:
+class EmbeddedSpec(SuiteSpec):
     """Every knob of the build. Its hash names the cache folder."""
+
+    SUITE = "embedded"
+    BUILD_VERSION = BUILD_VERSION
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     # architecture (CLIP ViT, reduced)
@@ -249,30 +251,6 @@ class EmbeddedSpec:
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
 
-    @classmethod
-    def from_config(cls, spec: "EmbeddedSpec | Mapping[str, Any] | None" = None, **overrides: Any) -> "EmbeddedSpec":
-        """A spec from a mapping (e.g. a Hydra node) plus keyword overrides; unknown keys fail."""
-        if isinstance(spec, EmbeddedSpec):
-            data = dataclasses.asdict(spec)
-        else:
-            data = dict(spec or {})
-        data.update({k: v for k, v in overrides.items()})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown embedded spec key(s) {unknown}; allowed: {sorted(names)}")
-        if "tasks" in data:
-            data["tasks"] = tuple(data["tasks"])
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["tasks"] = list(self.tasks)
-        return d
-
-    def spec_hash(self) -> str:
-        payload = json.dumps({"build_version": BUILD_VERSION, **self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
     def train_pool_size(self) -> int:

@@ -32,7 +32,6 @@ rebuilt with a warning. A lock file serialises builders.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcal.cache import ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
+from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal.utils import cache_root
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
 from featcal.utils import torch_threads
@@ -63,8 +62,11 @@ IGNORE = -100
 # the spec
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class EmbeddedT5Spec:
+class EmbeddedT5Spec(SuiteSpec):
     """Every knob of the build. Its hash names the cache folder."""
+
+    SUITE = "embedded_t5"
+    BUILD_VERSION = BUILD_VERSION
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     # architecture (T5 v1.1 / FLAN-T5 layout, reduced)
@@ -103,27 +105,6 @@ class EmbeddedT5Spec:
         if not 0.0 <= float(self.pretrain_mix) <= 1.0:
             raise ValueError(f"pretrain_mix must be in [0, 1], got {self.pretrain_mix}")
 
-    @classmethod
-    def from_config(cls, spec: "EmbeddedT5Spec | Mapping[str, Any] | None" = None, **overrides: Any) -> "EmbeddedT5Spec":
-        """A spec from a mapping (e.g. a Hydra node) plus keyword overrides; unknown keys fail."""
-        data = dataclasses.asdict(spec) if isinstance(spec, EmbeddedT5Spec) else dict(spec or {})
-        data.update(overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown embedded_t5 spec key(s) {unknown}; allowed: {sorted(names)}")
-        if "tasks" in data:
-            data["tasks"] = tuple(data["tasks"])
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["tasks"] = list(self.tasks)
-        return d
-
-    def spec_hash(self) -> str:
-        payload = json.dumps({"build_version": BUILD_VERSION, **self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def expected_split_sizes(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None) -> dict[str, dict[str, int]]:
