@@ -22,12 +22,11 @@ Differences from Llama that the adapter handles:
 from __future__ import annotations
 
 import inspect
-from typing import Mapping
 
 import torch
 from torch import nn
 
-from featcal.backbone.base import BlockState, Inputs
+from featcal.backbone.base import BlockState
 from featcal.backbone.llama import LlamaBackbone
 
 
@@ -65,27 +64,9 @@ class Gemma2Backbone(LlamaBackbone):
     def norm_scale_offset(self, module: nn.Module) -> float:
         return 1.0 if is_gemma_norm(module) else 0.0
 
-    def embed(self, model: nn.Module, inputs: Inputs) -> BlockState:
-        if isinstance(inputs, Mapping):
-            input_ids = inputs["input_ids"]
-            attention_mask = inputs.get("attention_mask")
-        else:
-            input_ids, attention_mask = inputs, None
-        inner = model.model
-        hidden = inner.embed_tokens(input_ids)  # scaled by √hidden inside the module
-        b, n = input_ids.shape
-        position_ids = torch.arange(n, device=hidden.device).unsqueeze(0)
-        if attention_mask is None:
-            attention_mask = torch.ones(b, n, dtype=torch.long, device=hidden.device)
-        masks = _masks(model, hidden, attention_mask, position_ids)
-        position_embeddings = inner.rotary_emb(hidden, position_ids)
-        token_mask = attention_mask.to(torch.float32)
-        extras = {
-            "masks": masks,
-            "position_ids": position_ids,
-            "position_embeddings": position_embeddings,
-        }
-        return BlockState(hidden, token_mask, token_mask > 0, extras)
+    def mask_extras(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """One mask per layer type (sliding-window and full attention), as Gemma2Model builds them."""
+        return {"masks": _masks(model, hidden, attention_mask, position_ids)}
 
     def run_block(self, block: nn.Module, state: BlockState) -> BlockState:
         ex = state.extras

@@ -347,15 +347,18 @@ class LlamaBackbone(Backbone):
         position_ids = torch.arange(n, device=hidden.device).unsqueeze(0)
         if attention_mask is None:
             attention_mask = torch.ones(b, n, dtype=torch.long, device=hidden.device)
-        mask = _causal_mask(model, hidden, attention_mask, position_ids)
         position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
         token_mask = attention_mask.to(torch.float32)
         extras = {
-            "attention_mask": mask,
+            **self.mask_extras(model, hidden, attention_mask, position_ids),
             "position_ids": position_ids,
             "position_embeddings": position_embeddings,
         }
         return BlockState(hidden, token_mask, token_mask > 0, extras)
+
+    def mask_extras(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """The attention-mask entries of the block state (Llama: one causal mask)."""
+        return {"attention_mask": _causal_mask(model, hidden, attention_mask, position_ids)}
 
     def run_block(self, block: nn.Module, state: BlockState) -> BlockState:
         out = block(state.hidden, **state.extras)
