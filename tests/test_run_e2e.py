@@ -4,7 +4,6 @@ Runs use the small embedded build (same code as the default, fewer/smaller model
 cached once per test session; W&B runs are read back from their offline files.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from featcal.wandb_log import read_offline_run
+from e2e_helpers import isolated_env, run_module
 
 pytestmark = pytest.mark.slow  # subprocess runs of featcal-run
 
@@ -21,24 +21,12 @@ SMALL = ["backbone=embedded_small"]
 
 
 def featcal_run(args, env, cwd, check=True, timeout=900):
-    proc = subprocess.run(
-        [sys.executable, "-m", "featcal.run", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"featcal-run {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_module("featcal.run", args, env, cwd, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    e = dict(os.environ)
-    e["FEATCAL_CACHE"] = str(root / "cache")
-    e["HOME"] = str(root / "home")  # no W&B credentials from the host
-    e.pop("WANDB_API_KEY", None)
-    e["WANDB_SILENT"] = "true"
-    e["HYDRA_FULL_ERROR"] = "1"
-    return e
+    return isolated_env(tmp_path_factory.mktemp("e2e"))
 
 
 def offline_runs(run_dir: Path):

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from featcal.wandb_log import read_offline_run
+from e2e_helpers import isolated_env, run_module
 
 SMALL = ["backbone=embedded_small"]
 CHEAP = SMALL + ["calibration=none", "evaluate_base=false", "evaluate_experts=false", "logger=none"]
@@ -17,21 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def featcal(module, args, env, cwd, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_module(module, args, env, cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    e = dict(os.environ)
-    e["FEATCAL_CACHE"] = str(root / "cache")
-    e["HOME"] = str(root / "home")  # no W&B credentials from the host
-    e.pop("WANDB_API_KEY", None)
-    e["WANDB_SILENT"] = "true"
-    e["HYDRA_FULL_ERROR"] = "1"
+    e = isolated_env(tmp_path_factory.mktemp("sweep"))
     e["OMP_NUM_THREADS"] = "1"
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
