@@ -27,6 +27,9 @@ difference relative to the parameters' scale), e.g. bf16/tf32 block passes vs fp
     python experiments/bench_calibration.py --device cuda --n 256 \
         --methods featcal,featcal:block_dtype=tf32,featcal:block_dtype=bf16,surgery,probsurgery
     # --n 256 is the paper's setting (8 tasks, 256 examples each)
+    python experiments/bench_calibration.py --emulate-tf32 \
+        --methods featcal,featcal:block_dtype=tf32,featcal:block_dtype=tf32:gram_tf32=true,featcal:block_dtype=bf16
+    # without a GPU: TF32's effect on the parameters, with TF32 emulated on the CPU
 
 A method is a yaml name, optionally followed by ``:key=value`` overrides of that yaml
 (values parsed as YAML), so variants of one calibrator can be compared in one run.
@@ -196,6 +199,12 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--tiny", action="store_true", help="a tiny tower instead of ViT-B/32 (smoke test of the script)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--emulate-tf32", action="store_true",
+        help="CPU only: emulate TF32 matrix products (featcal.calibration.featcal.tf32) so that the "
+             "parameter difference of block_dtype=tf32 / gram_tf32=true variants can be measured "
+             "without a GPU (slower than plain fp32; its timings are not TF32 timings)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--params-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -206,10 +215,16 @@ def main(argv=None) -> None:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = []
+    child_env = dict(os.environ)
+    if args.emulate_tf32:
+        if not args.device.startswith("cpu"):
+            parser.error("--emulate-tf32 is for the CPU; a CUDA device has real TF32")
+        child_env["FEATCAL_EMULATE_TF32"] = "1"
     print(
         f"workload: CLIPVisionConfig({'tiny' if args.tiny else ''}) tower "
         f"({'tiny' if args.tiny else 'ViT-B/32 shapes'}), {args.experts} experts, "
         f"n={args.n} per task, batch 16, device {args.device}, {os.cpu_count()} CPU cores"
+        + (", TF32 emulated on the CPU (FEATCAL_EMULATE_TF32=1)" if args.emulate_tf32 else "")
     )
     tmp = tempfile.TemporaryDirectory(prefix="featcal-bench-")
     failed = False
@@ -225,7 +240,7 @@ def main(argv=None) -> None:
                    "--device", args.device] + (["--tiny"] if args.tiny else [])
             if sum(split_method(m)[0] == name for m in methods) > 1:  # variants of one yaml: compare parameters
                 cmd += ["--params-out", str(Path(tmp.name) / f"{index}.pt")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=child_env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 print(f"{method}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")

@@ -28,6 +28,7 @@ from featcal.calibration.featcal.solver import (
     solve_rmsnorm,
     solve_weight_from_sums,
 )
+from featcal.calibration.featcal.tf32 import tf32_context
 from featcal.utils import as_torch_dtype
 from featcal.calibration.featcal.stats import MomentAccumulator, normalise_without_affine, finish_gram
 
@@ -35,19 +36,6 @@ log = logging.getLogger(__name__)
 
 #: allowed ``block_dtype`` values (None and "fp32": the model's own precision)
 BLOCK_DTYPES = (None, "fp32", "tf32", "bf16")
-
-
-@contextlib.contextmanager
-def _tf32_matmuls():
-    """TensorFloat-32 for CUDA matmuls and convolutions inside the block, restored after."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 @dataclass
@@ -109,12 +97,15 @@ class FeatCal(Calibrator):
         block_dtype: precision of the block forward passes only (the statistics, Gram
             products and solves stay float32 or wider): None / "fp32" (default: the
             model's own dtype), "tf32" (CUDA: TensorFloat-32 matmuls inside the block
-            passes; no effect on CPU) or "bf16" (the passes under bf16 autocast; works on
-            CPU too). A GPU speed option: experiments/bench_calibration.py reports the
-            parameter difference to the fp32 result.
-        gram_tf32: CUDA only: TensorFloat-32 inputs (float32 accumulation) for the Gram and
-            cross products of the statistics too — about half of FeatCal's FLOPs on a ViT;
-            the bench reports its parameter difference to full fp32. Off by default.
+            passes; on the CPU nothing, unless emulated for measurement: see
+            ``featcal.calibration.featcal.tf32``) or "bf16" (the passes under bf16
+            autocast; works on CPU too). A GPU speed option:
+            experiments/bench_calibration.py reports the parameter difference to the
+            fp32 result.
+        gram_tf32: CUDA (or the CPU emulation): TensorFloat-32 inputs (float32
+            accumulation) for the Gram and cross products of the statistics too (about
+            half of FeatCal's FLOPs on a ViT); the bench reports its parameter
+            difference to full fp32. Off by default.
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
         streaming: layer-streamed calibration (``featcal.calibration.featcal.streamed``):
@@ -212,16 +203,16 @@ class FeatCal(Calibrator):
     # ---- helpers -----------------------------------------------------------
     def _gram_context(self, device: torch.device):
         """The numeric context of the statistics' products (see ``gram_tf32``)."""
-        if self.gram_tf32 and device.type == "cuda":
-            return _tf32_matmuls()
+        if self.gram_tf32:
+            return tf32_context(device)
         return contextlib.nullcontext()
 
     def _pass_context(self, device: torch.device):
         """The numeric context of one block forward pass (see ``block_dtype``)."""
         if self.block_dtype == "bf16":
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if self.block_dtype == "tf32" and device.type == "cuda":
-            return _tf32_matmuls()
+        if self.block_dtype == "tf32":
+            return tf32_context(device)
         return contextlib.nullcontext()
 
     def _weights(self, mask: torch.Tensor, readout_mask: torch.Tensor, weighted: bool) -> torch.Tensor | None:
