@@ -1,8 +1,10 @@
-"""Small shared utilities: atomic writes, seeding, device/dtype choice, timing and memory."""
+"""Small shared utilities: atomic writes, seeding, device/dtype choice, a warm-up-cosine
+learning-rate schedule, timing and memory."""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -10,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -70,14 +72,32 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device | None, mps: bool = True) -> torch.device:
+    """``name`` as a device; ``"auto"`` or ``None``: cuda if available, else (with ``mps``)
+    Apple's mps if available, else cpu. The embedded suites' builds pass ``mps=False``:
+    they have always been built on cuda or cpu, and the cache does not record the device
+    in its hash."""
+    if name is None or str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
+
+
+def warmup_cosine(steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """A ``LambdaLR`` factor: linear warm-up over ``warmup_frac`` of ``steps`` (at least
+    one step), then a cosine decay to 0 at ``steps`` (held at 0 beyond)."""
+    warm = max(1, int(round(steps * warmup_frac)))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from tqdm.auto import tqdm
 
 from featcal.tasks.base import ClassEmbeddingHead
 from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.utils import cache_root, torch_threads
+from featcal.utils import cache_root, resolve_device, torch_threads, warmup_cosine
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 3
@@ -435,18 +434,6 @@ def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return y * u(0.7, 1.0, 1, 1, 1) + torch.randn(y.shape, generator=g) * u(0.0, 0.2, 1, 1, 1)
 
 
-def _lr_lambda(steps: int, warmup_frac: float) -> Callable[[int], float]:
-    warm = max(1, int(round(steps * warmup_frac)))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
 def _batches(n: int, batch: int, steps: int, g: torch.Generator) -> Iterator[torch.Tensor]:
     """``steps`` index batches, epoch by epoch through seeded permutations."""
     perm, pos = torch.randperm(n, generator=g), 0
@@ -483,7 +470,7 @@ def _train(
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, spec.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, spec.warmup_frac))
     batch = min(batch, x.shape[0])
     bar = tqdm(_batches(x.shape[0], batch, steps, g), total=steps, desc=desc, disable=not progress, leave=False)
     ema = None
@@ -578,12 +565,6 @@ def zero_shot_head(
     return prototypes(_embed(base, x, device), tdef.label(y), tdef.n_classes)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build(
     spec: EmbeddedSpec,
     out: Path,
@@ -609,7 +590,7 @@ def _build(spec: EmbeddedSpec, out: Path, device: str | torch.device | None, pro
     from transformers import CLIPVisionModelWithProjection
 
     started = time.time()
-    dev = _resolve_device(device)
+    dev = resolve_device(device, mps=False)
     out.mkdir(parents=True, exist_ok=False)
     images8, digits = _load_digits()
     timings: dict[str, float] = {}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -49,7 +48,7 @@ from tqdm.auto import tqdm
 from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal.utils import cache_root
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
-from featcal.utils import torch_threads
+from featcal.utils import resolve_device, torch_threads, warmup_cosine
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 1
@@ -217,18 +216,6 @@ def make_task_data(spec: EmbeddedT5Spec, name: str) -> dict[str, list[dict[str, 
 # --------------------------------------------------------------------------------------
 # training and scoring
 # --------------------------------------------------------------------------------------
-def _lr_lambda(steps: int, warmup_frac: float) -> Callable[[int], float]:
-    warm = max(1, int(round(steps * warmup_frac)))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
 def _encode(tok, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     b = tok(list(texts), padding=True, return_tensors="pt")
     return b["input_ids"].to(device), b["attention_mask"].to(device)
@@ -253,7 +240,7 @@ def _train(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.98), eps=1e-6,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, spec.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, spec.warmup_frac))
     ema = None
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -290,12 +277,6 @@ def score(model: nn.Module, tok, rows: Sequence[Mapping[str, Any]], device: torc
     return exact_match_accuracy(answers, [r["target"] for r in rows])
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------------------
 # the build
 # --------------------------------------------------------------------------------------
@@ -318,7 +299,7 @@ def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, p
     from transformers import T5ForConditionalGeneration
 
     started, cpu_started = time.time(), time.process_time()
-    dev = _resolve_device(device)
+    dev = resolve_device(device, mps=False)
     out.mkdir(parents=True, exist_ok=False)
     tok = make_tokenizer()
     timings: dict[str, float] = {}
