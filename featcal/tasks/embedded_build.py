@@ -56,8 +56,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.tasks.base import ClassEmbeddingHead
-from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.utils import cache_root, resolve_device, torch_threads, warmup_cosine
+from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
+from featcal.utils import resolve_device, torch_threads, warmup_cosine
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 3
@@ -186,7 +186,13 @@ class EmbeddedSpec(SuiteSpec):
     """Every knob of the build. Its hash names the cache folder."""
 
     SUITE = "embedded"
+    CACHE_DIR = "embedded"
+    LABEL = "embedded benchmark"
     BUILD_VERSION = BUILD_VERSION
+    # the layout ``_build`` writes (see ``SuiteSpec.required_files``)
+    MODEL_FILES = ("config.json", "model.safetensors")
+    DATA_SUFFIX = ".safetensors"
+    EXTRA_FILES = ("heads.safetensors",)
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     # architecture (CLIP ViT, reduced)
@@ -287,43 +293,23 @@ def expected_split_sizes(spec: EmbeddedSpec | Mapping[str, Any] | None = None) -
 
 
 # --------------------------------------------------------------------------------------
-# cache location, lock, manifest
+# cache location and validation (featcal.cache: lock, manifest, rebuild)
 # --------------------------------------------------------------------------------------
 def cache_path(spec: EmbeddedSpec, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
-    return root / "embedded" / spec.spec_hash()
-
-
-def _required_files(spec: EmbeddedSpec) -> list[str]:
-    files = ["base/config.json", "base/model.safetensors", "heads.safetensors"]
-    for t in spec.tasks:
-        files += [f"experts/{t}/config.json", f"experts/{t}/model.safetensors", f"data/{t}.safetensors"]
-    return files
+    return spec.cache_path(cache_dir)
 
 
 def validate_cache(folder: Path, spec: EmbeddedSpec) -> str | None:
     """``None`` if ``folder`` holds a complete build of ``spec``, else the reason it does not."""
-    return manifest_problem(folder, spec.spec_hash(), BUILD_VERSION, _required_files(spec))
+    return spec.cache_problem(folder)
 
 
-def ensure_built(
-    spec: EmbeddedSpec | Mapping[str, Any] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> Path:
-    """The cache folder of a complete, verified build of ``spec`` (building it if needed).
-
-    Idempotent: a valid folder is returned as is. A partial or corrupt one is rebuilt
-    with a warning. Builders are serialised with a lock file next to the folder.
-    """
+def ensure_built(spec: EmbeddedSpec | Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """The folder of a complete, verified build of ``spec``, built if needed (``featcal.cache.ensure_suite``)."""
     spec = EmbeddedSpec.from_config(spec)
-    return ensure_folder(
-        cache_path(spec, cache_dir),
-        lambda folder: validate_cache(folder, spec),
-        lambda tmp: build(spec, tmp, device=device, progress=progress),
-        "embedded benchmark",
-    )
+    # ``build`` is looked up per call, not bound at import: tests replace it to count builds
+    return ensure_suite(spec, cache_dir, lambda tmp: build(spec, tmp, device=device, progress=progress))
 
 
 # --------------------------------------------------------------------------------------

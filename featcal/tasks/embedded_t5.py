@@ -45,8 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.utils import cache_root
+from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
 from featcal.utils import resolve_device, torch_threads, warmup_cosine
 
@@ -65,7 +64,13 @@ class EmbeddedT5Spec(SuiteSpec):
     """Every knob of the build. Its hash names the cache folder."""
 
     SUITE = "embedded_t5"
+    CACHE_DIR = "embedded_t5"
+    LABEL = "embedded_t5 suite"
     BUILD_VERSION = BUILD_VERSION
+    # the layout ``_build`` writes (see ``SuiteSpec.required_files``): every model folder
+    # carries the tokenizer, so it loads through the normal T5 loaders
+    MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    DATA_SUFFIX = ".json"
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     # architecture (T5 v1.1 / FLAN-T5 layout, reduced)
@@ -113,46 +118,23 @@ def expected_split_sizes(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None)
 
 
 # --------------------------------------------------------------------------------------
-# cache: location, manifest, validation
+# cache location and validation (featcal.cache: lock, manifest, rebuild)
 # --------------------------------------------------------------------------------------
 def cache_path(spec: EmbeddedT5Spec, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
-    return root / "embedded_t5" / spec.spec_hash()
-
-
-_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-def _required_files(spec: EmbeddedT5Spec) -> list[str]:
-    files = [f"base/{f}" for f in _MODEL_FILES]
-    for t in spec.tasks:
-        files += [f"experts/{t}/{f}" for f in _MODEL_FILES] + [f"data/{t}.json"]
-    return files
+    return spec.cache_path(cache_dir)
 
 
 def validate_cache(folder: Path, spec: EmbeddedT5Spec) -> str | None:
     """``None`` if ``folder`` holds a complete build of ``spec``, else the reason it does not."""
-    return manifest_problem(folder, spec.spec_hash(), BUILD_VERSION, _required_files(spec))
+    return spec.cache_problem(folder)
 
 
-def ensure_built(
-    spec: EmbeddedT5Spec | Mapping[str, Any] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> Path:
-    """The cache folder of a complete, verified build of ``spec`` (building it if needed).
-
-    Idempotent: a valid folder is returned as is; a partial or corrupt one is rebuilt with
-    a warning. Builders are serialised with a lock file next to the folder.
-    """
+def ensure_built(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """The folder of a complete, verified build of ``spec``, built if needed (``featcal.cache.ensure_suite``)."""
     spec = EmbeddedT5Spec.from_config(spec)
-    return ensure_folder(
-        cache_path(spec, cache_dir),
-        lambda folder: validate_cache(folder, spec),
-        lambda tmp: build(spec, tmp, device=device, progress=progress),
-        "embedded_t5 suite",
-    )
+    # ``build`` is looked up per call, not bound at import: tests replace it to count builds
+    return ensure_suite(spec, cache_dir, lambda tmp: build(spec, tmp, device=device, progress=progress))
 
 
 # --------------------------------------------------------------------------------------
