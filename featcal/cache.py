@@ -12,7 +12,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from featcal.utils import cache_root
 
@@ -193,6 +193,16 @@ class SuiteSpec:
     def spec_hash(self) -> str:
         payload = json.dumps({"build_version": self.BUILD_VERSION, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _check_tasks(self, known: Collection[str]) -> None:
+        """Store ``tasks`` as a tuple of names and check they are distinct names in ``known``
+        (a subclass's ``__post_init__`` calls this first)."""
+        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))  # frozen dataclass
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ValueError(f"unknown {self.SUITE} task(s) {unknown}; allowed: {sorted(known)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list of unique names, got {list(self.tasks)}")
 
     def cache_path(self, cache_dir: str | os.PathLike | None = None) -> Path:
         """The build's folder under ``cache_dir`` (default: ``cache_root()``); nothing is created."""

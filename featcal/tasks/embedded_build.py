@@ -231,12 +231,7 @@ class EmbeddedSpec(SuiteSpec):
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown embedded task(s) {unknown}; allowed: {sorted(TASKS)}")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be a non-empty list of unique names, got {list(self.tasks)}")
+        self._check_tasks(TASKS)
         if self.pretrain_data not in PRETRAIN_DATA:
             raise ValueError(f"pretrain_data must be one of {list(PRETRAIN_DATA)}, got {self.pretrain_data!r}")
         if self.head_source not in HEAD_SOURCES:

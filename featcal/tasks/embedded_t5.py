@@ -95,12 +95,7 @@ class EmbeddedT5Spec(SuiteSpec):
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown embedded_t5 task(s) {unknown}; allowed: {sorted(TASKS)}")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be a non-empty list of unique names, got {list(self.tasks)}")
+        self._check_tasks(TASKS)
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
         for key in ("d_model", "d_ff", "layers", "heads", "n_train", "n_test", "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch"):
