@@ -1,5 +1,5 @@
 """Small shared utilities: atomic writes, seeding, device/dtype choice, a warm-up-cosine
-learning-rate schedule, timing and memory."""
+learning-rate schedule and the AdamW loop that uses it, timing and memory."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -98,6 +98,55 @@ def warmup_cosine(steps: int, warmup_frac: float) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     return f
+
+
+def train_adamw(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    loss_of: Callable[[Any], torch.Tensor],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    warmup_frac: float,
+    ema_weight: float,
+    extra_params: Sequence[torch.nn.Parameter] = (),
+    desc: str = "",
+    progress: bool = True,
+) -> float:
+    """Train ``model`` (and ``extra_params``) in place on ``batches`` (``steps`` of them),
+    one step per ``loss_of(batch)``: AdamW (betas 0.9/0.98, eps 1e-6) with ``weight_decay``
+    on matrices only, the ``warmup_cosine`` schedule over ``steps``, gradients clipped to
+    norm 1 (the embedded suites' recipe). The model is left in eval mode. Returns the loss's
+    running average (each new value weighted ``ema_weight``; nan if there was no step).
+
+    ``batches`` is consumed lazily, one item before each ``loss_of``: callers whose batches
+    and losses draw from one generator keep their order of draws."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    params = list(model.parameters()) + list(extra_params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup_frac))
+    bar = tqdm(batches, total=steps, desc=desc, disable=not progress, leave=False)
+    ema = None
+    for batch in bar:
+        loss = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        # (1 - w) is exact for the suites' weights (0.1, 0.05): the recorded losses are unchanged
+        ema = value if ema is None else (1.0 - ema_weight) * ema + ema_weight * value
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+    model.eval()
+    return float(ema if ema is not None else float("nan"))
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -53,11 +53,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from featcal.tasks.base import ClassEmbeddingHead
 from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.utils import resolve_device, torch_threads, warmup_cosine
+from featcal.utils import resolve_device, torch_threads, train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 3
@@ -441,36 +440,19 @@ def _train(
     desc: str,
     progress: bool,
 ) -> float:
-    model.train()
-    params = list(model.parameters()) + list(extra_params)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, spec.warmup_frac))
     batch = min(batch, x.shape[0])
-    bar = tqdm(_batches(x.shape[0], batch, steps, g), total=steps, desc=desc, disable=not progress, leave=False)
-    ema = None
-    for idx in bar:
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         xb = x[idx]
         if augment is not None:
             xb = augment(xb, g)
         logits = head(model(pixel_values=xb.to(device)).image_embeds)
-        loss = F.cross_entropy(logits, y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.9 * ema + 0.1 * value
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-    model.eval()
-    return float(ema if ema is not None else float("nan"))
+        return F.cross_entropy(logits, y[idx].to(device))
+
+    return train_adamw(
+        model, _batches(x.shape[0], batch, steps, g), loss_of, steps, lr, spec.weight_decay, spec.warmup_frac,
+        ema_weight=0.1, extra_params=extra_params, desc=desc, progress=progress,
+    )
 
 
 @torch.no_grad()

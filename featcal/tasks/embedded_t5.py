@@ -43,11 +43,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
-from featcal.utils import resolve_device, torch_threads, warmup_cosine
+from featcal.utils import resolve_device, torch_threads, train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 1
@@ -209,33 +208,16 @@ def _train(
     desc: str,
     progress: bool,
 ) -> float:
-    model.train()
-    params = list(model.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98), eps=1e-6,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, spec.warmup_frac))
-    ema = None
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
-        pairs = batch_fn()
+    def loss_of(pairs: list[tuple[str, str]]) -> torch.Tensor:
         ids, mask = _encode(tok, [a for a, _ in pairs], device)
         labels, _ = _encode(tok, [b for _, b in pairs], device)
         labels = labels.masked_fill(labels == tok.pad_token_id, IGNORE)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-    model.eval()
-    return float(ema if ema is not None else float("nan"))
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    return train_adamw(
+        model, (batch_fn() for _ in range(steps)), loss_of, steps, lr, spec.weight_decay, spec.warmup_frac,
+        ema_weight=0.05, desc=desc, progress=progress,
+    )
 
 
 @torch.no_grad()
