@@ -12,13 +12,16 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from featcal.utils import cache_root
 
 MANIFEST = "manifest.json"
 
-__all__ = ["MANIFEST", "cache_root", "ensure_folder", "file_lock", "manifest_problem", "read_manifest", "sha256_of", "write_manifest"]
+__all__ = [
+    "MANIFEST", "SuiteSpec", "cache_root", "ensure_folder", "ensure_suite", "file_lock", "manifest_problem",
+    "read_manifest", "sha256_of", "write_manifest",
+]
 
 
 @contextlib.contextmanager
@@ -97,10 +100,15 @@ def manifest_problem(folder: Path, spec_hash: str, build_version: int, required:
     return None
 
 
-def ensure_folder(folder: Path, problem: Callable[[Path], str | None], build: Callable[[Path], Any], label: str) -> Path:
+def ensure_folder(
+    folder: Path, problem: Callable[[Path], str | None], build: Callable[[Path], Any], label: str, stacklevel: int = 3
+) -> Path:
     """``folder`` once ``problem(folder)`` is None, building it with ``build(tmp)`` into a
     temporary sibling renamed into place if needed (under a lock file; a corrupt or partial
-    folder is rebuilt with a warning). Idempotent and safe for concurrent callers."""
+    folder is rebuilt with a warning). Idempotent and safe for concurrent callers.
+
+    ``stacklevel``: the rebuild warning's, counted from here (3: the caller of the function
+    that called this one, i.e. the user of a one-level wrapper)."""
     from featcal.errors import CorruptCache
 
     folder = Path(folder)
@@ -111,7 +119,7 @@ def ensure_folder(folder: Path, problem: Callable[[Path], str | None], build: Ca
         if reason is None:
             return folder
         if reason != "missing":
-            warnings.warn(f"{label} cache {folder} is invalid ({reason}); rebuilding it", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{label} cache {folder} is invalid ({reason}); rebuilding it", RuntimeWarning, stacklevel=stacklevel)
         tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             build(tmp)
@@ -134,12 +142,30 @@ def ensure_folder(folder: Path, problem: Callable[[Path], str | None], build: Ca
 
 class SuiteSpec:
     """What a built suite's frozen-dataclass spec shares: construction from a config
-    mapping, a plain dict, and the hash that names its cache folder. Subclasses set
-    ``SUITE`` (the name in messages) and ``BUILD_VERSION`` (bumped when the build
-    procedure changes, so old caches live under another hash) as class attributes."""
+    mapping, a plain dict, the hash that names its cache folder, the folder's location
+    and layout, and its validation. Subclasses set these as class attributes (without
+    type annotations: annotated names would become dataclass fields):
+
+    * ``SUITE``: the name in spec errors ("unknown embedded spec key ...");
+    * ``CACHE_DIR``: the cache sub-folder, ``<cache root>/<CACHE_DIR>/<spec hash>/``
+      (changing it orphans existing caches);
+    * ``LABEL``: what messages call a build ("the embedded benchmark built at ...");
+    * ``BUILD_VERSION``: bumped when the build procedure changes, so old caches live
+      under another hash;
+    * ``MODEL_FILES``, ``DATA_SUFFIX``, ``EXTRA_FILES``: the build's layout (see
+      ``required_files``).
+    """
 
     SUITE = "suite"
+    CACHE_DIR = "suite"
+    LABEL = "suite"
     BUILD_VERSION = 0
+    #: the files of each saved model folder (``base/`` and ``experts/<task>/``), a tuple
+    MODEL_FILES = ()
+    #: each task's data file: ``data/<task><DATA_SUFFIX>``
+    DATA_SUFFIX = ""
+    #: further files of the whole suite, relative to the folder
+    EXTRA_FILES = ()
 
     @classmethod
     def from_config(cls, spec: Any = None, **overrides: Any):
@@ -167,3 +193,39 @@ class SuiteSpec:
     def spec_hash(self) -> str:
         payload = json.dumps({"build_version": self.BUILD_VERSION, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _check_tasks(self, known: Collection[str]) -> None:
+        """Store ``tasks`` as a tuple of names and check they are distinct names in ``known``
+        (a subclass's ``__post_init__`` calls this first)."""
+        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))  # frozen dataclass
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ValueError(f"unknown {self.SUITE} task(s) {unknown}; allowed: {sorted(known)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list of unique names, got {list(self.tasks)}")
+
+    def cache_path(self, cache_dir: str | os.PathLike | None = None) -> Path:
+        """The build's folder under ``cache_dir`` (default: ``cache_root()``); nothing is created."""
+        root = Path(cache_dir).expanduser() if cache_dir else cache_root()
+        return root / self.CACHE_DIR / self.spec_hash()
+
+    def required_files(self) -> list[str]:
+        """The files a complete build's manifest must list: ``base/`` then ``EXTRA_FILES``,
+        then per task its expert folder and its data file. Override for another layout.
+        (The order only shows in the "manifest does not list" reason.)"""
+        files = [f"base/{f}" for f in self.MODEL_FILES] + list(self.EXTRA_FILES)
+        for t in self.tasks:
+            files += [f"experts/{t}/{f}" for f in self.MODEL_FILES] + [f"data/{t}{self.DATA_SUFFIX}"]
+        return files
+
+    def cache_problem(self, folder: Path) -> str | None:
+        """``None`` if ``folder`` holds a complete build of this spec, else the reason it does not."""
+        return manifest_problem(folder, self.spec_hash(), self.BUILD_VERSION, self.required_files())
+
+
+def ensure_suite(spec: SuiteSpec, cache_dir: str | os.PathLike | None, build: Callable[[Path], Any]) -> Path:
+    """The cache folder of a complete, verified build of ``spec`` under ``cache_dir``,
+    made with ``build(tmp)`` if needed (see ``ensure_folder``: idempotent, a partial or
+    corrupt folder is rebuilt with a warning, builders are serialised by a lock file)."""
+    # stacklevel 4: the warning points at whoever called the suite's ensure_built
+    return ensure_folder(spec.cache_path(cache_dir), spec.cache_problem, build, spec.LABEL, stacklevel=4)

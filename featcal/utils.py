@@ -1,8 +1,10 @@
-"""Small shared utilities: atomic writes, seeding, device/dtype choice, timing and memory."""
+"""Small shared utilities: atomic writes, seeding, device/dtype choice, a warm-up-cosine
+learning-rate schedule and the AdamW loop that uses it, timing and memory."""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -10,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -70,14 +72,81 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device | None, mps: bool = True) -> torch.device:
+    """``name`` as a device; ``"auto"`` or ``None``: cuda if available, else (with ``mps``)
+    Apple's mps if available, else cpu. The embedded suites' builds pass ``mps=False``:
+    they have always been built on cuda or cpu, and the cache does not record the device
+    in its hash."""
+    if name is None or str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
+
+
+def warmup_cosine(steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """A ``LambdaLR`` factor: linear warm-up over ``warmup_frac`` of ``steps`` (at least
+    one step), then a cosine decay to 0 at ``steps`` (held at 0 beyond)."""
+    warm = max(1, int(round(steps * warmup_frac)))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def train_adamw(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    loss_of: Callable[[Any], torch.Tensor],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    warmup_frac: float,
+    ema_weight: float,
+    extra_params: Sequence[torch.nn.Parameter] = (),
+    desc: str = "",
+    progress: bool = True,
+) -> float:
+    """Train ``model`` (and ``extra_params``) in place on ``batches`` (``steps`` of them),
+    one step per ``loss_of(batch)``: AdamW (betas 0.9/0.98, eps 1e-6) with ``weight_decay``
+    on matrices only, the ``warmup_cosine`` schedule over ``steps``, gradients clipped to
+    norm 1 (the embedded suites' recipe). The model is left in eval mode. Returns the loss's
+    running average (each new value weighted ``ema_weight``; nan if there was no step).
+
+    ``batches`` is consumed lazily, one item before each ``loss_of``: callers whose batches
+    and losses draw from one generator keep their order of draws."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    params = list(model.parameters()) + list(extra_params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup_frac))
+    bar = tqdm(batches, total=steps, desc=desc, disable=not progress, leave=False)
+    ema = None
+    for batch in bar:
+        loss = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        # (1 - w) is exact for the suites' weights (0.1, 0.05): the recorded losses are unchanged
+        ema = value if ema is None else (1.0 - ema_weight) * ema + ema_weight * value
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+    model.eval()
+    return float(ema if ema is not None else float("nan"))
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,8 +1,8 @@
-"""The embedded benchmark: deterministic cached build, corruption detection, loaders, splits."""
+"""The embedded benchmark: spec and config, loaders, splits, heads, the merging regime (its
+cache's determinism, reuse and corruption handling: ``test_suite_cache.py``)."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,28 +21,11 @@ from featcal.tasks.embedded_build import (
     ensure_built,
     expected_split_sizes,
     read_manifest,
-    validate_cache,
 )
+
+from embedded_fixtures import EMBEDDED_TINY as TINY  # a tiny build (~1-2 s)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
-
-# a tiny build (~1-2 s): 2 tasks, a 1-block width-16 tower, a few steps
-TINY = dict(
-    tasks=["digits", "patch_shuffle"],
-    width=16,
-    layers=1,
-    heads=2,
-    projection_dim=16,
-    n_test=100,
-    n_train=80,
-    pretrain_steps=6,
-    pretrain_batch=32,
-    finetune_steps=4,
-    finetune_batch=16,
-    # heads on each task's own split (test_split_sizes_and_heads checks them); the
-    # default canonical heads are checked by test_canonical_heads_are_upright_digit_prototypes
-    head_source="task",
-)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +34,6 @@ def built(tmp_path_factory):
     spec = EmbeddedSpec.from_config(TINY)
     folder = ensure_built(spec, cache, device="cpu", progress=False)
     return spec, cache, folder
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {k: v["sha256"] for k, v in read_manifest(folder)["files"].items()}
 
 
 def _yaml(name: str):
@@ -108,115 +87,6 @@ def test_hydra_instantiation_from_yaml(built, tmp_path):
     assert adapter.tasks == pool.names == TINY["tasks"]
     assert adapter.spec == spec
     assert adapter.folder == folder  # the already-built cache, no rebuild
-
-
-# ---- build and cache --------------------------------------------------------------------
-def test_build_is_deterministic(built, tmp_path):
-    spec, _, folder = built
-    other = ensure_built(spec, tmp_path, device="cpu", progress=False)
-    assert other != folder
-    assert _hashes(other) == _hashes(folder)
-
-
-def test_cache_is_reused(built, recwarn):
-    spec, cache, folder = built
-    mtime = (folder / "manifest.json").stat().st_mtime_ns
-    calls = []
-    real = emb.build
-    emb.build = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        assert ensure_built(spec, cache) == folder
-    finally:
-        emb.build = real
-    assert calls == []
-    assert (folder / "manifest.json").stat().st_mtime_ns == mtime
-    assert not [w for w in recwarn.list if "rebuilding" in str(w.message)]
-
-
-def _truncate(folder):
-    p = folder / "experts" / "digits" / "model.safetensors"
-    p.write_bytes(p.read_bytes()[:100])
-
-
-def _flip(folder):
-    p = folder / "data" / "patch_shuffle.safetensors"
-    b = bytearray(p.read_bytes())
-    b[-10] ^= 0xFF
-    p.write_bytes(bytes(b))
-
-
-def _flip_head(folder):
-    p = folder / "heads.safetensors"
-    b = bytearray(p.read_bytes())
-    b[len(b) // 2 + 7] ^= 0x01
-    p.write_bytes(bytes(b))
-
-
-def _no_manifest(folder):
-    (folder / "manifest.json").unlink()
-
-
-def _bad_manifest(folder):
-    (folder / "manifest.json").write_text("{not json")
-
-
-def _missing_file(folder):
-    (folder / "base" / "config.json").unlink()
-
-
-def _manifest_drops_entry(folder):
-    m = read_manifest(folder)
-    del m["files"]["data/digits.safetensors"]
-    (folder / "manifest.json").write_text(json.dumps(m))
-
-
-@pytest.mark.parametrize(
-    "corrupt", [_truncate, _flip, _flip_head, _no_manifest, _bad_manifest, _missing_file, _manifest_drops_entry]
-)
-def test_corrupt_cache_is_rebuilt(built, tmp_path, corrupt):
-    spec, cache, folder = built
-    reference = _hashes(folder)
-    mine = ensure_built(spec, tmp_path, device="cpu", progress=False)
-    corrupt(mine)
-    assert validate_cache(mine, spec) is not None
-    with pytest.warns(RuntimeWarning, match="rebuilding"):
-        again = ensure_built(spec, tmp_path, device="cpu", progress=False)
-    assert again == mine
-    assert validate_cache(mine, spec) is None
-    assert _hashes(mine) == reference
-    # no temporary or trash folders left behind
-    assert [p.name for p in mine.parent.iterdir() if p.is_dir()] == [mine.name]
-
-
-def test_concurrent_builders_build_once(tmp_path):
-    spec = EmbeddedSpec.from_config({**TINY, "tasks": ["digits"], "pretrain_steps": 3, "finetune_steps": 2})
-    calls = []
-    real = emb.build
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    emb.build = counting
-    results, errors = [], []
-
-    def worker():
-        try:
-            results.append(ensure_built(spec, tmp_path, device="cpu", progress=False))
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    try:
-        threads = [threading.Thread(target=worker) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        emb.build = real
-    assert not errors
-    assert len(calls) == 1
-    assert len(set(results)) == 1 and validate_cache(results[0], spec) is None
 
 
 # ---- loading ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The embedded text-to-text suite: synthetic tasks, tokenizer, deterministic cached build,
-corruption detection, the normal T5 loaders, the pool's scorer, and the merge regime."""
+"""The embedded text-to-text suite: synthetic tasks, tokenizer, the normal T5 loaders, the
+pool's scorer, and the merge regime (its cache's determinism, reuse and corruption
+handling: ``test_suite_cache.py``)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import featcal.tasks.embedded_t5 as et5
 from featcal.backbone.embedded_t5 import EmbeddedT5Backbone, EmbeddedT5TaskPool
 from featcal.backbone.t5 import load_t5, load_t5_tokenizer
 from featcal.tasks.embedded_t5 import (
@@ -21,26 +21,12 @@ from featcal.tasks.embedded_t5 import (
     make_task_data,
     make_tokenizer,
     read_manifest,
-    validate_cache,
 )
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+from embedded_fixtures import EMBEDDED_T5_TINY as TINY  # a tiny build (a few seconds)
 
-# a tiny build (a few seconds): 2 tasks, a width-16 1+1-block T5, a few steps
-TINY = dict(
-    tasks=["sentiment", "length"],
-    d_model=16,
-    d_ff=32,
-    layers=1,
-    heads=2,
-    n_train=64,
-    n_test=40,
-    pretrain_steps=6,
-    pretrain_batch=16,
-    finetune_steps=3,
-    finetune_batch=8,
-)
+CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +35,6 @@ def built(tmp_path_factory, one_thread):
     spec = EmbeddedT5Spec.from_config(TINY)
     folder = ensure_built(spec, cache, device="cpu", progress=False)
     return spec, cache, folder
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {k: v["sha256"] for k, v in read_manifest(folder)["files"].items()}
 
 
 def _yaml(name: str):
@@ -164,75 +146,6 @@ def test_folders_load_through_the_normal_t5_loaders(built):
     base = load_t5(str(folder / "base")).state_dict()
     expert = load_t5(str(folder / "experts" / spec.tasks[0])).state_dict()
     assert any(not torch.equal(base[k], expert[k]) for k in base)
-
-
-def test_build_is_deterministic(built, tmp_path, one_thread):
-    spec, _, folder = built
-    other = ensure_built(spec, tmp_path, device="cpu", progress=False)
-    assert other != folder
-    assert _hashes(other) == _hashes(folder)
-    assert read_manifest(other)["metrics"] == read_manifest(folder)["metrics"]
-
-
-def test_cache_is_reused(built, recwarn):
-    spec, cache, folder = built
-    mtime = (folder / "manifest.json").stat().st_mtime_ns
-    calls = []
-    real = et5.build
-    et5.build = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        assert ensure_built(spec, cache) == folder
-    finally:
-        et5.build = real
-    assert calls == []
-    assert (folder / "manifest.json").stat().st_mtime_ns == mtime
-    assert not [w for w in recwarn.list if "rebuilding" in str(w.message)]
-
-
-def _truncate(folder):
-    p = folder / "experts" / "length" / "model.safetensors"
-    p.write_bytes(p.read_bytes()[:100])
-
-
-def _flip_data(folder):
-    p = folder / "data" / "sentiment.json"
-    p.write_text(p.read_text().replace("positive", "negative", 1))
-
-
-def _flip_tokenizer(folder):
-    p = folder / "base" / "tokenizer.json"
-    b = bytearray(p.read_bytes())
-    b[len(b) // 2] ^= 0x01
-    p.write_bytes(bytes(b))
-
-
-def _bad_manifest(folder):
-    (folder / "manifest.json").write_text("{not json")
-
-
-def _missing_file(folder):
-    (folder / "base" / "config.json").unlink()
-
-
-def _manifest_drops_entry(folder):
-    m = read_manifest(folder)
-    del m["files"]["data/length.json"]
-    (folder / "manifest.json").write_text(json.dumps(m))
-
-
-@pytest.mark.parametrize("corrupt", [_truncate, _flip_data, _flip_tokenizer, _bad_manifest, _missing_file, _manifest_drops_entry])
-def test_corrupt_cache_is_rebuilt(built, tmp_path, corrupt, one_thread):
-    spec, _, folder = built
-    reference = _hashes(folder)
-    mine = ensure_built(spec, tmp_path, device="cpu", progress=False)
-    corrupt(mine)
-    assert validate_cache(mine, spec) is not None
-    with pytest.warns(RuntimeWarning, match="rebuilding"):
-        again = ensure_built(spec, tmp_path, device="cpu", progress=False)
-    assert again == mine
-    assert validate_cache(mine, spec) is None
-    assert _hashes(mine) == reference
-    assert [p.name for p in mine.parent.iterdir() if p.is_dir()] == [mine.name]
 
 
 # ---- adapter and pool ---------------------------------------------------------------------

@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -54,11 +53,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from featcal.tasks.base import ClassEmbeddingHead
-from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.utils import cache_root, torch_threads
+from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
+from featcal.utils import resolve_device, torch_threads, train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 3
@@ -187,7 +185,13 @@ class EmbeddedSpec(SuiteSpec):
     """Every knob of the build. Its hash names the cache folder."""
 
     SUITE = "embedded"
+    CACHE_DIR = "embedded"
+    LABEL = "embedded benchmark"
     BUILD_VERSION = BUILD_VERSION
+    # the layout ``_build`` writes (see ``SuiteSpec.required_files``)
+    MODEL_FILES = ("config.json", "model.safetensors")
+    DATA_SUFFIX = ".safetensors"
+    EXTRA_FILES = ("heads.safetensors",)
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     # architecture (CLIP ViT, reduced)
@@ -226,12 +230,7 @@ class EmbeddedSpec(SuiteSpec):
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown embedded task(s) {unknown}; allowed: {sorted(TASKS)}")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be a non-empty list of unique names, got {list(self.tasks)}")
+        self._check_tasks(TASKS)
         if self.pretrain_data not in PRETRAIN_DATA:
             raise ValueError(f"pretrain_data must be one of {list(PRETRAIN_DATA)}, got {self.pretrain_data!r}")
         if self.head_source not in HEAD_SOURCES:
@@ -288,43 +287,23 @@ def expected_split_sizes(spec: EmbeddedSpec | Mapping[str, Any] | None = None) -
 
 
 # --------------------------------------------------------------------------------------
-# cache location, lock, manifest
+# cache location and validation (featcal.cache: lock, manifest, rebuild)
 # --------------------------------------------------------------------------------------
 def cache_path(spec: EmbeddedSpec, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
-    return root / "embedded" / spec.spec_hash()
-
-
-def _required_files(spec: EmbeddedSpec) -> list[str]:
-    files = ["base/config.json", "base/model.safetensors", "heads.safetensors"]
-    for t in spec.tasks:
-        files += [f"experts/{t}/config.json", f"experts/{t}/model.safetensors", f"data/{t}.safetensors"]
-    return files
+    return spec.cache_path(cache_dir)
 
 
 def validate_cache(folder: Path, spec: EmbeddedSpec) -> str | None:
     """``None`` if ``folder`` holds a complete build of ``spec``, else the reason it does not."""
-    return manifest_problem(folder, spec.spec_hash(), BUILD_VERSION, _required_files(spec))
+    return spec.cache_problem(folder)
 
 
-def ensure_built(
-    spec: EmbeddedSpec | Mapping[str, Any] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> Path:
-    """The cache folder of a complete, verified build of ``spec`` (building it if needed).
-
-    Idempotent: a valid folder is returned as is. A partial or corrupt one is rebuilt
-    with a warning. Builders are serialised with a lock file next to the folder.
-    """
+def ensure_built(spec: EmbeddedSpec | Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """The folder of a complete, verified build of ``spec``, built if needed (``featcal.cache.ensure_suite``)."""
     spec = EmbeddedSpec.from_config(spec)
-    return ensure_folder(
-        cache_path(spec, cache_dir),
-        lambda folder: validate_cache(folder, spec),
-        lambda tmp: build(spec, tmp, device=device, progress=progress),
-        "embedded benchmark",
-    )
+    # ``build`` is looked up per call, not bound at import: tests replace it to count builds
+    return ensure_suite(spec, cache_dir, lambda tmp: build(spec, tmp, device=device, progress=progress))
 
 
 # --------------------------------------------------------------------------------------
@@ -435,18 +414,6 @@ def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return y * u(0.7, 1.0, 1, 1, 1) + torch.randn(y.shape, generator=g) * u(0.0, 0.2, 1, 1, 1)
 
 
-def _lr_lambda(steps: int, warmup_frac: float) -> Callable[[int], float]:
-    warm = max(1, int(round(steps * warmup_frac)))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
 def _batches(n: int, batch: int, steps: int, g: torch.Generator) -> Iterator[torch.Tensor]:
     """``steps`` index batches, epoch by epoch through seeded permutations."""
     perm, pos = torch.randperm(n, generator=g), 0
@@ -473,36 +440,19 @@ def _train(
     desc: str,
     progress: bool,
 ) -> float:
-    model.train()
-    params = list(model.parameters()) + list(extra_params)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, spec.warmup_frac))
     batch = min(batch, x.shape[0])
-    bar = tqdm(_batches(x.shape[0], batch, steps, g), total=steps, desc=desc, disable=not progress, leave=False)
-    ema = None
-    for idx in bar:
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         xb = x[idx]
         if augment is not None:
             xb = augment(xb, g)
         logits = head(model(pixel_values=xb.to(device)).image_embeds)
-        loss = F.cross_entropy(logits, y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.9 * ema + 0.1 * value
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-    model.eval()
-    return float(ema if ema is not None else float("nan"))
+        return F.cross_entropy(logits, y[idx].to(device))
+
+    return train_adamw(
+        model, _batches(x.shape[0], batch, steps, g), loss_of, steps, lr, spec.weight_decay, spec.warmup_frac,
+        ema_weight=0.1, extra_params=extra_params, desc=desc, progress=progress,
+    )
 
 
 @torch.no_grad()
@@ -578,12 +528,6 @@ def zero_shot_head(
     return prototypes(_embed(base, x, device), tdef.label(y), tdef.n_classes)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build(
     spec: EmbeddedSpec,
     out: Path,
@@ -609,7 +553,7 @@ def _build(spec: EmbeddedSpec, out: Path, device: str | torch.device | None, pro
     from transformers import CLIPVisionModelWithProjection
 
     started = time.time()
-    dev = _resolve_device(device)
+    dev = resolve_device(device, mps=False)
     out.mkdir(parents=True, exist_ok=False)
     images8, digits = _load_digits()
     timings: dict[str, float] = {}

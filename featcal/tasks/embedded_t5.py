@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -44,12 +43,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from featcal.cache import SuiteSpec, ensure_folder, manifest_problem, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.utils import cache_root
+from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
-from featcal.utils import torch_threads
+from featcal.utils import resolve_device, torch_threads, train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 1
@@ -66,7 +63,13 @@ class EmbeddedT5Spec(SuiteSpec):
     """Every knob of the build. Its hash names the cache folder."""
 
     SUITE = "embedded_t5"
+    CACHE_DIR = "embedded_t5"
+    LABEL = "embedded_t5 suite"
     BUILD_VERSION = BUILD_VERSION
+    # the layout ``_build`` writes (see ``SuiteSpec.required_files``): every model folder
+    # carries the tokenizer, so it loads through the normal T5 loaders
+    MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    DATA_SUFFIX = ".json"
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     # architecture (T5 v1.1 / FLAN-T5 layout, reduced)
@@ -91,12 +94,7 @@ class EmbeddedT5Spec(SuiteSpec):
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown embedded_t5 task(s) {unknown}; allowed: {sorted(TASKS)}")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be a non-empty list of unique names, got {list(self.tasks)}")
+        self._check_tasks(TASKS)
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
         for key in ("d_model", "d_ff", "layers", "heads", "n_train", "n_test", "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch"):
@@ -114,46 +112,23 @@ def expected_split_sizes(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None)
 
 
 # --------------------------------------------------------------------------------------
-# cache: location, manifest, validation
+# cache location and validation (featcal.cache: lock, manifest, rebuild)
 # --------------------------------------------------------------------------------------
 def cache_path(spec: EmbeddedT5Spec, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
-    return root / "embedded_t5" / spec.spec_hash()
-
-
-_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-def _required_files(spec: EmbeddedT5Spec) -> list[str]:
-    files = [f"base/{f}" for f in _MODEL_FILES]
-    for t in spec.tasks:
-        files += [f"experts/{t}/{f}" for f in _MODEL_FILES] + [f"data/{t}.json"]
-    return files
+    return spec.cache_path(cache_dir)
 
 
 def validate_cache(folder: Path, spec: EmbeddedT5Spec) -> str | None:
     """``None`` if ``folder`` holds a complete build of ``spec``, else the reason it does not."""
-    return manifest_problem(folder, spec.spec_hash(), BUILD_VERSION, _required_files(spec))
+    return spec.cache_problem(folder)
 
 
-def ensure_built(
-    spec: EmbeddedT5Spec | Mapping[str, Any] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> Path:
-    """The cache folder of a complete, verified build of ``spec`` (building it if needed).
-
-    Idempotent: a valid folder is returned as is; a partial or corrupt one is rebuilt with
-    a warning. Builders are serialised with a lock file next to the folder.
-    """
+def ensure_built(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """The folder of a complete, verified build of ``spec``, built if needed (``featcal.cache.ensure_suite``)."""
     spec = EmbeddedT5Spec.from_config(spec)
-    return ensure_folder(
-        cache_path(spec, cache_dir),
-        lambda folder: validate_cache(folder, spec),
-        lambda tmp: build(spec, tmp, device=device, progress=progress),
-        "embedded_t5 suite",
-    )
+    # ``build`` is looked up per call, not bound at import: tests replace it to count builds
+    return ensure_suite(spec, cache_dir, lambda tmp: build(spec, tmp, device=device, progress=progress))
 
 
 # --------------------------------------------------------------------------------------
@@ -217,18 +192,6 @@ def make_task_data(spec: EmbeddedT5Spec, name: str) -> dict[str, list[dict[str, 
 # --------------------------------------------------------------------------------------
 # training and scoring
 # --------------------------------------------------------------------------------------
-def _lr_lambda(steps: int, warmup_frac: float) -> Callable[[int], float]:
-    warm = max(1, int(round(steps * warmup_frac)))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
 def _encode(tok, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     b = tok(list(texts), padding=True, return_tensors="pt")
     return b["input_ids"].to(device), b["attention_mask"].to(device)
@@ -245,33 +208,16 @@ def _train(
     desc: str,
     progress: bool,
 ) -> float:
-    model.train()
-    params = list(model.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98), eps=1e-6,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, spec.warmup_frac))
-    ema = None
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
-        pairs = batch_fn()
+    def loss_of(pairs: list[tuple[str, str]]) -> torch.Tensor:
         ids, mask = _encode(tok, [a for a, _ in pairs], device)
         labels, _ = _encode(tok, [b for _, b in pairs], device)
         labels = labels.masked_fill(labels == tok.pad_token_id, IGNORE)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-    model.eval()
-    return float(ema if ema is not None else float("nan"))
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    return train_adamw(
+        model, (batch_fn() for _ in range(steps)), loss_of, steps, lr, spec.weight_decay, spec.warmup_frac,
+        ema_weight=0.05, desc=desc, progress=progress,
+    )
 
 
 @torch.no_grad()
@@ -288,12 +234,6 @@ def score(model: nn.Module, tok, rows: Sequence[Mapping[str, Any]], device: torc
         gen = greedy_generate(model, ids, mask, max_new_tokens)
         answers += [a.strip() for a in tok.batch_decode(gen.cpu(), skip_special_tokens=True)]
     return exact_match_accuracy(answers, [r["target"] for r in rows])
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -318,7 +258,7 @@ def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, p
     from transformers import T5ForConditionalGeneration
 
     started, cpu_started = time.time(), time.process_time()
-    dev = _resolve_device(device)
+    dev = resolve_device(device, mps=False)
     out.mkdir(parents=True, exist_ok=False)
     tok = make_tokenizer()
     timings: dict[str, float] = {}

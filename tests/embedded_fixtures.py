@@ -1,0 +1,38 @@
+"""Tiny specs of the two embedded suites, shared by their own test modules
+(``test_embedded.py``, ``test_embedded_t5.py``) and the cache tests of both
+(``test_suite_cache.py``)."""
+
+# the vision suite (featcal.tasks.embedded_build), a tiny build (~1-2 s): 2 tasks, a
+# 1-block width-16 tower, a few steps
+EMBEDDED_TINY = dict(
+    tasks=["digits", "patch_shuffle"],
+    width=16,
+    layers=1,
+    heads=2,
+    projection_dim=16,
+    n_test=100,
+    n_train=80,
+    pretrain_steps=6,
+    pretrain_batch=32,
+    finetune_steps=4,
+    finetune_batch=16,
+    # heads on each task's own split (test_split_sizes_and_heads checks them); the
+    # default canonical heads are checked by test_canonical_heads_are_upright_digit_prototypes
+    head_source="task",
+)
+
+# the text suite (featcal.tasks.embedded_t5), a tiny build (a few seconds): 2 tasks, a
+# width-16 1+1-block T5, a few steps
+EMBEDDED_T5_TINY = dict(
+    tasks=["sentiment", "length"],
+    d_model=16,
+    d_ff=32,
+    layers=1,
+    heads=2,
+    n_train=64,
+    n_test=40,
+    pretrain_steps=6,
+    pretrain_batch=16,
+    finetune_steps=3,
+    finetune_batch=8,
+)
