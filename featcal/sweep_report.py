@@ -550,7 +550,7 @@ def figure_scaling(long: pd.DataFrame, runs: pd.DataFrame, path: Path, metric: s
     colors = _colors(cals)
     budgets = sorted(runs.loc[runs["calibration"] != "none", "budget"].unique())
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17.5, 4.2))
     ax_a, ax_t, ax_m = axes
     m = merged_avg.groupby("n_tasks")["accuracy"].mean()
     ax_a.plot(m.index, m.values, color="black", ls="--", marker="s", label="merged")
@@ -575,9 +575,10 @@ def figure_scaling(long: pd.DataFrame, runs: pd.DataFrame, path: Path, metric: s
         ax.grid(alpha=0.3)
     for ax in (ax_t, ax_m):
         ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
-    ax_a.legend(fontsize=7)
+    # one legend for the three panels, right of them (inside a panel it hides lines)
+    fig.legend(*ax_a.get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.suptitle("Scaling with the number of merged tasks", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
