@@ -13,6 +13,7 @@ from featcal.backbone.lazy import LazyCausalLM, is_lazy
 from featcal.backbone.llama import LlamaBackbone
 from featcal.calibration.featcal import FeatCal
 from featcal.merge import task_arithmetic
+from test_featcal_driver import _final_drift
 from tests.llm_fixtures import TASKS, build_world, task_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,16 +46,6 @@ def _streamed(streaming, calib, **kw):
     merged = streaming.merge(TA, base, experts)  # streamed to disk, loaded back
     assert not is_lazy(merged)
     return FeatCal(progress=False, **kw).calibrate(streaming, merged, base, experts, calib)
-
-
-def _final_drift(backbone, model, experts, test):
-    out = []
-    with torch.no_grad():
-        for t, x in enumerate(test):
-            z = backbone.represent(model, x).float()
-            ze = backbone.represent(experts[t], x).float()
-            out.append(float(((z - ze).norm(dim=-1) / ze.norm(dim=-1)).mean()))
-    return out
 
 
 def test_streamed_equals_in_memory_and_lowers_drift(world):

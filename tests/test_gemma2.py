@@ -11,6 +11,7 @@ from featcal.calibration.featcal import FeatCal
 from featcal.calibration.featcal.solver import anchor, solve_rmsnorm
 from featcal.calibration.featcal.stats import normalise_without_affine
 from featcal.merge import task_arithmetic
+from test_featcal_driver import _final_drift
 from tests.llm_fixtures import TASKS, build_world, is_sharded, task_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,16 +101,6 @@ def test_gemma_backbone_matches_the_model_forward(gemma_world):
         for blk in backbone.blocks(base):
             state = backbone.run_block(blk, state)
     assert not torch.allclose(base.model.norm(state.hidden)[m], ref[m], atol=1e-4)
-
-
-def _final_drift(backbone, model, experts, test):
-    out = []
-    with torch.no_grad():
-        for t, x in enumerate(test):
-            z = backbone.represent(model, x).float()
-            ze = backbone.represent(experts[t], x).float()
-            out.append(float(((z - ze).norm(dim=-1) / ze.norm(dim=-1)).mean()))
-    return out
 
 
 def test_gemma_featcal_lowers_final_drift_and_moves_all_four_norms(gemma_world):

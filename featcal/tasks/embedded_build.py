@@ -377,20 +377,33 @@ def clip_config(spec: EmbeddedSpec):
     )
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Mild generic augmentations of gray images in [0, 1]: affine jitter, tint, contrast, noise."""
-    n = x.shape[0]
+def _uniform(n: int, g: torch.Generator) -> Callable[..., torch.Tensor]:
+    """``u(lo, hi, *shape)``: per-image uniform draws [n, *shape] from ``g``."""
 
-    def u(lo, hi, *shape):
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
 
-    angle = u(-0.35, 0.35)  # about ±20°
-    scale = u(0.85, 1.15)
-    tx, ty = u(-0.15, 0.15), u(-0.15, 0.15)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return u
+
+
+def _random_affine(x: torch.Tensor, u: Callable[..., torch.Tensor], angle: float, scale: tuple[float, float],
+                   shift: float, padding: str) -> torch.Tensor:
+    """Each image rotated by up to ±``angle`` rad, scaled by a factor in ``scale`` and shifted
+    by up to ±``shift`` (fractions of the half-width), bilinear; draws angle, scale, x, y in
+    turn (the order the cached builds were made with)."""
+    a = u(-angle, angle)
+    s = u(*scale)
+    tx, ty = u(-shift, shift), u(-shift, shift)
+    cos, sin = torch.cos(a) / s, torch.sin(a) / s
     theta = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mild generic augmentations of gray images in [0, 1]: affine jitter, tint, contrast, noise."""
+    u = _uniform(x.shape[0], g)
+    y = _random_affine(x, u, angle=0.35, scale=(0.85, 1.15), shift=0.15, padding="zeros")  # about ±20°
     y = y * u(0.6, 1.0, 1, 1, 1)  # contrast
     y = y.expand(-1, 3, -1, -1) * u(0.5, 1.0, 3, 1, 1)  # colour tint
     y = y + torch.randn(y.shape, generator=g) * u(0.0, 0.15, 1, 1, 1)
@@ -399,18 +412,8 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Mild jitter of normalised RGB images: small affine moves, contrast and noise."""
-    n = x.shape[0]
-
-    def u(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
-
-    angle = u(-0.2, 0.2)  # about ±11°
-    scale = u(0.9, 1.1)
-    tx, ty = u(-0.1, 0.1), u(-0.1, 0.1)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    u = _uniform(x.shape[0], g)
+    y = _random_affine(x, u, angle=0.2, scale=(0.9, 1.1), shift=0.1, padding="border")  # about ±11°
     return y * u(0.7, 1.0, 1, 1, 1) + torch.randn(y.shape, generator=g) * u(0.0, 0.2, 1, 1, 1)
 
 
