@@ -68,6 +68,13 @@ def test_emulated_products_use_rounded_operands_and_nothing_else_changes():
     for key in ("matmul", "@", "mm", "linear", "einsum"):
         torch.testing.assert_close(got[key], want, rtol=0, atol=1e-5, msg=key)
     torch.testing.assert_close(got["addmm"], want + bias, rtol=0, atol=1e-5)  # bias not rounded
+    # keyword operands: rounded by name, the added term and the bias stay float32
+    big = torch.full((8, 24), 1 + 2**-12)  # TF32 would round it to 1: off by 2.4e-4
+    with EmulatedTF32():
+        kw_addmm = torch.addmm(input=big, mat1=a, mat2=b)
+        kw_linear = F.linear(input=a, weight=b.T, bias=big[0])
+    torch.testing.assert_close(kw_addmm, want + big, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kw_linear, want + big[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got["bmm"], round_to_tf32(qa) @ round_to_tf32(qb), rtol=0, atol=1e-5)
     torch.testing.assert_close(got["conv"], F.conv2d(round_to_tf32(img), round_to_tf32(ker)), rtol=0, atol=1e-5)
     torch.testing.assert_close(
@@ -85,7 +92,6 @@ def test_tf32_context_on_the_cpu_is_off_unless_emulation_is_asked_for(monkeypatc
     a, b = torch.randn(16, 16), torch.randn(16, 16)
     monkeypatch.delenv(EMULATE_ENV, raising=False)
     with tf32_context("cpu"):
-        assert torch.equal(a @ b, a @ b)
         plain = a @ b
     assert torch.equal(plain, a @ b)
     monkeypatch.setenv(EMULATE_ENV, "1")

@@ -46,25 +46,26 @@ def _tf32(t):
     return round_to_tf32(t) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
 
 
-#: op → positions of the arguments that TF32 rounds (bias / added input stays float32)
+#: op → (positions, keyword names) of the operands that TF32 rounds; the added term of
+#: addmm/baddbmm and a bias stay float32 (they enter the float32 accumulation)
+_TWO = ((0, 1), ("input", "other", "mat2"))
 _ROUNDED_ARGS = {
-    F.linear: (0, 1),
-    torch.matmul: (0, 1),
-    torch.Tensor.matmul: (0, 1),
-    torch.Tensor.__matmul__: (0, 1),
-    torch.Tensor.__rmatmul__: (0, 1),
-    torch.mm: (0, 1),
-    torch.Tensor.mm: (0, 1),
-    torch.bmm: (0, 1),
-    torch.Tensor.bmm: (0, 1),
-    torch.addmm: (1, 2),
-    torch.Tensor.addmm: (1, 2),
-    torch.baddbmm: (1, 2),
-    torch.Tensor.baddbmm: (1, 2),
-    torch.einsum: None,  # every tensor operand
-    F.conv1d: (0, 1),
-    F.conv2d: (0, 1),
-    F.scaled_dot_product_attention: (0, 1, 2),
+    F.linear: ((0, 1), ("input", "weight")),
+    torch.matmul: _TWO,
+    torch.Tensor.matmul: _TWO,
+    torch.Tensor.__matmul__: _TWO,
+    torch.Tensor.__rmatmul__: _TWO,
+    torch.mm: _TWO,
+    torch.Tensor.mm: _TWO,
+    torch.bmm: _TWO,
+    torch.Tensor.bmm: _TWO,
+    torch.addmm: ((1, 2), ("mat1", "mat2")),
+    torch.Tensor.addmm: ((1, 2), ("mat1", "mat2")),
+    torch.baddbmm: ((1, 2), ("batch1", "batch2")),
+    torch.Tensor.baddbmm: ((1, 2), ("batch1", "batch2")),
+    F.conv1d: ((0, 1), ("input", "weight")),
+    F.conv2d: ((0, 1), ("input", "weight")),
+    F.scaled_dot_product_attention: ((0, 1, 2), ("query", "key", "value")),
 }
 
 
@@ -72,18 +73,16 @@ class EmulatedTF32(TorchFunctionMode):
     """Rounds the float32 operands of matrix products to TF32 (see the module docstring)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _ROUNDED_ARGS:
-            positions = _ROUNDED_ARGS[func]
-            if positions is None:
-                args = tuple(_tf32(a) if i > 0 else a for i, a in enumerate(args))
-                if len(args) == 2 and isinstance(args[1], (list, tuple)):
-                    args = (args[0], type(args[1])(_tf32(a) for a in args[1]))
-            else:
-                args = tuple(_tf32(a) if i in positions else a for i, a in enumerate(args))
-                for name in ("input", "weight", "mat1", "mat2", "batch1", "batch2", "query", "key", "value", "other"):
-                    if name in kwargs:
-                        kwargs[name] = _tf32(kwargs[name])
+        kwargs = dict(kwargs or {})
+        if func is torch.einsum:  # einsum(equation, *operands) or einsum(equation, [operands])
+            operands = args[1:]
+            if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+                operands = (type(operands[0])(_tf32(a) for a in operands[0]),)
+            args = (args[0], *(_tf32(a) for a in operands))
+        elif func in _ROUNDED_ARGS:
+            positions, names = _ROUNDED_ARGS[func]
+            args = tuple(_tf32(a) if i in positions else a for i, a in enumerate(args))
+            kwargs = {k: _tf32(v) if k in names else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
 
