@@ -4,9 +4,12 @@ For every ``nn.Linear`` whose weight is part of the task vectors, the merged wei
 minimises Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖², X_t being expert t's own inputs to that Linear on
 task t's calibration batches:
 
-    Wᵀ = (Σ_t G_t)⁻¹ Σ_t G_t W_tᵀ,    G_t = X_tᵀ X_t,
+    Wᵀ = (Σ_t G_t)⁻¹ Σ_t G_t W_tᵀ,    G_t = X_tᵀ X_t / N_t,
 
-with the off-diagonal entries of each G_t scaled by ``reduce_non_diagonal_ratio``
+G_t being the **mean** Gram over the N_t input rows (tokens, padding included) of task
+t (``gram: mean``, the running mean of FusionBench, MergeBench and the original code, so
+tasks weigh equally whatever their token counts; ``gram: sum`` drops the 1/N_t and weighs
+tasks by their row counts), with the off-diagonal entries of each G_t scaled by ``reduce_non_diagonal_ratio``
 (0.95 in the paper; 1 is the plain least-squares solution). Every other floating
 tensor (Linear biases, norms, embeddings, ...) is the mean of the experts' values;
 excluded and non-floating tensors keep the base value.
@@ -29,6 +32,7 @@ from featcal.merge.weight_average import weight_average
 log = logging.getLogger(__name__)
 
 _SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+GRAM_REDUCTIONS = ("mean", "sum")
 
 
 def merge_linear_layers(names: Sequence[str], model: nn.Module) -> dict[str, nn.Linear]:
@@ -45,10 +49,15 @@ def input_grams(
     batches: Sequence[Any],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    reduce: str = "mean",
 ) -> dict[str, torch.Tensor]:
-    """Σ xᵀx over every input row (token) reaching each named Linear of ``model`` while
-    ``backbone.represent`` runs on ``batches``; [in, in] in ``dtype`` (float32 or wider) on ``device``."""
+    """XᵀX / N (``reduce="mean"``) or XᵀX (``"sum"``) over the N input rows (tokens)
+    reaching each named Linear of ``model`` while ``backbone.represent`` runs on
+    ``batches``; [in, in] in ``dtype`` (float32 or wider) on ``device``."""
+    if reduce not in GRAM_REDUCTIONS:
+        raise ValueError(f"gram must be one of {', '.join(GRAM_REDUCTIONS)}, got {reduce!r}")
     grams: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
     mods = merge_linear_layers(linears, model)
     handles = []
 
@@ -57,6 +66,7 @@ def input_grams(
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).to(dtype)
             g = x.t() @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
             if name in grams:
                 grams[name] += g
             else:
@@ -72,6 +82,9 @@ def input_grams(
     finally:
         for h in handles:
             h.remove()
+    if reduce == "mean":
+        for name in grams:
+            grams[name] /= max(rows[name], 1)
     return grams
 
 
@@ -105,6 +118,7 @@ def regmean(
     device: torch.device | str = "cpu",
     reduce_non_diagonal_ratio: float = 0.95,
     solve_dtype: str = "float32",
+    gram: str = "mean",
 ) -> dict[str, torch.Tensor]:
     """RegMean merge (module docstring). ``calib[t]`` holds task t's unlabeled batches."""
     check_experts(base, experts)
@@ -115,6 +129,8 @@ def regmean(
         raise ValueError(f"reduce_non_diagonal_ratio must be in [0, 1], got {reduce_non_diagonal_ratio}")
     if solve_dtype not in _SOLVE_DTYPES:
         raise ValueError(f"solve_dtype must be one of {sorted(_SOLVE_DTYPES)}, got {solve_dtype!r}")
+    if gram not in GRAM_REDUCTIONS:
+        raise ValueError(f"gram must be one of {', '.join(GRAM_REDUCTIONS)}, got {gram!r}")
     sdtype = _SOLVE_DTYPES[solve_dtype]
     device = torch.device(device)
 
@@ -135,7 +151,7 @@ def regmean(
         was_training = model.training
         model.eval().to(device)
         try:
-            grams = input_grams(backbone, model, linears, batches, device, sdtype)
+            grams = input_grams(backbone, model, linears, batches, device, sdtype, reduce=gram)
         finally:
             model.to(home).train(was_training)
         for name in linears:
@@ -165,6 +181,7 @@ def _validate_config(node: dict) -> list[str]:
     return check_keys(node, {
         "reduce_non_diagonal_ratio": (number_in(0.0, 1.0), "must be a number in [0, 1]"),
         "solve_dtype": (lambda x: x in _SOLVE_DTYPES, f"allowed: {', '.join(_SOLVE_DTYPES)}"),
+        "gram": (lambda x: x in GRAM_REDUCTIONS, "allowed: mean (X^T X / N_t per task, the references), sum"),
     })
 
 

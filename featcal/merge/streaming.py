@@ -266,12 +266,18 @@ class GlobalTies(_Method):
 
     passes = 3
 
-    def __init__(self, scaling_factor: float = 0.3, density: float = 0.2, merge_func: str = "sum"):
+    def __init__(self, scaling_factor: float = 0.3, density: float = 0.2, merge_func: str = "sum",
+                 trim_extra_zeros: int = 0, trim_count: dict | None = None, trim_also: list | None = None):
         if merge_func not in ("sum", "mean", "max"):
             raise ValueError(f"merge_func must be sum, mean or max, got {merge_func!r}")
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
+        if trim_also:  # the passes see the merged keys only
+            raise ValueError(f"streaming TIES cannot count excluded keys in the trim (trim_also={list(trim_also)}): "
+                             "merge in memory (backbone.adapter.streaming=false) or leave merge.trim_also empty")
         self.lam, self.density, self.merge_func = float(scaling_factor), float(density), merge_func
+        self.extra_zeros = int(trim_extra_zeros)  # zero entries in every task's trim (see featcal.merge.ties)
+        self.counts = {k: int(v) for k, v in (trim_count or {}).items()}  # keys counted c times
         self.thresholds: list[float] | None = None
         self.majority = 1.0
 
@@ -291,22 +297,28 @@ class GlobalTies(_Method):
 
     def observe(self, p, key, base, experts):
         b32 = base.to(torch.float32)
+        c = self.counts.get(key, 1)
         if p == 2:
-            self.sign_sum += int(self._elected(b32, experts)[1].sum(dtype=torch.int64))  # exact count
+            self.sign_sum += c * int(self._elected(b32, experts)[1].sum(dtype=torch.int64))  # exact count
             return
         for t, e in enumerate(experts):
             bits = self._bits(_task_vector(b32, e))
             if p == 0:
                 if self.hist is None:
                     self.hist = torch.zeros(self.num_tasks, 1 << 16, dtype=torch.int64, device=bits.device)
-                self.hist[t] += torch.bincount(bits >> 16, minlength=1 << 16)
+                    self.hist[:, 0] += self.extra_zeros  # +0.0 has bit pattern 0
+                    self.count += self.extra_zeros
+                self.hist[t] += c * torch.bincount(bits >> 16, minlength=1 << 16)
                 if t == 0:
-                    self.count += bits.numel()
+                    self.count += c * bits.numel()
             else:
                 if self.low_hist is None:
                     self.low_hist = torch.zeros(self.num_tasks, 1 << 16, dtype=torch.int64, device=bits.device)
+                    for k in range(self.num_tasks):
+                        if self.high_bin[k] == 0:
+                            self.low_hist[k, 0] += self.extra_zeros
                 sel = bits[(bits >> 16) == self.high_bin[t]]
-                self.low_hist[t] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+                self.low_hist[t] += c * torch.bincount(sel & 0xFFFF, minlength=1 << 16)
 
     def end_pass(self, p):
         n = self.count
@@ -337,8 +349,10 @@ class GlobalTies(_Method):
                 self.thresholds.append(float(bits.view(torch.float32)))
             self.low_hist = None
         elif p == 2:
-            self.majority = 1.0 if self.sign_sum >= 0 else -1.0
-            # torch.sign(0) = 0: with no elected signs at all there is nothing to resolve
+            # sign(Σ elected signs), itself 0 when the sum is exactly 0 (torch.sign(0) = 0, as the
+            # in-memory TIES and the reference code): a zero elected sign then stays 0 and the
+            # merge keeps the negative entries (``where(sign > 0, τ > 0, τ < 0)``)
+            self.majority = float((self.sign_sum > 0) - (self.sign_sum < 0))
 
     def _elected(self, b32, experts):
         tvs = torch.stack([_task_vector(b32, e) for e in experts])
@@ -373,7 +387,7 @@ def streaming_method(merge_fn) -> _Method:
     kwargs.pop("exclude", None)
     name = getattr(fn, "__name__", str(fn))
     if name == "ties":
-        unknown = set(kwargs) - {"scaling_factor", "density", "merge_func"}
+        unknown = set(kwargs) - {"scaling_factor", "density", "merge_func", "trim_extra_zeros", "trim_count", "trim_also"}
         if unknown:
             raise ValueError(f"streaming TIES does not know the option(s) {sorted(unknown)}")
         return GlobalTies(**kwargs)
