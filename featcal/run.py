@@ -144,6 +144,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "split": str(cfg.budget.split),
         "seed": int(cfg.seed),
     }
+    # a calibrator that picks its result by test-split scores is labelled so in every table
+    meta["calibration"] += getattr(calibrator, "selection_label", "")
     log.info("run %s on %s", meta, device)
     group, run_name = _sweep_group()
     logger = None
@@ -208,6 +210,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     with timer.stage("calibrate"):
         if calib is not None:
             calib = adapter.prepare_calibration(merged, base, experts, calib, device)
+        if getattr(calibrator, "needs_test_scorer", False):  # best-of-rounds on the test split
+            calibrator.round_scorer = lambda cal: scores(evaluate(cal.model, cal.model_for_task, desc="round"), pool)["average"]
         calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)
     report = calibrated.report
     report.extra.setdefault("rss_increase_mib", current_rss_mib() - rss_before)

@@ -34,6 +34,10 @@ from featcal.backbone.base import Backbone, Inputs, move_inputs
 from featcal.calibration.base import CalibratedModel, CalibrationReport, Calibrator
 from featcal.utils import torch_threads
 
+ZERO_GRAD = ("set_to_none", "zeros")
+SELECT = ("final", "best")
+SELECTION_SPLITS = ("test", "calibration")
+
 # --------------------------------------------------------------------------- modules
 
 
@@ -280,8 +284,21 @@ class _SurgeryBase(Calibrator):
     Schedule: for each of ``iterations`` iterations, for each task in order,
     ``batches_per_iteration`` Adam steps on minibatches of that task (one step per
     batch), i.e. iterations × batches_per_iteration × T steps in total; the original
-    is 500 × 2 per task. With per-task modules the order does not change the result
-    (tasks own disjoint parameters, and Adam skips parameters without gradient).
+    is 500 × 2 per task. With per-task modules and ``zero_grad="set_to_none"`` (today's
+    torch default) the order does not change the result (tasks own disjoint parameters,
+    and Adam skips parameters without gradient).
+
+    ``zero_grad="zeros"``: the originals' torch 1.x ``optimizer.zero_grad()``, which leaves
+    zero gradients instead of None: once a module has had a gradient, every later step
+    (any task's) is an Adam step for it with g = 0, so it keeps moving on its momentum and
+    its step count advances (the order of tasks then matters).
+
+    Rounds: the schedule is cut into ``rounds`` equal rounds (``iterations`` a multiple of
+    ``rounds``). ``select="final"`` keeps the last modules; ``select="best"`` keeps the
+    modules at the end of the best round, scored on ``selection_split``: ``test`` =
+    the run's task-pool score on the test split (ProbSurgery's public code: the best of 50
+    rounds on the test set; such a run is labelled ``+test-selected``), ``calibration`` =
+    the lowest mean L1 to the experts on the calibration features (no test data).
     """
 
     kind: str = "surgery"
@@ -304,9 +321,27 @@ class _SurgeryBase(Calibrator):
         devices: Any = 1,
         precision: str = "32-true",
         progress: bool = True,
+        zero_grad: str = "set_to_none",
+        rounds: int = 1,
+        select: str = "final",
+        selection_split: str = "test",
     ):
         if iterations < 0 or batches_per_iteration < 1 or batch_size < 1:
             raise ValueError("iterations must be >= 0, batches_per_iteration and batch_size >= 1")
+        if zero_grad not in ZERO_GRAD:
+            raise ValueError(f"zero_grad must be one of {', '.join(ZERO_GRAD)}, got {zero_grad!r}")
+        if select not in SELECT or selection_split not in SELECTION_SPLITS:
+            raise ValueError(f"select must be one of {SELECT} and selection_split one of {SELECTION_SPLITS}, "
+                             f"got {select!r}, {selection_split!r}")
+        if int(rounds) < 1 or int(iterations) % int(rounds):
+            raise ValueError(f"rounds must be >= 1 and divide iterations ({iterations}), got {rounds}")
+        self.zero_grad = zero_grad
+        self.rounds = int(rounds)
+        self.select = select
+        self.selection_split = selection_split
+        #: set by the run when ``needs_test_scorer``: ``scorer(calibrated) -> float`` (higher is
+        #: better), the task pool's average score of a calibrated model on the test split
+        self.round_scorer = None
         self.hidden = int(hidden)
         self.shared = bool(shared)
         self.kl_weight = float(kl_weight)
@@ -337,7 +372,25 @@ class _SurgeryBase(Calibrator):
             "weight_decay": (non_negative_number, "must be a number >= 0"),
             "log_every": (positive_int, "must be a positive integer"),
             "seed": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "must be a non-negative integer"),
-        })
+            "zero_grad": (lambda x: x in ZERO_GRAD, "allowed: set_to_none (today's torch), zeros (torch 1.x, the originals)"),
+            "rounds": (positive_int, "must be a positive integer dividing iterations"),
+            "select": (lambda x: x in SELECT, "allowed: final (the last round), best (the best-scoring round)"),
+            "selection_split": (lambda x: x in SELECTION_SPLITS, "allowed: test (task-pool score on the test split), calibration (L1 on the calibration set)"),
+        }) + (
+            [f"rounds={node['rounds']!r}: must divide iterations={node['iterations']!r}"]
+            if positive_int(node.get("rounds", 1)) and positive_int(node.get("iterations", 1))
+            and node.get("iterations", 1) % node.get("rounds", 1) else []
+        )
+
+    @property
+    def needs_test_scorer(self) -> bool:
+        """True when rounds are selected by their test-split score (the run supplies it)."""
+        return self.select == "best" and self.selection_split == "test" and self.rounds > 1
+
+    @property
+    def selection_label(self) -> str:
+        """The suffix of this calibrator's label in every table: test-set selection is marked."""
+        return "+test-selected" if self.needs_test_scorer else ""
 
     # ---- feature cache ---------------------------------------------------
     @torch.no_grad()
@@ -368,8 +421,11 @@ class _SurgeryBase(Calibrator):
                 )
         return merged_feats, expert_feats
 
-    def _train(self, fabric, wrapped, optimizer, merged_feats, expert_feats, names):
-        """The optimisation loop on cached features; returns (steps, loss curve, per-task curve)."""
+    def _train(self, fabric, wrapped, optimizer, merged_feats, expert_feats, names, on_round=None):
+        """The optimisation loop on cached features; returns (steps, loss curve, per-task curve).
+        ``on_round(r, step)`` runs after each of the ``rounds`` rounds (r = 1 ... rounds)."""
+        per_round = self.iterations // self.rounds
+        set_to_none = self.zero_grad == "set_to_none"
         T = len(merged_feats)
         sample_gen = torch.Generator().manual_seed(self.seed + 1)
         noise_gen = torch.Generator().manual_seed(self.seed + 2)
@@ -387,7 +443,7 @@ class _SurgeryBase(Calibrator):
         win_count = 0
         step = 0
         bar = tqdm(total=total, desc=self.name, disable=not self.progress, leave=False)
-        for _ in range(self.iterations):
+        for it in range(self.iterations):
             for t in range(T):
                 for _ in range(self.batches_per_iteration):
                     idx = streams[t].next().to(fabric.device)
@@ -398,7 +454,7 @@ class _SurgeryBase(Calibrator):
                     z_hat, kl = wrapped(z, t, noise)
                     l1 = F.l1_loss(z_hat.float(), target)
                     loss = l1 if kl is None else l1 + self.kl_weight * kl.float().mean()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=set_to_none)
                     fabric.backward(loss)
                     optimizer.step()
                     step += 1
@@ -420,8 +476,39 @@ class _SurgeryBase(Calibrator):
                         task_cnt = [0] * T
                         win_count = 0
                     bar.update(1)
+            if on_round is not None and (it + 1) % per_round == 0:
+                on_round((it + 1) // per_round, step)
+                wrapped.train()
         bar.close()
         return step, curve, task_curve
+
+    def _round_selector(self, backbone, merged, bank, merged_feats, expert_feats):
+        """(on_round callback, record): scores every round, keeps the best round's modules."""
+        record: dict[str, Any] = {"rounds": [], "best": None, "state": None}
+        if self.select != "best" or self.rounds == 1:
+            return None, record
+        if self.selection_split == "test" and self.round_scorer is None:
+            raise ValueError("select=best with selection_split=test needs the run's test scorer (featcal-run sets it)")
+
+        def on_round(r: int, step: int) -> None:
+            bank.eval()
+            with torch.no_grad():
+                if self.selection_split == "test":
+                    cal = SurgeryCalibratedModel(backbone, merged, bank)
+                    try:
+                        score = float(self.round_scorer(cal))
+                    finally:
+                        cal.remove_hooks()
+                else:  # minus the mean L1 to the experts on the calibration features
+                    p = next(bank.parameters())
+                    l1 = [float(F.l1_loss(bank(z.to(p.dtype), t)[0].float(), y)) for t, (z, y) in enumerate(zip(merged_feats, expert_feats))]
+                    score = -sum(l1) / len(l1)
+            record["rounds"].append({"round": r, "step": step, "score": score})
+            if record["best"] is None or score > record["best"]["score"]:
+                record["best"] = {"round": r, "step": step, "score": score}
+                record["state"] = {k: v.detach().clone() for k, v in bank.state_dict().items()}
+
+        return on_round, record
 
     # ---- calibration -------------------------------------------------------
     def calibrate(
@@ -450,8 +537,11 @@ class _SurgeryBase(Calibrator):
 
         # The modules are tiny (a [16, D] minibatch through a D→h→D MLP): on CPU, intra-op
         # threads only add hand-off cost, so the loop runs single-threaded (restored after).
+        on_round, record = self._round_selector(backbone, merged, bank, merged_feats, expert_feats)
         with torch_threads(1 if fabric.device.type == "cpu" else None):
-            step, curve, task_curve = self._train(fabric, wrapped, optimizer, merged_feats, expert_feats, names)
+            step, curve, task_curve = self._train(fabric, wrapped, optimizer, merged_feats, expert_feats, names, on_round)
+        if record["state"] is not None:
+            bank.load_state_dict(record["state"])
         t_train = time.perf_counter() - t0 - t_cache
 
         bank.eval()
@@ -476,6 +566,10 @@ class _SurgeryBase(Calibrator):
                 "lr": self.lr,
                 "seed": self.seed,
                 "precision": self.precision,
+                "zero_grad": self.zero_grad,
+                "rounds": self.rounds,
+                "select": self.select,
+                "selection_split": self.selection_split if self.select == "best" else None,
             },
             timings={"cache": t_cache, "train": t_train, "total": time.perf_counter() - t0},
             extra={
@@ -490,6 +584,9 @@ class _SurgeryBase(Calibrator):
                 "l1_before_mean": sum(before.values()) / T if T else math.nan,
                 "l1_after_mean": sum(after.values()) / T if T else math.nan,
                 "device": str(fabric.device),
+                "round_scores": record["rounds"],
+                "selected_round": record["best"]["round"] if record["best"] else self.rounds,
+                "test_selected": bool(self.needs_test_scorer),
             },
         )
         calibrated = SurgeryCalibratedModel(backbone, merged, bank, report)

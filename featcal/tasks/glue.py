@@ -9,7 +9,9 @@
 * Scoring: greedy generation of at most 10 new tokens, decoded with special tokens
   skipped; classification = exact match with the label word (accuracy, %); STS-B =
   the answer parsed as a float (0.0 when it does not parse), Spearman ×100 against the
-  gold scores (target string ``"{:.1f}"`` of the score).
+  gold scores (target string ``"{:.1f}"`` of the score). ``stsb_gold: text`` takes the
+  gold scores parsed back from that ``"{:.1f}"`` text (rounded to 0.1), as FusionBench
+  scores STS-B; the default ``raw`` uses the dataset's scores as they are.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from featcal.tasks.text2text import TextToTextTaskPool
 
 TEMPLATES_FILE = Path(__file__).resolve().parent / "data" / "glue_templates.json"
 GLUE_HUB_ID = "nyu-mll/glue"
+STSB_GOLD = ("raw", "text")
 
 
 @lru_cache(maxsize=None)
@@ -69,8 +72,12 @@ class GLUETaskPool(TextToTextTaskPool):
         datasets: str | Mapping[str, str] = GLUE_HUB_ID,
         templates: str | None = None,
         check_sources: bool = True,
+        stsb_gold: str = "raw",
         **kwargs: Any,
     ):
+        if stsb_gold not in STSB_GOLD:
+            raise ValueError(f"stsb_gold must be one of {', '.join(STSB_GOLD)}, got {stsb_gold!r}")
+        self.stsb_gold = stsb_gold
         super().__init__(tasks, tokenizer, **kwargs)
         self.templates = glue_templates(templates)
         unknown = [t for t in self.names if t not in self.templates]
@@ -91,6 +98,9 @@ class GLUETaskPool(TextToTextTaskPool):
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
         problems = super().validate_config(node)
+        if node.get("stsb_gold", "raw") not in STSB_GOLD:
+            problems.append(f"stsb_gold={node.get('stsb_gold')!r}: allowed: raw (the dataset's scores), "
+                            "text (parsed from the \"{{:.1f}}\" target text, FusionBench)")
         try:
             known = glue_templates(node.get("templates"))
         except Exception as err:  # noqa: BLE001 - a bad template file is a config problem
@@ -158,6 +168,8 @@ class GLUETaskPool(TextToTextTaskPool):
         return [str(folder.resolve()), self.split_name(task, split), stamp]
 
     def render_identity(self, task: str) -> Any:
+        if self.stsb_gold != "raw" and self.metric_of(task) == "spearman":  # the cached golds differ
+            return {**self.templates[task], "stsb_gold": self.stsb_gold}
         return self.templates[task]
 
     # ---- strings ------------------------------------------------------------
@@ -176,6 +188,8 @@ class GLUETaskPool(TextToTextTaskPool):
 
     def gold_value(self, task: str, row: dict) -> Any:
         if self.metric_of(task) == "spearman":
+            if self.stsb_gold == "text":  # FusionBench: the gold parsed from its "{:.1f}" target text
+                return float(self.render_target(task, row))
             return float(row["label"])
         return self.render_target(task, row)
 
