@@ -344,3 +344,188 @@ def test_schedule_keys_give_alternating_or_blocked_task_order(setup, monkeypatch
     calls.clear()
     _calibrate(ProbSurgery(**{**opts, "iterations": 1, "batches_per_iteration": 3}), setup)
     assert calls == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+# ---- protocol options: optimiser semantics and best-of-rounds (METHOD.md, "Protocols") ----
+#
+# A toy problem with a hand-written reference: the modules' forward and Adam written out
+# from their equations, with the originals' torch 1.x ``zero_grad()`` (zero gradients kept:
+# a parameter that has had a gradient takes an Adam step with g = 0 whenever any task
+# steps) or today's ``set_to_none`` (only the stepping task's parameters move).
+
+
+class _ToyBackbone:
+    """represent(model, x) = model(x): the 'encoders' are fixed Linear maps."""
+
+    def __init__(self, tasks):
+        self.tasks = list(tasks)
+
+    def represent(self, model, inputs):
+        return model(inputs)
+
+    def device_of(self, model):
+        return next(model.parameters()).device
+
+    def representation_site(self, model):
+        return model, "output"
+
+
+def _toy(num_tasks=3, dim=6, n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    merged = nn.Linear(dim, dim)
+    experts = [nn.Linear(dim, dim) for _ in range(num_tasks)]
+    with torch.no_grad():
+        for m in [merged] + experts:
+            m.weight.copy_(torch.randn(dim, dim, generator=g) / dim ** 0.5)
+            m.bias.copy_(0.3 * torch.randn(dim, generator=g))
+        for e in experts:  # experts near the merged map
+            e.weight.copy_(merged.weight + 0.4 * torch.randn(dim, dim, generator=g) / dim ** 0.5)
+    calib = [[torch.randn(n, dim, generator=g) + t] for t in range(num_tasks)]
+    return _ToyBackbone([f"t{t}" for t in range(num_tasks)]), merged, experts, calib
+
+
+def _reference_train(kind, z, y, seed, iterations, bpi, zero_grad, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                     hidden=4, kl_weight=1e-4):
+    """Surgery / ProbSurgery training written out: full-batch minibatches (batch_size >= n:
+    each batch a fresh permutation of the task's rows, drawn from the seeded sampler as the
+    calibrator does), the modules' forward by hand, Adam by hand."""
+    T, dim = len(z), z[0].shape[1]
+    with torch.random.fork_rng(devices=[]):  # the calibrator's seeded init
+        torch.manual_seed(seed)
+        init = SurgeryBank(kind, dim, hidden, T).state_dict()
+    params = [{k.split(".", 2)[2]: v.clone().double().requires_grad_(True) for k, v in init.items() if k.startswith(f"blocks.{t}.")}
+              for t in range(T)]
+    state = {id(p): {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "step": 0, "has_grad": False}
+             for ps in params for p in ps.values()}
+    sample_gen = torch.Generator().manual_seed(seed + 1)
+    noise_gen = torch.Generator().manual_seed(seed + 2)
+    b1, b2 = betas
+    for _ in range(iterations):
+        for t in range(T):
+            for _ in range(bpi):
+                idx = torch.randperm(z[t].shape[0], generator=sample_gen)
+                zt, yt = z[t][idx].double(), y[t][idx].double()
+                p = params[t]
+                h = torch.relu(zt @ p["down.weight"].T)
+                if kind == "surgery":
+                    loss = (zt - h @ p["up.weight"].T - yt).abs().mean()
+                else:
+                    noise = torch.randn(zt.shape, generator=noise_gen).double()
+                    mu, lv = h @ p["mu.weight"].T, h @ p["logvar.weight"].T
+                    b = mu + torch.exp(0.5 * lv) * noise
+                    kl = 0.5 * (lv.exp() + mu ** 2 - 1 - lv).sum(-1).mean()
+                    loss = (zt - b - yt).abs().mean() + kl_weight * kl
+                names = list(p)
+                grads = dict(zip(names, torch.autograd.grad(loss, [p[k] for k in names])))
+                for s in range(T):
+                    for name, q in params[s].items():
+                        st = state[id(q)]
+                        if s == t:
+                            g, st["has_grad"] = grads[name], True
+                        elif zero_grad == "zeros" and st["has_grad"]:
+                            g = torch.zeros_like(q)  # torch 1.x: a zeroed gradient, still a step
+                        else:
+                            continue  # grad None: Adam skips the parameter
+                        st["step"] += 1
+                        st["m"] = b1 * st["m"] + (1 - b1) * g
+                        st["v"] = b2 * st["v"] + (1 - b2) * g * g
+                        m_hat = st["m"] / (1 - b1 ** st["step"])
+                        v_hat = st["v"] / (1 - b2 ** st["step"])
+                        with torch.no_grad():
+                            q -= lr * m_hat / (v_hat.sqrt() + eps)
+    return {f"blocks.{t}.{k}": v.detach() for t in range(T) for k, v in params[t].items()}
+
+
+def _features(merged, experts, calib):
+    with torch.no_grad():
+        return [merged(c[0]) for c in calib], [e(c[0]) for e, c in zip(experts, calib)]
+
+
+def _toy_calibrate(cls, toy, **kw):
+    bb, merged, experts, calib = toy
+    opts = dict(hidden=4, batch_size=64, log_every=5, progress=False, accelerator="cpu", lr=1e-3)
+    opts.update(kw)
+    return cls(**opts).calibrate(bb, merged, None, experts, calib, "cpu")
+
+
+@pytest.mark.parametrize("cls,kind", [(Surgery, "surgery"), (ProbSurgery, "probsurgery")])
+@pytest.mark.parametrize("zero_grad", ["set_to_none", "zeros"])
+def test_optimiser_semantics_equal_a_hand_written_adam(cls, kind, zero_grad):
+    toy = _toy()
+    z, y = _features(toy[1], toy[2], toy[3])
+    out = _toy_calibrate(cls, toy, iterations=12, batches_per_iteration=2, zero_grad=zero_grad, lr=2e-2)
+    want = _reference_train(kind, z, y, seed=0, iterations=12, bpi=2, zero_grad=zero_grad, lr=2e-2)
+    got = out.surgery.state_dict()
+    assert set(got) == set(want)
+    worst = max(float((got[k].double() - want[k]).abs().max()) for k in want)
+    assert worst < 1e-5, worst  # fp32 training vs the fp64 reference over 72 Adam steps
+    other = _reference_train(kind, z, y, seed=0, iterations=12, bpi=2, lr=2e-2,
+                             zero_grad="set_to_none" if zero_grad == "zeros" else "zeros")
+    assert max(float((got[k].double() - other[k]).abs().max()) for k in want) > 1e-3  # the semantics differ
+
+
+def test_torch1_semantics_lower_the_toy_l1_like_the_originals():
+    """With zero gradients kept, the other tasks' modules keep moving on their momentum:
+    on this toy problem the final calibration L1 is below today's (measured: Surgery 0.101
+    vs 0.121, as the issue saw 0.327 vs 0.402 on its toy; the exactness is the test above)."""
+    toy = _toy(seed=4)
+    runs = {zg: _toy_calibrate(Surgery, toy, iterations=40, batches_per_iteration=2, zero_grad=zg, lr=1e-2)
+            for zg in ("set_to_none", "zeros")}
+    l1 = {zg: r.report.extra["l1_after_mean"] for zg, r in runs.items()}
+    assert l1["zeros"] < 0.95 * l1["set_to_none"]
+    assert runs["zeros"].report.settings["zero_grad"] == "zeros"
+
+
+@pytest.mark.parametrize("cls", [Surgery, ProbSurgery])
+def test_best_of_rounds_keeps_the_best_rounds_modules(cls):
+    """rounds=3 over 30 iterations, select=best on the test split: the run's scorer says
+    round 2 is best, so the modules are those after 20 iterations (a separate 20-iteration
+    run: the schedule's draws are a prefix)."""
+    toy = _toy()
+    seen = []
+
+    def scorer(cal):
+        seen.append(cal.represent(toy[3][0][0], 0).clone())  # the round's modules are in place
+        return [0.2, 0.9, 0.5][len(seen) - 1]
+
+    calibrator = cls(hidden=4, batch_size=64, progress=False, accelerator="cpu", lr=2e-2, iterations=30,
+                     batches_per_iteration=1, rounds=3, select="best", selection_split="test")
+    assert calibrator.needs_test_scorer and calibrator.selection_label == "+test-selected"
+    calibrator.round_scorer = scorer
+    bb, merged, experts, calib = toy
+    out = calibrator.calibrate(bb, merged, None, experts, calib, "cpu")
+    assert len(merged._forward_hooks) == 0  # the rounds' scoring hooks are removed
+    prefix = _toy_calibrate(cls, toy, iterations=20, batches_per_iteration=1, lr=2e-2)
+    full = _toy_calibrate(cls, toy, iterations=30, batches_per_iteration=1, lr=2e-2)
+    for k, v in prefix.surgery.state_dict().items():
+        assert torch.equal(out.surgery.state_dict()[k], v), k
+    assert any(not torch.equal(full.surgery.state_dict()[k], v) for k, v in prefix.surgery.state_dict().items())
+    extra = out.report.extra
+    assert [r["score"] for r in extra["round_scores"]] == [0.2, 0.9, 0.5]
+    assert extra["selected_round"] == 2 and extra["test_selected"] is True
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[2])
+    assert torch.equal(out.represent(toy[3][0][0], 0), seen[1])
+
+
+def test_best_of_rounds_on_the_calibration_split_picks_the_lowest_l1():
+    toy = _toy(seed=2)
+    z, y = _features(toy[1], toy[2], toy[3])
+    out = _toy_calibrate(Surgery, toy, iterations=40, batches_per_iteration=1, lr=5e-2, rounds=4, select="best",
+                         selection_split="calibration")
+    l1 = []
+    for r in (1, 2, 3, 4):
+        run = _toy_calibrate(Surgery, toy, iterations=10 * r, batches_per_iteration=1, lr=5e-2)
+        l1.append(run.report.extra["l1_after_mean"])
+    best = min(range(4), key=lambda i: l1[i]) + 1
+    assert out.report.extra["selected_round"] == best and out.report.extra["test_selected"] is False
+    assert out.report.extra["l1_after_mean"] == pytest.approx(l1[best - 1], rel=1e-6)
+    assert [-s["score"] for s in out.report.extra["round_scores"]] == pytest.approx(l1, rel=1e-6)
+
+
+def test_round_options_are_validated():
+    assert Surgery.validate_config({"iterations": 10, "rounds": 3})
+    assert Surgery.validate_config({"zero_grad": "none", "select": "top", "selection_split": "val"})
+    assert not Surgery.validate_config({"iterations": 30, "rounds": 3, "zero_grad": "zeros", "select": "best"})
+    with pytest.raises(ValueError, match="test scorer"):
+        Surgery(hidden=4, iterations=2, rounds=2, select="best", progress=False, accelerator="cpu").calibrate(
+            *_toy()[:2], None, _toy()[2], _toy()[3], "cpu")
