@@ -366,3 +366,107 @@ def test_regmean_mean_and_sum_grams_differ_with_unequal_rows(clip_world):
     k = "vision_model.encoder.layers.0.mlp.fc1.weight"
     assert (a[k] - b[k]).abs().max() > 1e-3
     assert regmean.validate_config({"gram": "tokens"}) and not regmean.validate_config({"gram": "mean"})
+
+
+# ---------------------------------------------------------------- AdaMerging schedule and clamp
+
+
+class _Identity:
+    """represent(model, x) = model(x)."""
+
+    def represent(self, model, inputs):
+        return model(inputs)
+
+
+def _ada_world(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    experts = []
+    for t in range(2):
+        e = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in e.parameters():
+                p.add_(0.8 * torch.randn(p.shape, generator=g))
+        experts.append(e)
+    heads = [nn.Linear(3, 4) for _ in range(2)]
+    with torch.no_grad():
+        for h in heads:
+            h.weight.copy_(2 * torch.randn(4, 3, generator=g))
+            h.bias.zero_()
+    calib = [[torch.randn(6, 4, generator=g) + t for _ in range(2)] for t in range(2)]  # 2 batches per task
+    return base, experts, heads, calib
+
+
+def _ada_reference(base, experts, heads, calib, steps, bpt, clamp, lr, seed, init=0.3, betas=(0.9, 0.999), eps=1e-8):
+    """Layer-wise AdaMerging from its definition: θ_l = θ₀_l + Σ_t c_{t,l} τ_{t,l},
+    c = clamp(λ, 0, 1) (or λ), loss = Σ_t Σ_{bpt batches} mean entropy of softmax(head_t(f_θ(x))),
+    Adam by hand on λ; batches of each task visited in seeded shuffled passes."""
+    keys = [k for k, _ in base.named_parameters()]
+    b0 = {k: v.detach().double() for k, v in base.named_parameters()}
+    tau = {k: torch.stack([dict(e.named_parameters())[k].detach().double() - b0[k] for e in experts]) for k in keys}
+    lam = torch.full((len(experts), len(keys)), float(init), dtype=torch.float64, requires_grad=True)
+    m = torch.zeros_like(lam)
+    v = torch.zeros_like(lam)
+    gen = torch.Generator().manual_seed(seed)
+    order = [torch.randperm(len(b), generator=gen).tolist() for b in calib]
+    cursor = [0] * len(calib)
+    for step in range(1, steps + 1):
+        coef = lam.clamp(0.0, 1.0) if clamp else lam
+        theta = {k: b0[k] + (coef[:, i].view(-1, *([1] * b0[k].dim())) * tau[k]).sum(0) for i, k in enumerate(keys)}
+        loss = 0
+        for t in range(len(calib)):
+            for _ in range(bpt):
+                if cursor[t] >= len(order[t]):
+                    order[t] = torch.randperm(len(calib[t]), generator=gen).tolist()
+                    cursor[t] = 0
+                x = calib[t][order[t][cursor[t]]].double()
+                cursor[t] += 1
+                h = torch.tanh(x @ theta["0.weight"].T + theta["0.bias"])
+                z = h @ theta["2.weight"].T + theta["2.bias"]
+                logits = z @ heads[t].weight.detach().double().T + heads[t].bias.detach().double()
+                logp = torch.log_softmax(logits, -1)
+                loss = loss + (-(logp.exp() * logp).sum(-1)).mean()
+        (g,) = torch.autograd.grad(loss, [lam])
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        with torch.no_grad():
+            lam -= lr * (m / (1 - betas[0] ** step)) / ((v / (1 - betas[1] ** step)).sqrt() + eps)
+    coef = (lam.clamp(0.0, 1.0) if clamp else lam).detach()
+    return coef, {k: b0[k] + (coef[:, i].view(-1, *([1] * b0[k].dim())) * tau[k]).sum(0) for i, k in enumerate(keys)}
+
+
+@pytest.mark.parametrize("clamp,bpt", [(True, 2), (False, 1), (True, 1)])
+def test_adamerging_schedule_and_clamp_equal_the_definition(clamp, bpt):
+    from featcal.merge.adamerging import adamerging
+
+    base, experts, heads, calib = _ada_world()
+    hist = []
+    out = adamerging(base.state_dict(), [e.state_dict() for e in experts], backbone=_Identity(), base_model=base,
+                     calib=calib, heads=heads, device="cpu", init=0.3, lr=0.08, steps=12, clamp=clamp,
+                     batches_per_task=bpt, seed=3, history=hist)
+    coef, theta = _ada_reference(base, experts, heads, calib, steps=12, bpt=bpt, clamp=clamp, lr=0.08, seed=3)
+    got = torch.tensor(hist[-1]["lambdas"], dtype=torch.float64)
+    assert float((got - coef).abs().max()) < 2e-5  # fp32 vs fp64 over 12 Adam steps
+    for k, want in theta.items():
+        assert float((out[k].double() - want).abs().max()) < 1e-4, k
+    if clamp:  # the case reaches the bounds (else the clamp is not exercised)
+        assert float(coef.min()) == 0.0 or float(coef.max()) == 1.0
+    else:
+        assert float(coef.min()) < 0.0 or float(coef.max()) > 1.0
+
+
+def test_adamerging_batches_per_task_and_clamp_change_the_result():
+    from featcal.merge.adamerging import adamerging
+
+    base, experts, heads, calib = _ada_world()
+    kw = dict(backbone=_Identity(), base_model=base, calib=calib, heads=heads, device="cpu", lr=0.08, steps=12, seed=3)
+    runs = {}
+    for clamp, bpt in ((True, 1), (True, 2), (False, 1)):
+        hist = []
+        adamerging(base.state_dict(), [e.state_dict() for e in experts], clamp=clamp, batches_per_task=bpt, history=hist, **kw)
+        runs[clamp, bpt] = torch.tensor(hist[-1]["lambdas"])
+    assert not torch.allclose(runs[True, 1], runs[True, 2]) and not torch.allclose(runs[True, 1], runs[False, 1])
+    from featcal.merge.adamerging import adamerging as fn
+
+    assert fn.validate_config({"batches_per_task": 0}) and not fn.validate_config({"batches_per_task": 2})
