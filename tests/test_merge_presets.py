@@ -48,6 +48,13 @@ def test_every_rerun_composes_and_validates(rerun, tmp_path):
     cfg = _compose(shlex.split(rerun), tmp_path)
     validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     choices = cfg.hydra.runtime.choices
+    # the preset sweeps its source's rows; the row's own overrides leave exactly one job
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + shlex.split(rerun)), None)[0]
+    assert len(jobs) == 1, jobs
     for o in shlex.split(rerun):
         key, value = o.split("=", 1)
         if key in ("merge", "calibration", "experiment"):
@@ -120,3 +127,33 @@ def test_probsurgery_original_protocol_selects_on_test_and_says_so(tmp_path):
 
     with pytest.raises(ConfigError, match="rounds=7"):
         validate(OmegaConf.masked_copy(bad, [k for k in bad if k != "hydra"]))
+
+
+def test_test_selected_runs_are_labelled_in_results_and_tables(tmp_path):
+    """A best-of-rounds run selected on the test split says so: the calibration label in
+    results.json, the per-task table rows and the long CSV carry ``+test-selected``, and
+    ``calibration_report.extra`` the flag and every round's score."""
+    import json
+
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from featcal.run import run
+
+    cfg = _compose(["backbone=embedded_small", "calibration=probsurgery", "calibration.iterations=4",
+                    "calibration.batches_per_iteration=1", "calibration.rounds=2", "calibration.select=best",
+                    "calibration.progress=false", "budget.per_task=8", "logger=none", "evaluate_experts=false",
+                    "evaluate_base=false"], tmp_path)
+    res = run(cfg, tmp_path / "run")
+    assert res["calibration"] == "probsurgery+test-selected"
+    extra = res["calibration_report"]["extra"]
+    assert extra["test_selected"] is True and len(extra["round_scores"]) == 2
+    assert extra["selected_round"] in (1, 2)
+    # the scorer is the run's own test evaluation: the selected round's score is the table's
+    best = max(r["score"] for r in extra["round_scores"])
+    assert res["score"]["calibrated"]["average"] == pytest.approx(best, abs=1e-9)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["calibration"] == "probsurgery+test-selected"
+    long = pd.read_csv(tmp_path / "run" / "results.csv")  # what featcal-collect / featcal-report tabulate
+    assert set(long["calibration"]) == {"probsurgery+test-selected"}
+    assert OmegaConf.select(cfg, "calibration.selection_split") == "test"
