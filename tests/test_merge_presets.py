@@ -129,6 +129,7 @@ def test_probsurgery_original_protocol_selects_on_test_and_says_so(tmp_path):
         validate(OmegaConf.masked_copy(bad, [k for k in bad if k != "hydra"]))
 
 
+@pytest.mark.slow  # one in-process run of the small embedded benchmark
 def test_test_selected_runs_are_labelled_in_results_and_tables(tmp_path):
     """A best-of-rounds run selected on the test split says so: the calibration label in
     results.json, the per-task table rows and the long CSV carry ``+test-selected``, and
