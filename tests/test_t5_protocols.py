@@ -183,3 +183,47 @@ def test_stsb_gold_parsed_from_its_text_like_fusionbench(glue_world, tmp_path):
     assert raw.evaluate(lambda i: expert, "cpu", 4)["stsb"]["spearman"] == pytest.approx(
         100 * spearmanr(answers, labels).correlation, abs=1e-9)
     assert GLUETaskPool.validate_config({"tasks": ["stsb"], "stsb_gold": "rounded"})
+
+
+def test_regmean_on_t5_uses_each_tasks_mean_gram_padding_included(random_t5):
+    """RegMean through the T5 adapter (decoder targets attached by the adapter): every
+    Linear's G_t = X_tᵀX_t / N_t over all of task t's rows reaching it (padding included),
+    with tasks of 1, 2 and 3 batches, against a closed form built from the experts' own
+    plain forward."""
+    import functools
+
+    from featcal.merge.regmean import regmean
+
+    bb, base, experts = random_t5
+    calib = [_batches(1 + t, 50 + t, t) for t in range(len(TASKS))]
+    out = bb.merge(functools.partial(regmean, solve_dtype="float64"), base, experts, backbone=bb, base_model=base,
+                   expert_models=experts, calib=calib, device="cpu")
+    prepared = bb.prepare_calibration(base, base, experts, calib, "cpu")
+    xs = []
+    for e, batches in zip(experts, prepared):
+        got: dict[str, list[torch.Tensor]] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: got.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
+                 for n, m in e.named_modules() if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            for b in batches:
+                e(**{k: b[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")})
+        for h in hooks:
+            h.remove()
+        xs.append({k: torch.cat(v) for k, v in got.items()})
+    rows = {len(x["encoder.block.0.layer.0.SelfAttention.q"]) for x in xs}
+    assert len(rows) == 3  # unequal token counts per task
+    merged_sd = out.state_dict()
+    checked = 0
+    for name in xs[0]:
+        lhs = rhs = 0
+        for t, e in enumerate(experts):
+            x = xs[t][name]
+            g = x.T @ x / len(x)
+            g = 0.95 * g + 0.05 * torch.diag(torch.diagonal(g))
+            lhs = lhs + g
+            rhs = rhs + g @ e.state_dict()[name + ".weight"].double().T
+        want = torch.linalg.solve(lhs, rhs).T
+        err = float((merged_sd[name + ".weight"].double() - want).abs().max() / want.abs().max())
+        assert err < 1e-5, (name, err)
+        checked += 1
+    assert checked == 2 * 7 + 2 * 11 + 1  # every block Linear and lm_head
