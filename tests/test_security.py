@@ -229,3 +229,233 @@ def test_no_unsafe_load_outside_the_allowlisted_reader():
     assert not hits, hits
     # and the allowlisted reader does use pickle (the grep would see a regression there too)
     assert "weights_only=False" in (ROOT / ALLOWLISTED_READER).read_text()
+
+
+# ---- secrets never land in artifacts -------------------------------------------------
+
+SECRETS = {
+    "WANDB_API_KEY": "wandbkey0123456789abcdef0123456789abcdef",
+    "HF_TOKEN": "hf_SecretTokenAbCdEf0123456789xyz",
+    "HUGGING_FACE_HUB_TOKEN": "hf_OtherSecretToken9876543210abc",
+}
+
+
+@pytest.mark.slow
+def test_secrets_never_land_in_what_a_run_writes(tmp_path):
+    """A sweep (W&B offline logging on), then featcal-collect and featcal-report, with the
+    tokens in the environment: no file any of them wrote contains a token."""
+    from featcal.utils import cache_root
+    from tests.e2e_helpers import isolated_env, run_module
+
+    env = isolated_env(tmp_path)
+    env["FEATCAL_CACHE"] = str(cache_root())  # the shared embedded suite (not written by this run's config)
+    env.update(SECRETS)
+    sweep = tmp_path / "sweep"
+    run_module("featcal.run", ["-m", "backbone=embedded_small", "budget.per_task=8", "logger=wandb", "logger.mode=offline",
+                               "evaluate_experts=false", "evaluate_base=false", f"hydra.sweep.dir={sweep}"], env, cwd=tmp_path)
+    run_module("featcal.collect", [str(sweep)], env, cwd=tmp_path)
+    run_module("featcal.sweep_report", [str(sweep)], env, cwd=tmp_path)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    # the artifacts we mean to check are all there
+    assert {"results.json", "config.yaml", "hydra.yaml", "overrides.yaml"} <= names, sorted(names)
+    assert any(p.suffix == ".wandb" for p in files) and any(n.endswith(".log") for n in names)
+    assert any("report" in p.parts for p in files)
+    leaks = [f"{p.relative_to(tmp_path)}: {k}" for p in files for k, v in SECRETS.items() if v.encode() in p.read_bytes()]
+    assert not leaks, leaks
+
+
+# ---- model-written code: opt-in, fenced, pass@k --------------------------------------
+
+
+def test_pass_at_k_matches_brute_force():
+    """Unbiased pass@k = P(a random k-subset of the n samples holds a passing one), enumerated."""
+    from itertools import combinations
+
+    from featcal.tasks.code_exec import pass_at_k
+
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(combinations(range(n), k))  # samples 0..c-1 pass
+                want = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+                assert abs(pass_at_k(n, c, k) - want) < 1e-12, (n, c, k)
+    assert pass_at_k(200, 13, 1) == pytest.approx(13 / 200, abs=1e-12)  # pass@1 = c / n
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def _fence(**kw):
+    from featcal.sandbox import Limits
+
+    return Limits(**{"cpu_seconds": 5, "wall_seconds": 30.0, "memory_mb": 1024, **kw})
+
+
+def test_fence_runs_programs_without_secrets_in_a_temporary_folder(monkeypatch):
+    from featcal.sandbox import run_program
+
+    monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
+    monkeypatch.setenv("WANDB_API_KEY", SECRETS["WANDB_API_KEY"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    assert run_program("print('ok')", _fence()).status == "passed"
+    assert run_program("assert 1 == 2", _fence()).status == "failed"
+    probe = (
+        "import os, sys\n"
+        "print('ENV', sorted(os.environ))\n"
+        "print('CWD', os.getcwd())\n"
+        "open('scratch.txt', 'w').write('x')\n"
+        "assert os.environ['HOME'] == os.getcwd() and sys.flags.isolated\n"
+    )
+    out = run_program(probe, _fence())
+    assert out.status == "passed", out.output
+    env_names = eval(out.output.split("ENV ", 1)[1].splitlines()[0])  # noqa: S307 (our own probe's output)
+    assert not {"HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY"} & set(env_names)
+    assert set(env_names) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED", "LC_CTYPE"}
+    cwd = out.output.split("CWD ", 1)[1].splitlines()[0]
+    assert "featcal-code-" in cwd and not os.path.exists(cwd)  # its own folder, removed afterwards
+
+
+def test_fence_limits_cpu_memory_and_wall_clock():
+    import time
+
+    from featcal.sandbox import run_program
+
+    t0 = time.time()
+    spin = run_program("while True:\n    pass\n", _fence(cpu_seconds=1, wall_seconds=60))
+    assert spin.status == "timeout" and spin.returncode is not None  # killed by the CPU limit, not the wall clock
+    assert time.time() - t0 < 50
+    hog = run_program("x = bytearray(4 * 2**30)\n", _fence(memory_mb=512))
+    assert hog.status == "failed" and "MemoryError" in hog.output
+    t0 = time.time()
+    sleeper = run_program(
+        "import subprocess, time\n"
+        "p = subprocess.Popen(['sleep', '300'])\n"
+        "print('CHILD', p.pid, flush=True)\n"
+        "time.sleep(300)\n",
+        _fence(wall_seconds=3),
+    )
+    assert sleeper.status == "timeout" and sleeper.returncode is None and time.time() - t0 < 30
+    pid = int(sleeper.output.split("CHILD ", 1)[1].split()[0])
+    for _ in range(50):  # the whole process group went: the grandchild too
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"grandchild {pid} survived the wall-clock kill")
+
+
+def test_fence_cuts_the_network_where_the_os_allows():
+    import socket
+
+    from featcal.sandbox import network_isolation, run_program
+
+    how = network_isolation()
+    if not how.startswith("unshare"):
+        pytest.skip(f"no network namespace on this machine: {how}")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    client = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3).close()\nprint('connected')\n"
+    try:
+        plain = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=30)
+        assert plain.returncode == 0, plain.stderr  # reachable without the fence
+        fenced = run_program(client, _fence())
+        assert fenced.status == "failed" and "connected" not in fenced.output
+    finally:
+        server.close()
+
+
+HUMANEVAL_STYLE = [  # HumanEval's schema: task_id, prompt, canonical_solution, test, entry_point
+    {"task_id": "Local/0", "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n",
+     "canonical_solution": "    return a + b\n", "entry_point": "add",
+     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"},
+    {"task_id": "Local/1", "prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n",
+     "canonical_solution": "    return 2 * x\n", "entry_point": "double",
+     "test": "def check(candidate):\n    assert candidate(4) == 8\n"},
+]
+
+
+def test_fenced_code_eval_scores_pass_at_k():
+    from featcal.tasks.code_exec import FencedCodeEval
+
+    refs = [p["test"] + f"\ncheck({p['entry_point']})" for p in HUMANEVAL_STYLE]
+    p0, p1 = HUMANEVAL_STYLE[0]["prompt"], HUMANEVAL_STYLE[1]["prompt"]
+    preds = [
+        [p0 + "    return a + b\n", p0 + "    return a - b\n", p0 + "    return b + a\n"],  # 2 of 3 pass
+        [p1 + "    return x + 2\n", p1 + "    import os; os._exit(3)\n"],  # 0 of 2 pass
+    ]
+    scores, per = FencedCodeEval(_fence()).compute(references=refs, predictions=preds, k=[1, 2])
+    assert [o.status for o in per[0]] == ["passed", "failed", "passed"]
+    assert scores["pass@1"] == pytest.approx((2 / 3 + 0) / 2)
+    assert scores["pass@2"] == pytest.approx((1.0 + 0) / 2)
+    with pytest.raises(Exception, match="allow_code_execution"):
+        FencedCodeEval(_fence(), allowed=False).compute(references=refs, predictions=preds, k=[1])
+
+
+def test_lm_eval_humaneval_task_scores_in_the_fence(tmp_path):
+    """lm-eval's own humaneval task file (its metric calls evaluate.load("code_eval"), which
+    needs the hub) on a local stand-in in HumanEval's schema, answered by a scripted model:
+    pass@1 comes from featcal's fence."""
+    import lm_eval
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    from featcal.tasks.code_exec import fenced_code_eval
+
+    data = tmp_path / "humaneval_local.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in HUMANEVAL_STYLE))
+    he_yaml = Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval.yaml"
+    (tmp_path / "humaneval_local.yaml").write_text(
+        f"include: {he_yaml}\ntask: humaneval_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+    )
+    answers = {HUMANEVAL_STYLE[0]["prompt"]: "    return a + b\n", HUMANEVAL_STYLE[1]["prompt"]: "    return x * 3\n"}
+
+    class Scripted(LM):
+        def generate_until(self, requests):
+            return [answers[r.args[0]] for r in requests]
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    with fenced_code_eval(True, _fence()) as scorer:
+        res = lm_eval.simple_evaluate(model=Scripted(), tasks=["humaneval_local"],
+                                      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                      confirm_run_unsafe_code=True, bootstrap_iters=0)
+    values = res["results"]["humaneval_local"]
+    assert values["pass@1,create_test"] == pytest.approx(0.5)  # add passes, the tripled double fails
+    assert scorer.programs_run >= 2
+
+
+def test_code_tasks_skipped_without_the_opt_in(caplog):
+    from featcal.tasks.code_exec import gate
+    from featcal.tasks.mergebench import MergeBenchTaskPool
+
+    tasks = {"coding": ["humaneval_plus", "mbpp_plus"], "math": ["gsm8k_cot"]}
+    with caplog.at_level("WARNING"):
+        kept, statement = gate(tasks, allowed=False)
+    assert kept == {"coding": [], "math": ["gsm8k_cot"]}
+    assert statement["allowed"] is False and statement["code_tasks"] == ["humaneval_plus", "mbpp_plus"]
+    assert "allow_code_execution=true" in caplog.text and "humaneval_plus" in caplog.text
+    kept, statement = gate(tasks, allowed=True)
+    assert kept == tasks and statement["fence"]["cpu_seconds"] > 0 and "network" in statement["fence"]
+    pool = MergeBenchTaskPool(["coding"], "tok", {"coding": "d"}, tasks)
+    assert pool.lm_eval_tasks == {"coding": []} and pool.code_execution["allowed"] is False
+    assert MergeBenchTaskPool.validate_config({"tasks": ["coding"], "datasets": {"coding": "d"}, "lm_eval_tasks": tasks,
+                                               "allow_code_execution": "yes"})
+
+
+def test_mergebench_configs_default_to_no_code_execution():
+    import yaml
+
+    files = sorted((ROOT / "conf" / "backbone").glob("mergebench*.yaml"))
+    assert files
+    for f in files:
+        node = yaml.safe_load(f.read_text())["taskpool"]
+        assert node["allow_code_execution"] is False, f
