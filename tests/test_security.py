@@ -208,6 +208,7 @@ def test_no_unsafe_load_outside_the_allowlisted_reader():
     patterns = {
         "weights_only=False": re.compile(r"weights_only\s*=\s*False"),
         "pickle.load": re.compile(r"\b(c?pickle|dill|joblib)\.loads?\b|\bUnpickler\b(?!\w)"),
+        "allow_pickle=True": re.compile(r"allow_pickle\s*=\s*True"),
         "trust_remote_code=True": re.compile(r"trust_remote_code\s*=\s*True|trust_remote_code:\s*true"),
         "eval/exec": re.compile(r"(?<![\w.])(?<!def )(eval|exec)\("),
     }
