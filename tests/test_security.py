@@ -460,3 +460,55 @@ def test_mergebench_configs_default_to_no_code_execution():
     for f in files:
         node = yaml.safe_load(f.read_text())["taskpool"]
         assert node["allow_code_execution"] is False, f
+
+
+@pytest.mark.slow
+def test_code_task_opt_in_and_fence_reach_results_and_log(tmp_path):
+    """featcal-run on the MergeBench pool (tiny local Llama world) with a code task built on
+    lm-eval's own humaneval.yaml: with the opt-in its programs run fenced and results.json
+    states the opt-in and the fence; without it the task is skipped with the warning."""
+    import lm_eval
+
+    from tests.e2e_helpers import run_module
+    from tests.llm_fixtures import build_world
+    from tests.test_mergebench_pool import write_task_data
+
+    base, experts = build_world(tmp_path / "world", "llama", layers=2, steps=2)
+    data = write_task_data(tmp_path, n=12)
+    (tmp_path / "he.jsonl").write_text("".join(json.dumps(p) + "\n" for p in HUMANEVAL_STYLE))
+    he_yaml = Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval.yaml"
+    (tmp_path / "humaneval_local.yaml").write_text(
+        f"include: {he_yaml}\ntask: humaneval_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'he.jsonl'}\n"
+        "generation_kwargs:\n  until: ['\\nclass', '\\ndef']\n  max_gen_toks: 8\n  do_sample: false\n"
+    )
+    env = dict(os.environ, FEATCAL_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    common = [
+        "backbone=mergebench_llama32_3b", "merge=task_arithmetic", "calibration=none", "logger=none", "device=cpu",
+        "backbone.adapter.tasks=[coding,math]", f"backbone.adapter.base={base}",
+        f"backbone.adapter.experts.coding={experts['coding']}", f"backbone.adapter.experts.math={experts['math']}",
+        f"backbone.taskpool.datasets.coding={data['coding']}", f"backbone.taskpool.datasets.math={data['math']}",
+        "backbone.taskpool.lm_eval_tasks.coding=[humaneval_local]", "backbone.taskpool.lm_eval_tasks.math=[tiny_mc]",
+        f"backbone.taskpool.lm_eval_include=[{tmp_path}]", "backbone.taskpool.lm_eval_defaults=false",
+        "backbone.taskpool.max_length=64", "budget.per_task=4", "budget.batch_size=2", "eval.limit=2",
+        "eval_batch_size=2", "evaluate_base=false", "evaluate_experts=false",
+    ]
+    from tests.test_mergebench_pool import write_lm_eval_tasks
+
+    write_lm_eval_tasks(tmp_path)
+    on = run_module("featcal.run", [*common, "backbone.taskpool.allow_code_execution=true", f"hydra.run.dir={tmp_path / 'on'}"],
+                    env, cwd=tmp_path)
+    res = json.loads((tmp_path / "on" / "results.json").read_text())
+    ce = res["code_execution"]
+    assert ce["allowed"] is True and ce["code_tasks"] == ["humaneval_local"]
+    assert ce["fence"]["cpu_seconds"] > 0 and ce["fence"]["memory_mb"] > 0 and ce["fence"]["network"]
+    assert 0.0 <= res["metrics"]["merged"]["coding"]["humaneval_local/pass@1"] <= 100.0
+    log_text = on.stdout + on.stderr + (tmp_path / "on" / "run.log").read_text()
+    assert "allow_code_execution=true" in log_text and "fenced" in log_text
+
+    off = run_module("featcal.run", [*common, f"hydra.run.dir={tmp_path / 'off'}"], env, cwd=tmp_path)
+    res = json.loads((tmp_path / "off" / "results.json").read_text())
+    assert res["code_execution"]["allowed"] is False
+    assert "coding" not in res["metrics"]["merged"] and "math" in res["metrics"]["merged"]
+    assert "skipping ['humaneval_local']" in off.stdout + off.stderr + (tmp_path / "off" / "run.log").read_text()
