@@ -159,25 +159,36 @@ def _stub(module: str, name: str) -> type:
     return _stubs[key]
 
 
-class AllowlistUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` resolves only :data:`ALLOWED` globals.
+_HINT = ("Only load checkpoints from a source you trust; re-download this file from its original release, or "
+         "convert a trusted copy to a state dict / safetensors file.")
 
-    ``source`` (set by :func:`torch_load`) names the file in the refusal message.
+
+class AllowlistUnpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be vetted one by one
+    """Unpickler whose ``find_class`` resolves only :data:`ALLOWED` globals, and which
+    refuses to set attributes on a class (a BUILD on ``torch.Tensor`` would patch it for
+    the whole process). ``source`` (set by :func:`torch_load`) names the file in messages.
     """
 
     source = "<checkpoint>"
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _refuse(self, what: str) -> UnsafeCheckpoint:
+        return UnsafeCheckpoint(f"checkpoint '{self.source}' {what}; it was not loaded (nothing from it ran)", _HINT)
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
             return super().find_class(module, name)
         if refusal(module, name):
-            raise UnsafeCheckpoint(
-                f"checkpoint '{self.source}' refers to the global '{module}.{name}', which could run code when "
-                "unpickled; it was not loaded (nothing from it ran)",
-                "Only load checkpoints from a source you trust; re-download this file from its original release, or "
-                "convert a trusted copy to a state dict / safetensors file.",
-            )
+            raise self._refuse(f"refers to the global '{module}.{name}', which could run code when unpickled")
         return _stub(module, name)
+
+    def _load_build(self) -> None:
+        target = self.stack[-2]
+        if isinstance(target, type):
+            raise self._refuse(f"sets attributes on the class '{target.__module__}.{target.__qualname__}'")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 def _module_for(source: str) -> types.ModuleType:

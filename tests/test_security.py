@@ -512,3 +512,20 @@ def test_code_task_opt_in_and_fence_reach_results_and_log(tmp_path):
     assert res["code_execution"]["allowed"] is False
     assert "coding" not in res["metrics"]["merged"] and "math" in res["metrics"]["merged"]
     assert "skipping ['humaneval_local']" in off.stdout + off.stderr + (tmp_path / "off" / "run.log").read_text()
+
+
+def test_patching_an_allowlisted_class_is_refused():
+    """GLOBAL torch.Tensor + BUILD {'__repr__': ...}: a BUILD on a class object is refused
+    outright (defence in depth: for today's allowlist plain pickle fails on it too, but an
+    allowlisted plain Python class would be patched for the whole process)."""
+    import io
+
+    from featcal.safe_pickle import AllowlistUnpickler
+
+    raw = b"\x80\x02ctorch\nTensor\n}X\x08\x00\x00\x00__repr__cbuiltins\nset\nsb."
+    before = torch.Tensor.__repr__
+    with pytest.raises(UnsafeCheckpoint, match=r"sets attributes on the class 'torch\.(_tensor\.)?Tensor'"):
+        AllowlistUnpickler(io.BytesIO(raw)).load()
+    assert torch.Tensor.__repr__ is before
+    ok = b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01sb."  # BUILD on an instance still works
+    assert isinstance(AllowlistUnpickler(io.BytesIO(ok)).load(), dict)
