@@ -28,6 +28,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
+try:
+    import resource  # POSIX; imported here, never between fork and exec
+except ImportError:  # pragma: no cover - Windows: run_program refuses (no rlimits)
+    resource = None  # type: ignore[assignment]
+
 #: environment variables a child may inherit (values from the parent); nothing else.
 ENV_WHITELIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
@@ -86,10 +91,7 @@ def describe(limits: Limits) -> dict[str, Any]:
     }
 
 
-def _set_limits(limits: Limits) -> None:  # runs in the child, before exec
-    import resource
-
-    os.setsid()
+def _set_limits(limits: Limits) -> None:  # runs in the child between fork and exec: no imports, no locks
     cpu = int(limits.cpu_seconds)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     mem = int(limits.memory_mb) * 2**20
@@ -101,6 +103,8 @@ def _set_limits(limits: Limits) -> None:  # runs in the child, before exec
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     """Run ``program`` (Python source) inside the fence; ``passed`` iff it exits 0."""
+    if resource is None:
+        raise RuntimeError("featcal's code fence needs POSIX resource limits (Linux/macOS)")
     with tempfile.TemporaryDirectory(prefix="featcal-code-") as work:
         path = os.path.join(work, "program.py")
         with open(path, "w") as f:
@@ -108,7 +112,7 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         cmd = [*_prefix(), sys.executable, "-I", path]
         proc = subprocess.Popen(
             cmd, cwd=work, env=child_env(work), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, preexec_fn=lambda: _set_limits(limits), close_fds=True,
+            stderr=subprocess.STDOUT, preexec_fn=lambda: _set_limits(limits), start_new_session=True, close_fds=True,
         )
         try:
             out, _ = proc.communicate(timeout=limits.wall_seconds)
