@@ -529,3 +529,21 @@ def test_patching_an_allowlisted_class_is_refused():
     assert torch.Tensor.__repr__ is before
     ok = b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01sb."  # BUILD on an instance still works
     assert isinstance(AllowlistUnpickler(io.BytesIO(ok)).load(), dict)
+
+
+def test_pool_installs_the_fence_for_code_eval():
+    """After the task pool's gate, evaluate.load("code_eval") (what lm-eval's code tasks call)
+    is featcal's fenced scorer, refusing unless allowed; other metrics are untouched."""
+    import evaluate
+
+    from featcal.tasks.code_exec import FencedCodeEval, gate
+
+    gate({"coding": ["humaneval_plus"]}, allowed=False)
+    scorer = evaluate.load("code_eval")
+    assert isinstance(scorer, FencedCodeEval) and scorer.allowed is False
+    with pytest.raises(Exception, match="allow_code_execution"):
+        scorer.compute(references=["assert True"], predictions=[["pass"]], k=[1])
+    gate({"coding": ["humaneval_plus"]}, allowed=True)
+    scorer = evaluate.load("code_eval")
+    assert scorer.allowed is True
+    assert scorer.compute(references=["assert f() == 1"], predictions=[["def f():\n    return 1\n"]], k=[1])[0] == {"pass@1": 1.0}

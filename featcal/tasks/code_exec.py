@@ -3,7 +3,8 @@
 lm-eval's code tasks score through Hugging Face ``evaluate.load("code_eval")``, which
 needs the hub (it fails offline) and runs the programs in the evaluating process's
 environment. :func:`fenced_code_eval` replaces only that ``evaluate.load("code_eval")``
-call, while lm-eval loads its task files, by :class:`FencedCodeEval`: the same
+call (for the process, :func:`install`, done by the task pool through :func:`gate`) by
+:class:`FencedCodeEval`: the same
 ``compute(references, predictions, k)`` interface, each program run by
 :func:`featcal.sandbox.run_program` (child process, CPU/memory/wall limits, own
 temporary folder, whitelisted environment, no network where the OS allows), and pass@k
@@ -100,11 +101,37 @@ def fence_statement(allowed: bool, limits: sandbox.Limits = sandbox.Limits()) ->
     return {"allowed": True, "fence": sandbox.describe(limits)}
 
 
+_installed: dict[str, Any] = {}
+
+
+def install(allowed: bool, limits: sandbox.Limits = sandbox.Limits(), workers: int = 2) -> FencedCodeEval | None:
+    """For the rest of the process, ``evaluate.load("code_eval")`` (what lm-eval's humaneval /
+    mbpp task files call when lm-eval loads them) returns a :class:`FencedCodeEval`
+    (refusing to run anything unless ``allowed``); any other ``evaluate.load`` is unchanged.
+    The last call's setting applies. None when ``evaluate`` is not installed."""
+    try:
+        import evaluate
+    except ImportError:  # lm-eval without evaluate: its code tasks cannot load either
+        return None
+    scorer = FencedCodeEval(limits, workers, allowed)
+    _installed["scorer"] = scorer
+    if not getattr(evaluate.load, "_featcal_fence", False):
+        original = evaluate.load
+
+        def load(path: str, *args: Any, **kwargs: Any) -> Any:
+            if str(path).rstrip("/").split("/")[-1] == "code_eval":
+                return _installed["scorer"]
+            return original(path, *args, **kwargs)
+
+        load._featcal_fence = True  # type: ignore[attr-defined]
+        evaluate.load = load
+    return scorer
+
+
 @contextlib.contextmanager
 def fenced_code_eval(allowed: bool, limits: sandbox.Limits = sandbox.Limits(), workers: int = 2) -> Iterator[FencedCodeEval]:
-    """While active, ``evaluate.load("code_eval")`` (what lm-eval's humaneval / mbpp task
-    files call when lm-eval loads them) returns a :class:`FencedCodeEval`; any other
-    ``evaluate.load`` is unchanged."""
+    """While active, ``evaluate.load("code_eval")`` returns a :class:`FencedCodeEval` (tests and scripts;
+    the task pool uses :func:`install` through :func:`gate`)."""
     scorer = FencedCodeEval(limits, workers, allowed)
     try:
         import evaluate
@@ -135,4 +162,5 @@ def gate(lm_eval_tasks: dict[str, list[str]], allowed: bool) -> tuple[dict[str, 
     if code and allowed:
         log.warning("featcal: allow_code_execution=true: %s execute model-written code, fenced: %s", code, statement["fence"])
     kept = {cat: runnable(ts, allowed, f"backbone.taskpool.lm_eval_tasks.{cat}") for cat, ts in lm_eval_tasks.items()}
+    install(allowed)
     return kept, statement

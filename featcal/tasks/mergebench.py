@@ -144,6 +144,7 @@ class MergeBenchTaskPool(TaskPool):
         self.max_gen_toks = max_gen_toks
         self.apply_chat_template = bool(apply_chat_template)
         self.allow_code_execution = bool(allow_code_execution)
+        # code tasks: skipped unless allowed; when allowed, scored in featcal's fence (code_exec.gate)
         self.lm_eval_tasks, self.code_execution = code_exec.gate(self.lm_eval_tasks, self.allow_code_execution)
         self.lm_eval_defaults = bool(lm_eval_defaults)
         self._tokenizer = None
@@ -250,18 +251,17 @@ class MergeBenchTaskPool(TaskPool):
         if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once
             self._task_manager = TaskManager(include_path=self.lm_eval_include or None, include_defaults=self.lm_eval_defaults)
         tm = self._task_manager
-        with code_exec.fenced_code_eval(self.allow_code_execution):  # pass@k scored in featcal's fence
-            res = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(lm_tasks),
-                task_manager=tm,
-                limit=self.limit,
-                num_fewshot=self.num_fewshot,
-                apply_chat_template=self.apply_chat_template,
-                confirm_run_unsafe_code=self.allow_code_execution,
-                log_samples=False,
-                bootstrap_iters=0,
-            )
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(lm_tasks),
+            task_manager=tm,
+            limit=self.limit,
+            num_fewshot=self.num_fewshot,
+            apply_chat_template=self.apply_chat_template,
+            confirm_run_unsafe_code=self.allow_code_execution,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
         return res["results"]
 
     @torch.no_grad()
