@@ -253,6 +253,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "wall_clock_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),
+        **({"code_execution": pool.code_execution} if getattr(pool, "code_execution", None) else {}),  # opt-in + fence
     }
     long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
     write_results(out_dir, results, long)

@@ -15,84 +15,26 @@ open_clip ``VisionTransformer`` into a transformers ``CLIPVisionModelWithProject
 so the ordinary :class:`~featcal.backbone.clip.CLIPVisionBackbone` machinery (blocks,
 embed, readout, merging by state dict) runs unchanged.
 
-Unpickling a whole object runs pickle, so only load checkpoints you trust.
+Whole pickled objects are read by :mod:`featcal.safe_pickle`'s allowlist unpickler:
+tensors and containers are rebuilt, every other class becomes an inert stub (never
+imported), and a global that could run code (``os.system``, ``eval``...) is refused.
 """
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import types
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from featcal import safe_pickle
 from featcal.backbone.clip import CLIPVisionBackbone, shapes_of
 from featcal.errors import CheckpointMismatch, ConfigError, loading
 from featcal.hub import SourceUnavailable
 
 # ---------------------------------------------------------------------------
 # reading the torch files
-
-
-class _MissingObject(nn.Module):
-    """Stand-in for a pickled class that cannot be imported here.
-
-    Pickled ``nn.Module`` objects are rebuilt without calling ``__init__`` and then
-    receive their ``__dict__`` (``_parameters``, ``_buffers``, ``_modules``...), which
-    is all that is needed to read their tensors.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__()
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
-            state = {**state[0], **(state[1] or {})}
-        if isinstance(state, dict):
-            nn.Module.__setstate__(self, state)
-        else:
-            object.__setattr__(self, "_pickled_state", state)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # placeholders for pickled functions
-        raise RuntimeError(f"{type(self).__qualname__} is a placeholder for an unavailable class")
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    """Resolves importable classes normally and stubs the rest (e.g. ``src.modeling``)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError, ModuleNotFoundError):
-            return type(name, (_MissingObject,), {"__module__": f"featcal.missing.{module}"})
-
-
-_tolerant_pickle = types.ModuleType("featcal_tolerant_pickle")
-_tolerant_pickle.Unpickler = _TolerantUnpickler  # type: ignore[attr-defined]
-_tolerant_pickle.load = lambda f, **kw: _TolerantUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-_tolerant_pickle.loads = lambda b, **kw: _TolerantUnpickler(io.BytesIO(b), **kw).load()  # type: ignore[attr-defined]
-_tolerant_pickle.__name__ = "pickle"
-
-
-def _module_tensors(obj: Any, prefix: str = "", out: dict | None = None, seen: set | None = None) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a (possibly stubbed) module tree, read from ``__dict__``."""
-    out = {} if out is None else out
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return out
-    seen.add(id(obj))
-    d = getattr(obj, "__dict__", {})
-    for kind in ("_parameters", "_buffers"):
-        for name, t in (d.get(kind) or {}).items():
-            if isinstance(t, torch.Tensor):
-                out[prefix + name] = t.detach()
-    for name, child in (d.get("_modules") or {}).items():
-        if child is not None:
-            _module_tensors(child, f"{prefix}{name}.", out, seen)
-    return out
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -108,7 +50,9 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
+            obj = safe_pickle.torch_load(path)  # allowlist unpickler: refuses code, stubs classes
+        except safe_pickle.UnsafeCheckpoint:
+            raise
         except Exception as err:  # truncated zip, not a torch file
             raise SourceUnavailable(
                 f"open_clip checkpoint '{path}' cannot be read: it is truncated, corrupt or not a torch file ({type(err).__name__})",
@@ -119,7 +63,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if isinstance(obj, nn.Module) or hasattr(obj, "__dict__"):
-        tensors = _module_tensors(obj)
+        tensors = safe_pickle.module_tensors(obj)
         if tensors:
             return tensors
     raise CheckpointMismatch(

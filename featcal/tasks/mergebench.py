@@ -36,6 +36,7 @@ from torch import nn
 
 from featcal.backbone.base import Inputs
 from featcal.hub import SourceUnavailable
+from featcal.tasks import code_exec
 from featcal.tasks.base import Metrics, TaskPool
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ class MergeBenchTaskPool(TaskPool):
         num_fewshot: passed to lm-eval (null: each task's default).
         max_gen_toks: generation cap for HFLM (null: lm-eval's default).
         apply_chat_template: lm-eval's option (MergeBench evaluates without it).
-        allow_code_execution: lm-eval's ``confirm_run_unsafe_code`` (humaneval_plus /
-            mbpp_plus execute model-written code, as MergeBench's bigcode harness does).
+        allow_code_execution: run the code tasks (humaneval_plus / mbpp_plus execute
+            model-written code) in featcal's fence (featcal/tasks/code_exec.py); false
+            (default): they are skipped with a warning.
     """
 
     def __init__(
@@ -142,6 +144,8 @@ class MergeBenchTaskPool(TaskPool):
         self.max_gen_toks = max_gen_toks
         self.apply_chat_template = bool(apply_chat_template)
         self.allow_code_execution = bool(allow_code_execution)
+        # code tasks: skipped unless allowed; when allowed, scored in featcal's fence (code_exec.gate)
+        self.lm_eval_tasks, self.code_execution = code_exec.gate(self.lm_eval_tasks, self.allow_code_execution)
         self.lm_eval_defaults = bool(lm_eval_defaults)
         self._tokenizer = None
         self._task_manager = None
@@ -161,12 +165,8 @@ class MergeBenchTaskPool(TaskPool):
             missing = [t for t in tasks if t not in given]
             if missing:
                 problems.append(f"{key}: no entry for task(s) {missing} (experts and data are paired by task name)")
-        unsafe = [t for ts in (node.get("lm_eval_tasks") or {}).values() for t in ts if str(t).startswith(("humaneval", "mbpp"))]
-        if unsafe and not node.get("allow_code_execution", False):
-            problems.append(
-                f"lm_eval_tasks {unsafe} execute model-written code: set backbone.taskpool.allow_code_execution=true "
-                "to run them (as MergeBench does) or drop them from backbone.taskpool.lm_eval_tasks.coding"
-            )
+        if not isinstance(node.get("allow_code_execution", False), bool):  # code tasks: featcal/tasks/code_exec.py
+            problems.append("allow_code_execution: must be true or false (true: run model-written code, fenced)")
         return problems
 
     # ---- data ------------------------------------------------------------------
