@@ -32,6 +32,7 @@ LOCK_FILE = ".featcal.lock"
 OUTCOME_PREFIX = ".featcal-outcome-"
 #: set by the launching process (ResumeSummary.on_multirun_start); inherited by its jobs
 LAUNCH_ENV = "FEATCAL_LAUNCH_ID"
+LAUNCHER_PID_ENV = "FEATCAL_LAUNCHER_PID"
 #: a lock file that is still empty/unreadable after this many seconds is stale
 UNREADABLE_GRACE_S = 30.0
 
@@ -141,17 +142,19 @@ _watched: list[int] = []
 
 def watch_launcher(launcher_pid: int, interval: float = 0.5) -> None:
     """Exit this process (SIGTERM to itself, then ``os._exit``) once ``launcher_pid`` is
-    no longer its parent: the launcher died and the worker was re-parented. Idempotent."""
-    if _watched or launcher_pid == os.getpid():
+    gone (or, for a direct child, no longer its parent: re-parented). Idempotent; nothing
+    when this process is the launcher (joblib with n_jobs=1 runs jobs in it)."""
+    if _watched or launcher_pid == os.getpid() or not pid_alive(launcher_pid):
         return
     _watched.append(launcher_pid)
+    child = os.getppid() == launcher_pid
     # (not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started the worker
     # ends, which in loky is not the launcher's death)
 
     def watch() -> None:
         while True:
             time.sleep(interval)
-            if os.getppid() != launcher_pid or not pid_alive(launcher_pid):
+            if (child and os.getppid() != launcher_pid) or not pid_alive(launcher_pid):
                 with contextlib.suppress(Exception):
                     os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(2.0)
@@ -198,9 +201,9 @@ def job_slot(job_dir: str | os.PathLike) -> Iterator[bool]:
     another live process holds it. Records the job's outcome for the resume summary and,
     in a joblib worker, starts the launcher watchdog."""
     job_dir = Path(job_dir)
-    if _is_joblib_job():
+    if _is_joblib_job() and os.environ.get(LAUNCHER_PID_ENV):
         with contextlib.suppress(Exception):
-            watch_launcher(os.getppid())
+            watch_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     try:
         acquire(job_dir)
     except JobBusy as busy:

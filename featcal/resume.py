@@ -161,10 +161,11 @@ class ResumeSummary(Callback):
         import os
         import uuid
 
-        from featcal.lock import LAUNCH_ENV
+        from featcal.lock import LAUNCH_ENV, LAUNCHER_PID_ENV
 
         self._launch = uuid.uuid4().hex[:12]
-        os.environ[LAUNCH_ENV] = self._launch
+        os.environ[LAUNCH_ENV] = self._launch  # inherited by the jobs (joblib, submitit)
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         self._before = _snapshot(Path(config.hydra.sweep.dir))
         CURRENT["sweep_dir"] = str(config.hydra.sweep.dir)
         with contextlib.suppress(Exception):

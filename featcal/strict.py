@@ -45,7 +45,7 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
 
 
 def _known_list(known: Iterable[str]) -> str:
-    names = sorted(k for k in known if not k.startswith("_") or k == "_target_")
+    names = sorted(k for k in known if not k.startswith("_"))
     return ", ".join(names) if len(names) <= 30 else ", ".join(names[:30]) + ", ..."
 
 
@@ -99,7 +99,6 @@ def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]
 def _target_problems(cfg: DictConfig) -> list[str]:
     out = []
     for path, node in _target_nodes(cfg):
-        target = node._get_node("_target_")
         try:
             target = str(node["_target_"])
         except Exception:  # noqa: BLE001

@@ -117,7 +117,7 @@ def test_1_every_shipped_config_has_only_known_keys():
     from featcal.strict import unknown_key_problems
 
     found = {}
-    for group in ("backbone", "merge", "calibration", "logger"):
+    for group in ("backbone", "merge", "calibration", "logger", "experiment"):
         for f in sorted((CONF / group).glob("*.yaml")):
             problems = unknown_key_problems(compose_cfg(f"{group}={f.stem}"))
             if problems:
@@ -465,7 +465,7 @@ def test_8_unknown_task_is_reported_as_unknown(budget):
 
     cfg = compose_cfg("backbone=embedded_small", "backbone.tasks=[inverted,mnist]", f"budget.per_task={budget}")
     with pytest.raises(ConfigError) as err:
-        validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), composed=cfg)
+        validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     assert "unknown task(s) ['mnist']" in str(err.value) and "has no size" not in str(err.value)
     assert "known: inverted, mirror, rot90, transpose" in str(err.value)
 
