@@ -116,21 +116,20 @@ def _target_problems(cfg: DictConfig) -> list[str]:
 
 
 def _overrides_of(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
-    """(task overrides, group choices) of the running Hydra job or of a config composed
-    with ``return_hydra_config=True``; ([], {}) outside Hydra."""
+    """(task overrides, group choices) of a config composed with ``return_hydra_config=True``
+    or else of the running Hydra job; ([], {}) outside Hydra."""
+    hydra = OmegaConf.select(cfg, "hydra", default=None) if isinstance(cfg, DictConfig) else None
+    if hydra is not None:
+        ov = [str(o) for o in (OmegaConf.select(hydra, "overrides.task", default=None) or [])]
+        ch = OmegaConf.select(hydra, "runtime.choices", default=None) or {}
+        return ov, {str(k): str(v) for k, v in ch.items()}
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
         return [str(o) for o in hc.overrides.task], {str(k): str(v) for k, v in hc.runtime.choices.items()}
     except Exception:  # noqa: BLE001 - not in a Hydra app
-        pass
-    hydra = OmegaConf.select(cfg, "hydra", default=None) if isinstance(cfg, DictConfig) else None
-    if hydra is None:
         return [], {}
-    ov = [str(o) for o in (OmegaConf.select(hydra, "overrides.task", default=None) or [])]
-    ch = OmegaConf.select(hydra, "runtime.choices", default=None) or {}
-    return ov, {str(k): str(v) for k, v in ch.items()}
 
 
 def _conf_dir() -> Path:
@@ -241,6 +240,8 @@ def _override_problem(ex: BaseException) -> str | None:
     if type(ex).__name__ != "ConfigCompositionException" or not msg.startswith("Could not override '"):
         return None
     cause = ex.__cause__
+    if type(cause).__name__ not in ("ConfigAttributeError", "ConfigKeyError"):
+        return None  # another problem with this override: Hydra's own message
     full_key = getattr(cause, "full_key", None) or msg.split("'")[1]
     leaf = str(getattr(cause, "key", None) or full_key.rsplit(".", 1)[-1])
     parent = getattr(cause, "parent_node", None)
