@@ -262,8 +262,8 @@ def _override_problem(ex: BaseException) -> str | None:
 
 def _run_folder_problem(ex: BaseException) -> str | None:
     """The featcal paragraph for an OSError Hydra hit creating or writing the run folder."""
-    if not isinstance(ex, OSError):
-        return None
+    if not isinstance(ex, OSError) or ex.errno is None or type(ex).__module__.startswith("hydra"):
+        return None  # (Hydra's MissingConfigException is an IOError too)
     frames = []
     tb = ex.__traceback__
     while tb is not None:
@@ -272,8 +272,8 @@ def _run_folder_problem(ex: BaseException) -> str | None:
     files = [f.f_code.co_filename.replace(os.sep, "/") for f in frames]
     if any("/featcal/" in f and not f.endswith("featcal/strict.py") for f in files):
         return None  # raised inside the run itself
-    if not any("/hydra/" in f for f in files):
-        return None
+    if not any(f.endswith("hydra/core/utils.py") for f in files):
+        return None  # not where Hydra creates the run folder and writes .hydra/
     path = ex.filename or "?"
     what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
