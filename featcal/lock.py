@@ -116,9 +116,17 @@ def acquire(job_dir: str | os.PathLike) -> Path:
             stale = job_dir / f"{LOCK_FILE}.stale-{os.getpid()}"
             try:
                 os.replace(path, stale)
-                os.unlink(stale)
             except FileNotFoundError:
-                pass
+                continue
+            try:
+                moved = json.loads(stale.read_text())
+            except (OSError, ValueError):
+                moved = None
+            if held is not None and moved != held:  # a fresh lock taken meanwhile: put it back
+                os.replace(stale, path)
+                raise JobBusy(job_dir, moved)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
             continue
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(record))
