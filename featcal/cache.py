@@ -5,6 +5,7 @@ builders serialised by a lock file, a corrupt or partial folder rebuilt with a w
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -112,9 +113,16 @@ def ensure_folder(
     from featcal.errors import CorruptCache
 
     folder = Path(folder)
-    if problem(folder) is None:
+    first = problem(folder)
+    if first is None:
         return folder
-    with file_lock(folder.parent / f".{folder.name}.lock"):
+    try:
+        lock = file_lock(folder.parent / f".{folder.name}.lock")
+        lock.__enter__()
+    except OSError as err:  # a read-only cache, or a cache path under a file
+        raise cache_fault(folder, label, first, err) from err
+    try:
+        remove_stale_builds(folder)  # .tmp-*/.trash-* of builders killed mid-way (we hold the lock)
         reason = problem(folder)  # another process may have built it meanwhile
         if reason is None:
             return folder
@@ -122,7 +130,12 @@ def ensure_folder(
             warnings.warn(f"{label} cache {folder} is invalid ({reason}); rebuilding it", RuntimeWarning, stacklevel=stacklevel)
         tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            build(tmp)
+            try:
+                build(tmp)
+            except OSError as err:
+                if err.errno in _UNWRITABLE:
+                    raise cache_fault(folder, label, reason, err) from err
+                raise
             if folder.exists():
                 trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
                 os.replace(folder, trash)
@@ -131,6 +144,8 @@ def ensure_folder(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.__exit__(None, None, None)
     reason = problem(folder)
     if reason is not None:
         raise CorruptCache(
@@ -138,6 +153,45 @@ def ensure_folder(
             f"Delete {folder} and run again; set FEATCAL_CACHE to a folder on a healthy disk if it persists.",
         )
     return folder
+
+
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST)
+
+
+def cache_fault(folder: Path, label: str, reason: str, err: OSError):
+    """The :class:`featcal.errors.CorruptCache` for a cache that cannot be (re)built where it
+    is: read-only, full, or its path runs through a file. Names FEATCAL_CACHE."""
+    from featcal.errors import CorruptCache
+
+    folder = Path(folder)
+    probe = folder.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if (probe.exists() and not probe.is_dir()) or err.errno in (errno.ENOTDIR, errno.EEXIST):
+        why = f"{probe if not probe.is_dir() else err.filename} is a file, not a folder"
+    else:
+        why = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
+               errno.EDQUOT: "the disk quota is exhausted"}.get(err.errno, "the folder is not writable") + \
+            f" ({err.strerror or type(err).__name__}: {err.filename or folder.parent})"
+    state = "is not built yet" if reason == "missing" else f"is corrupt ({reason})"
+    return CorruptCache(
+        f"the {label} cache at {folder} {state} and cannot be {'built' if reason == 'missing' else 'rebuilt'} there: {why}",
+        "Point FEATCAL_CACHE (or backbone.cache_dir) at a writable folder with free space"
+        + ("" if reason == "missing" else f", or make {folder.parent} writable so the build is redone"),
+    )
+
+
+def remove_stale_builds(folder: Path) -> list[Path]:
+    """Remove ``.tmp-<name>-*`` / ``.trash-<name>-*`` siblings of ``folder``: called while
+    holding the build lock, so their builders are gone (killed mid-way). Returns them."""
+    folder = Path(folder)
+    removed = []
+    for pattern in (f".tmp-{folder.name}-*", f".trash-{folder.name}-*"):
+        for p in folder.parent.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+    return removed
 
 
 class SuiteSpec:

@@ -1,7 +1,8 @@
 """Validation of a composed run config, before any model or dataset is loaded.
 
 Hydra itself rejects unknown group options ("Could not find 'merge/foo'. Available
-options in 'merge': ...") and unknown keys (struct mode). This module checks the
+options in 'merge': ...") and unknown keys (struct mode; ``featcal.strict`` rewords its
+message, and rejects keys added with ``+key=`` too). This module checks the
 top-level keys, the budget and the backbone's task list, and collects what every
 configured object (adapter, task pool, merge function, calibrator) says about its own
 node through its ``validate_config(node) -> list[str]`` (next to its code). Each
@@ -95,9 +96,15 @@ def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     return ok
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` listing every invalid value in ``cfg``."""
+def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
+    """Raise ``ConfigError`` listing every invalid value in ``cfg``, and every key the run
+    does not know (``featcal.strict``; ``composed``: the config with its ``hydra`` node,
+    whose overrides show keys added with ``+``, when ``cfg`` has none)."""
+    from featcal.strict import unknown_key_problems, _overrides_of
+
     problems: list[str] = []
+    overrides, choices = _overrides_of(composed if composed is not None else cfg)
+    problems.extend(unknown_key_problems(cfg, overrides, choices))
 
     def bad(key: str, value: Any, allowed: str) -> None:
         problems.append(f"{key}={value!r}: {allowed}")
@@ -144,6 +151,24 @@ def validate(cfg: DictConfig) -> None:
         tasks = [str(t) for t in tasks_node]
         if len(set(tasks)) != len(tasks):
             bad("backbone.adapter.tasks", tasks, "task names must be unique")
+        # a task the backbone does not know (its split-size tables, or its spec's tasks)
+        known: set[str] = set()
+        for table in ("train_sizes", "test_sizes"):
+            sizes = _get(cfg, f"backbone.{table}")
+            if isinstance(sizes, DictConfig):
+                known |= {str(k) for k in sizes.keys()}
+        spec_tasks = _get(cfg, "backbone.spec.tasks")
+        if not known and spec_tasks is not None:
+            known = {str(t) for t in spec_tasks}
+        unknown = [t for t in tasks if known and t not in known]
+        if unknown:
+            from featcal.strict import did_you_mean
+
+            key = "backbone.tasks" if _get(cfg, "backbone.tasks") is not None else "backbone.adapter.tasks"
+            hints = "".join(did_you_mean(t, known) for t in unknown[:1])
+            problems.append(f"{key}={tasks}: unknown task(s) {unknown} for this backbone{hints}; "
+                            f"known: {', '.join(sorted(known))}")
+            tasks = []  # no size-table complaints about them
 
     # ---- budget -------------------------------------------------------------
     bs = _get(cfg, "budget.batch_size")

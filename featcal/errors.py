@@ -16,7 +16,9 @@ Classes (all importable from here; the older paths ``featcal.config.ConfigError`
     ├── SourceUnavailable     a model or dataset is missing or unreadable (offline, wrong
     │   │                     path, truncated weights file)
     │   └── CheckpointMismatch  a checkpoint that does not fit the architecture
-    └── CorruptCache          a cache entry is invalid and cannot be rebuilt here
+    ├── CorruptCache          a cache entry is invalid and cannot be rebuilt here
+    └── ResultsNotWritten     a finished run could not write its results (full or
+                              read-only disk); its scores are in failed.json or on stderr
 
 Exit codes of ``featcal-run`` (see README): 0 success, 1 crash (a bug: Hydra's
 traceback), 2 user-fixable error (:class:`FeatcalError`), 3 out of GPU memory.
@@ -97,6 +99,74 @@ class CheckpointMismatch(SourceUnavailable):
 
 class CorruptCache(FeatcalError, RuntimeError):
     """A cache entry is invalid and could not be rebuilt (e.g. the folder is read-only)."""
+
+
+class ResultsNotWritten(FeatcalError, OSError):
+    """A run finished but writing its results failed; ``record`` (the scores) was kept in
+    ``failed.json`` or printed to stderr, so ``guard`` must not overwrite it."""
+
+    keeps_failed_json = True
+
+    def __init__(self, reason: str, hint: str | None = None, record: dict | None = None):
+        super().__init__(reason, hint)
+        self.record = record or {}
+
+
+_OS_WHAT = {28: "no space left on the device", 122: "disk quota exceeded", 30: "read-only file system",
+            13: "permission denied", 1: "operation not permitted"}
+
+
+def _failed_path(err: OSError) -> str | None:
+    """The file an ``atomic_write_*`` call was writing when ``err`` was raised (from its
+    frame: a failed ``write()`` names no file)."""
+    tb, path = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in ("atomic_write_text", "atomic_write_json") and "path" in tb.tb_frame.f_locals:
+            path = str(tb.tb_frame.f_locals["path"])
+        tb = tb.tb_next
+    return path or (str(err.filename) if getattr(err, "filename", None) else None)
+
+
+def keep_results(out_dir: Path, results: dict, write: Callable[[], Any]) -> None:
+    """``write()`` the results of a finished run; if that fails with an OSError (full or
+    read-only disk), keep the scores in ``<out_dir>/failed.json`` (or, failing that, print
+    them to stderr as one JSON line) and raise :class:`ResultsNotWritten` saying which file
+    failed, how much space is free and where the scores are."""
+    try:
+        write()
+        return
+    except OSError as err:
+        failed_file = _failed_path(err) or str(out_dir)
+        what = _OS_WHAT.get(err.errno or -1, err.strerror or type(err).__name__)
+    free = "?"
+    with contextlib.suppress(Exception):
+        from featcal.envcheck import free_mib
+
+        free = f"{free_mib(failed_file):.1f} MiB"
+    kept = {k: results.get(k) for k in ("backbone", "merge", "calibration", "budget", "split", "seed", "tasks", "device",
+                                         "primary_metric", "score", "table", "config_hash", "config")}
+    reason = f"could not write {failed_file}: {what} ({free} free there)"
+    record = {
+        "status": "failed", "kind": "user_error", "error": "ResultsNotWritten", "reason": reason, "exit_code": EXIT_USER_ERROR,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "results": kept,
+    }
+    where = None
+    try:
+        write_failed(out_dir, {**record, "results": results})
+        where = f"the scores (and all results) are in {Path(out_dir) / FAILED_FILE}"
+    except Exception:  # noqa: BLE001 - the same disk: try the small record, then stderr
+        try:
+            write_failed(out_dir, record)
+            where = f"the scores are in {Path(out_dir) / FAILED_FILE}"
+        except Exception:  # noqa: BLE001
+            sys.stderr.write("featcal: results (JSON): " + json.dumps(kept, default=str) + "\n")
+            where = "the scores are printed above as JSON (line 'featcal: results (JSON): ...')"
+    raise ResultsNotWritten(
+        f"the run finished but {reason}; the per-task table is printed above and {where}",
+        "Free some space (or set hydra.run.dir / hydra.sweep.dir to a writable disk) and rerun: "
+        "the run is not marked complete, so resume redoes it",
+        record,
+    )
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -205,7 +275,7 @@ def memory_advice(stage: str | None, cfg: Any = None) -> str:
         else:
             out.append(f"a smaller {name}" + (f" (now {current})" if current is not None else ""))
     if key == "calibrate" or key is None:
-        out.append("a smaller budget (budget=8|16|32...)")
+        out.append("a smaller budget (budget.per_task=8|16|32...)")
     out.append("or device=cpu")
     return "; ".join(dict.fromkeys(out))
 
@@ -272,7 +342,7 @@ def guard(fn: Callable[[], Any], cfg: Any, out_dir: Path, multirun: bool, job: d
       for Hydra to report as usual (exit code 1).
     """
     out_dir = Path(out_dir)
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # (a read-only run folder: the environment check says so)
         (out_dir / FAILED_FILE).unlink()
     try:
         return fn()
@@ -292,8 +362,9 @@ def guard(fn: Callable[[], Any], cfg: Any, out_dir: Path, multirun: bool, job: d
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **job,
         }
-        with contextlib.suppress(Exception):
-            write_failed(out_dir, record)
+        if not getattr(user, "keeps_failed_json", False):  # ResultsNotWritten wrote its own
+            with contextlib.suppress(Exception):
+                write_failed(out_dir, record)
         _in_process_failures.append({**record, "run_dir": str(out_dir)})
         if kind == "crash":
             raise

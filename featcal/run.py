@@ -29,7 +29,10 @@ from featcal import errors
 from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import validate
-from featcal.resume import config_hash, previous_results
+from featcal.envcheck import check_environment
+from featcal.lock import job_slot
+from featcal.resume import config_hash, interrupted, previous_results
+from featcal.strict import hydra_errors
 from featcal.report import format_table, long_rows, per_task_table, write_results
 from featcal.tasks.base import Metrics, TaskPool, scores
 from featcal.utils import DTYPES, StageTimer, current_rss_mib, peak_rss_mib, resolve_device, seed_everything
@@ -117,13 +120,15 @@ def _merge_heads(merge_fn: Callable[..., Any], pool: TaskPool) -> dict[str, Any]
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one configuration and write its results into ``out_dir``."""
     choices = _choices(cfg)
+    composed = cfg  # with its hydra node (overrides: keys added with +) when composed so
     if "hydra" in cfg:  # composed with return_hydra_config=True: keep the run's own keys
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     # ---- validate (before anything heavy: a bad value costs nothing) ------------
-    validate(cfg)
+    validate(cfg, composed=composed)
     done = previous_results(cfg, out_dir)  # resume: a complete run of the same config is not redone
     if done is not None:
         return done
+    check_environment(cfg, out_dir)  # the device exists; cache and run folders are writable
     started = time.time()
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
@@ -256,13 +261,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         **({"code_execution": pool.code_execution} if getattr(pool, "code_execution", None) else {}),  # opt-in + fence
     }
     long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
-    write_results(out_dir, results, long)
 
+    # printed before anything is written: a full disk cannot hide the numbers
     print(f"\n{meta['backbone']} | merge={meta['merge']} | calibration={meta['calibration']} | budget={meta['budget']} ({meta['split']})")
     print(format_table(table))
     t = timer.seconds
     print("wall-clock (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     print(f"peak host RSS {memory['peak_rss_mib']:.0f} MiB" + (f", CUDA peak {memory['cuda_peak_mib']:.0f} MiB" if memory["cuda_peak_mib"] else ""))
+    errors.keep_results(out_dir, results, lambda: write_results(out_dir, results, long))  # OSError: failed.json / stderr
     print(f"results: {out_dir / 'results.json'}")
 
     if logger is not None:
@@ -300,7 +306,10 @@ def _hydra_main(cfg: DictConfig) -> float:
     # and the sweep goes on. See featcal/errors.py.
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun, job = _job()
-    results = errors.guard(lambda: run(cfg, out_dir), cfg, out_dir, multirun, job)
+    with job_slot(out_dir) as free:  # <out_dir>/.featcal.lock: a job another live process runs is skipped
+        results = errors.guard(lambda: run(cfg, out_dir), cfg, out_dir, multirun, job) if free else None
+    if not free and not multirun:
+        sys.exit(errors.EXIT_USER_ERROR)
     if results is None:
         return float("nan")
     return float(results["score"]["calibrated"]["average"])
@@ -316,7 +325,11 @@ def main() -> None:
     # Hydra's parser wants flags before overrides; accept `featcal-run a=1 -m b=2,3` too
     flags = [a for a in args if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in args if a not in flags]
-    _hydra_main()
+    try:
+        with hydra_errors():  # an unknown key or an unusable run folder: one featcal: paragraph, exit 2
+            _hydra_main()
+    except KeyboardInterrupt:
+        interrupted(args)
     code = errors.pending_exit_code()  # a multirun whose jobs failed with user errors
     if code:
         sys.exit(code)
