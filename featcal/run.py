@@ -124,6 +124,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     done = previous_results(cfg, out_dir)  # resume: a complete run of the same config is not redone
     if done is not None:
         return done
+    from featcal.hub import check_sources_available
+
+    check_sources_available(cfg)  # every model and dataset findable, before anything loads
     started = time.time()
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)

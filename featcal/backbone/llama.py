@@ -193,6 +193,9 @@ class LlamaBackbone(Backbone):
 
     key_value_patterns = ("k_proj", "v_proj")
 
+    #: config keys naming model sources (checked for availability before anything loads)
+    model_source_keys = ("base", "experts")
+
     def __init__(
         self,
         tasks: list[str],

@@ -66,18 +66,11 @@ def alpaca_text(instruction: str, response: str, input_text: str = "") -> str:
 
 
 def load_rows(source: str, split: str, task: str):
-    """A dataset split from a hub id, a ``save_to_disk`` folder or a local json/jsonl file."""
-    import datasets
+    """A dataset split from a local path (save_to_disk folder, data file or folder, snapshot
+    folder), the prepared datasets cache, the hub snapshot in the hub cache or the hub."""
+    from featcal.datasets_io import load_dataset_split
 
-    path = Path(os.path.expanduser(str(source)))
-    if path.is_file() and path.suffix in (".json", ".jsonl"):
-        try:
-            return datasets.load_dataset("json", data_files=str(path), split="train")
-        except Exception as err:
-            raise SourceUnavailable(f"could not read '{source}' for task '{task}' ({type(err).__name__}: {err})") from err
-    from featcal.tasks.clip_vision import load_task_split
-
-    return load_task_split(str(source), split, None, task)
+    return load_dataset_split(str(source), split, None, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
 
 
 class MergeBenchTaskPool(TaskPool):
@@ -145,6 +138,13 @@ class MergeBenchTaskPool(TaskPool):
         self.lm_eval_defaults = bool(lm_eval_defaults)
         self._tokenizer = None
         self._task_manager = None
+
+    model_source_keys = ("tokenizer",)
+
+    @classmethod
+    def dataset_sources(cls, node: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
+        given = node.get("datasets") or {}
+        return [(str(given[t]), None, f"backbone.taskpool.datasets.{t}") for t in node.get("tasks") or [] if given.get(t)]
 
     @classmethod
     def validate_config(cls, node: dict) -> list[str]:
