@@ -5,7 +5,8 @@ tanganke/*, google/flan-t5-base, meta-llama/Llama-3.2-3B, google/gemma-2-2b,
 MergeBench/*) in the layout `hf download` leaves, and tiny datasets in their real schemas
 in snapshot-only form (parquet + README configs; nothing in the prepared datasets cache).
 With HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 and HF_HOME pointing there, each preset runs
-in-process (featcal.run.run) with TA and TIES × FeatCal / Surgery / ProbSurgery, and
+in-process (featcal.run.run) with TA and TIES × FeatCal / Surgery / ProbSurgery (the
+LLM presets as shipped: streaming=true, tied embeddings as Llama-3.2 / Gemma-2 have), and
 nothing else is overridden but sizes (budget, iterations, the LLM pool's lm-eval tasks:
 MergeBench's default task names need their own hub datasets, which are not stood in here).
 """
@@ -115,7 +116,7 @@ def test_flan_t5_glue(standin, backbone, merge, calibration):
     _check(res, GLUE_TASKS, (-100.0, 100.0))  # stsb: Spearman x 100
 
 
-LLM_CALIBRATORS = ["featcal"]  # Surgery / ProbSurgery on LLM backbones: see test_llm_surgery_is_rejected_before_loading
+LLM_CALIBRATORS = list(CALIBRATORS)  # streaming (the presets' default): Surgery's features from streamed forwards
 
 
 def _llm_overrides(standin) -> list[str]:
@@ -132,3 +133,12 @@ def test_mergebench_llm(standin, backbone, merge, calibration):
                *CALIBRATORS[calibration], *COMMON, *_llm_overrides(standin)])
     _check(res, MERGEBENCH_TASKS)
     assert {"tiny_gen/exact_match", "score"} <= set(res["metrics"]["calibrated"]["instruction"])
+
+
+@pytest.mark.parametrize("calibration", ["surgery", "probsurgery"])
+def test_mergebench_llm_in_memory_surgery(standin, calibration):
+    """streaming=false: every model in memory, Surgery's features from ordinary forwards."""
+    res = _run(standin, f"llama-inmem-{calibration}", ["backbone=mergebench_llama32_3b", "merge=ties", f"calibration={calibration}",
+               "backbone.adapter.streaming=false", *CALIBRATORS[calibration], *COMMON, *_llm_overrides(standin)])
+    _check(res, MERGEBENCH_TASKS)
+    assert res["calibration_report"]["extra"].get("trainable_parameters", 1) > 0
