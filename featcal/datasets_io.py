@@ -291,3 +291,35 @@ def load_dataset_split(source: str, split: str, config: str | None = None, where
                                     f"Run `{download_command(src)}` {offline_env_hint()}.") from err
         raise SourceUnavailable(f"could not read dataset '{src}' from {loc.kind} {loc.path} ({type(err).__name__}: {err}; {ctx})",
                                 "The files are incomplete or corrupt: download or save them again.") from err
+
+
+@contextlib.contextmanager
+def hub_cache_aware_load_dataset() -> Iterator[None]:
+    """Inside, ``datasets.load_dataset(<hub id>, <config>, ...)`` called by other libraries
+    (lm-eval's tasks) reads the prepared datasets cache or the hub snapshot in the hub cache
+    when one holds the dataset (see ``dataset_location``), offline; anything else goes to the
+    original function unchanged."""
+    import datasets
+
+    original = datasets.load_dataset
+
+    def load_dataset(path=None, name=None, *args, **kwargs):
+        if isinstance(path, str) and not args and not kwargs.get("data_files") and not kwargs.get("data_dir") \
+                and not looks_like_path(path) and path.count("/") == 1 and not Path(path).exists():
+            loc = dataset_location(path, name)
+            if loc.kind in ("prepared", "snapshot"):
+                kw = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code", "revision")}
+                kw.setdefault("cache_dir", str(datasets_cache_dir()))
+                with forced_offline():
+                    if loc.kind == "prepared":
+                        return original(path, name, **kw)
+                    if name and card_configs(loc.path) is not None:
+                        return original(str(loc.path), name, **kw)
+                    return original(str(loc.path), **kw)
+        return original(path, name, *args, **kwargs)
+
+    datasets.load_dataset = load_dataset
+    try:
+        yield
+    finally:
+        datasets.load_dataset = original

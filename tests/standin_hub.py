@@ -278,6 +278,21 @@ def _mergebench_data(hub: Path, n: int) -> None:
         put_dataset_snapshot(hub, f"MergeBench/{task}_val", {"default": {"train": datasets.Dataset.from_dict(data)}})
 
 
+def put_lm_eval_datasets(hub: Path, n: int = 6) -> None:
+    """The hub datasets of lm-eval's default MergeBench tasks that are stood in here:
+    openai/gsm8k (configs main and socratic; train/test; question, answer ending in
+    "#### <number>"), read by gsm8k / gsm8k_cot."""
+    import datasets
+
+    def rows(k):
+        return datasets.Dataset.from_dict({
+            "question": [f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?" for i in range(k)],
+            "answer": [f"He has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n#### {2 * i + 2}" for i in range(k)],
+        })
+
+    put_dataset_snapshot(hub, "openai/gsm8k", {"main": {"train": rows(n), "test": rows(n)}, "socratic": {"train": rows(2), "test": rows(2)}})
+
+
 def build_standin_hub(root: Path, families=("clip", "glue", "llama", "gemma2"), n_train: int = 8, n_test: int = 6) -> Path:
     """Write the stand-in hub cache under ``root/hf/hub`` (HF_HOME = ``root/hf``); return HF_HOME."""
     root = Path(root)
@@ -294,5 +309,6 @@ def build_standin_hub(root: Path, families=("clip", "glue", "llama", "gemma2"), 
         _llm_family(hub, work, "gemma2", "google/gemma-2-2b", "MergeBench/gemma-2-2b")
     if "llama" in families or "gemma2" in families:
         _mergebench_data(hub, max(n_train, 8))
+        put_lm_eval_datasets(hub)
     shutil.rmtree(work)  # only the hub cache remains: snapshot-only
     return root / "hf"

@@ -98,3 +98,26 @@ def test_nltk_data_is_checked_up_front(monkeypatch, tmp_path):
     with pytest.raises(SourceUnavailable, match="punkt_tab") as err:
         check_lm_eval_resources(["ifeval"])
     assert "python -m nltk.downloader punkt_tab" in str(err.value) and "NLTK_DATA" in str(err.value)
+
+
+def test_default_lm_eval_task_reads_its_hub_snapshot_offline(tmp_path, monkeypatch, one_thread):
+    """gsm8k_cot (a MergeBench default, lm-eval's own YAML) over openai/gsm8k present only as
+    a hub snapshot, network off: lm-eval's datasets.load_dataset goes through the resolver."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.llm_fixtures import config, word_tokenizer
+    from tests.standin_hub import put_lm_eval_datasets
+    from tests.test_datasets_io import offline_home
+
+    hub = offline_home(monkeypatch, tmp_path / "hf")
+    put_lm_eval_datasets(hub)
+    cfg = config("llama")
+    cfg.max_position_embeddings = 4096  # room for the 8-shot chain-of-thought prompt
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    word_tokenizer(tmp_path / "tok")
+    pool = MergeBenchTaskPool(["math"], str(tmp_path / "tok"), {"math": "unused"}, {"math": ["gsm8k_cot"]},
+                              limit=2, max_gen_toks=4)
+    out = pool.evaluate(lambda i: model, "cpu", batch_size=2)
+    assert set(out["math"]) == {"gsm8k_cot/exact_match", "score"}
+    assert 0.0 <= out["math"]["score"] <= 100.0

@@ -297,7 +297,14 @@ class MergeBenchTaskPool(TaskPool):
         if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once
             self._task_manager = TaskManager(include_path=self.lm_eval_include or None, include_defaults=self.lm_eval_defaults)
         tm = self._task_manager
-        res = lm_eval.simple_evaluate(
+        from featcal.datasets_io import hub_cache_aware_load_dataset
+
+        with hub_cache_aware_load_dataset():  # lm-eval's task datasets from `hf download` snapshots too
+            res = self._simple_evaluate(lm_eval, lm, lm_tasks, tm)
+        return res["results"]
+
+    def _simple_evaluate(self, lm_eval, lm, lm_tasks, tm):
+        return lm_eval.simple_evaluate(
             model=lm,
             tasks=list(lm_tasks),
             task_manager=tm,
@@ -309,7 +316,6 @@ class MergeBenchTaskPool(TaskPool):
             log_samples=False,
             bootstrap_iters=0,
         )
-        return res["results"]
 
     @torch.no_grad()
     def evaluate(
