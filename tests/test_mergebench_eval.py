@@ -121,3 +121,24 @@ def test_default_lm_eval_task_reads_its_hub_snapshot_offline(tmp_path, monkeypat
     out = pool.evaluate(lambda i: model, "cpu", batch_size=2)
     assert set(out["math"]) == {"gsm8k_cot/exact_match", "score"}
     assert 0.0 <= out["math"]["score"] <= 100.0
+
+
+def test_generation_limit_beyond_the_context_is_bounded(tiny, monkeypatch):
+    """A limit >= the model's context (ifeval's 1280 on a short model) is cut to half the
+    context instead of failing in lm-eval's assertion."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    real = HFLM.generate_until
+
+    def generate_until(self, requests, disable_tqdm=False):
+        seen.append([r.args[1].get("max_gen_toks") for r in requests])
+        return real(self, requests, disable_tqdm)
+
+    monkeypatch.setattr(HFLM, "generate_until", generate_until)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "m")).eval()
+    pool = _pool(tiny, ["math"], {"math": ["tiny_gen"]}, max_gen_toks=1280)
+    out = pool.evaluate(lambda i: model, "cpu", batch_size=2)
+    assert set(seen[-1]) == {model.config.max_position_embeddings // 2}
+    assert 0.0 <= out["math"]["score"] <= 100.0

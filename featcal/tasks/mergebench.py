@@ -75,6 +75,38 @@ def load_rows(source: str, split: str, task: str):
     return load_dataset_split(str(source), split, None, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
 
 
+_BOUNDED_HFLM = None
+
+
+def _context_bounded_hflm():
+    """HFLM whose generation limit never reaches the model's context length: a task asking
+    for more (ifeval's 1280 tokens on a short-context model) gets half the context, with a
+    warning, instead of lm-eval's assertion."""
+    global _BOUNDED_HFLM
+    if _BOUNDED_HFLM is None:
+        from lm_eval.models.huggingface import HFLM
+
+        class ContextBoundedHFLM(HFLM):
+            def generate_until(self, requests, disable_tqdm: bool = False):
+                warned = set()
+                for req in requests:
+                    kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else None
+                    if kwargs is None:
+                        continue
+                    want = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+                    if want >= self.max_length:
+                        kwargs["max_gen_toks"] = self.max_length // 2
+                        name = getattr(req, "task_name", "?")
+                        if name not in warned:
+                            warned.add(name)
+                            log.warning("lm-eval task %s asks for %d new tokens, the model's context is %d: generating %d",
+                                        name, want, self.max_length, self.max_length // 2)
+                return super().generate_until(requests, disable_tqdm)
+
+        _BOUNDED_HFLM = ContextBoundedHFLM
+    return _BOUNDED_HFLM
+
+
 def _release_memory(device: torch.device | str) -> None:
     import gc
 
@@ -289,11 +321,10 @@ class MergeBenchTaskPool(TaskPool):
         The context length is the model's own (HFLM reads it from the model config), never the
         calibration ``max_length``; generation limits are each task's, or ``max_gen_toks``."""
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         check_lm_eval_resources(lm_tasks)
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size)
+        lm = _context_bounded_hflm()(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size)
         if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once
             self._task_manager = TaskManager(include_path=self.lm_eval_include or None, include_defaults=self.lm_eval_defaults)
         tm = self._task_manager
