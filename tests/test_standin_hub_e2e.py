@@ -142,3 +142,15 @@ def test_mergebench_llm_in_memory_surgery(standin, calibration):
                "backbone.adapter.streaming=false", *CALIBRATORS[calibration], *COMMON, *_llm_overrides(standin)])
     _check(res, MERGEBENCH_TASKS)
     assert res["calibration_report"]["extra"].get("trainable_parameters", 1) > 0
+
+
+def test_mergebench_default_math_task_name(standin):
+    """The preset's own lm-eval task for math (gsm8k_cot, lm-eval's YAML, 8-shot CoT with a
+    256-token limit) over the openai/gsm8k stand-in snapshot: the generation limit is bounded
+    by the tiny model's 64-token context instead of failing."""
+    over = [o for o in _llm_overrides(standin) if not o.startswith(("backbone.taskpool.lm_eval_tasks=", "backbone.taskpool.lm_eval_defaults="))]
+    tasks = "{instruction:[tiny_gen],math:[gsm8k_cot],coding:[tiny_mc],safety:[tiny_mc],multilingual:[tiny_mc]}"
+    res = _run(standin, "llama-gsm8k", ["backbone=mergebench_llama32_3b", "merge=task_arithmetic", "calibration=featcal",
+               *CALIBRATORS["featcal"], *COMMON, *over, f"backbone.taskpool.lm_eval_tasks={tasks}", "eval.limit=2"])
+    _check(res, MERGEBENCH_TASKS)
+    assert set(res["metrics"]["calibrated"]["math"]) == {"gsm8k_cot/exact_match", "score"}
