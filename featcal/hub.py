@@ -197,8 +197,9 @@ def required_sources(cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str | 
             continue
         for key in getattr(cls, "model_source_keys", ()):
             value = node.get(key)
-            if isinstance(value, dict):
-                models += [(str(v), f"backbone.{part}.{key}.{k}") for k, v in value.items() if v]
+            if isinstance(value, dict):  # per task: only the tasks the run uses
+                used = node.get("tasks")
+                models += [(str(v), f"backbone.{part}.{key}.{k}") for k, v in value.items() if v and (not used or k in used)]
             elif isinstance(value, (list, tuple)):
                 models += [(str(v), f"backbone.{part}.{key}[{i}]") for i, v in enumerate(value) if v]
             elif value:

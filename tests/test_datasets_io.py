@@ -201,3 +201,12 @@ def test_precheck_runs_before_any_model_loads(hub, tmp_path, monkeypatch):
     assert "hf download openai/clip-vit-base-patch32" in msg and "hf download tanganke/clip-vit-base-patch32_svhn" in msg
     assert "hf download --repo-type dataset ufldl-stanford/svhn" in msg and "(config 'cropped_digits')" in msg
     assert f"folder '{tmp_path / 'no_mnist'}' does not exist (backbone.taskpool.datasets.mnist)" in msg
+
+
+def test_precheck_only_checks_the_tasks_the_run_uses(hub, tmp_path):
+    from featcal.hub import required_sources
+
+    cfg = _compose(["backbone=mergebench_llama32_3b", "logger=none", "backbone.adapter.tasks=[instruction,math]"])
+    models, data = required_sources(cfg)
+    assert {m for m, _ in models} == {"meta-llama/Llama-3.2-3B", "MergeBench/Llama-3.2-3B_instruction", "MergeBench/Llama-3.2-3B_math"}
+    assert [d for d, _, _ in data] == ["MergeBench/instruction_val", "MergeBench/math_val"]
