@@ -207,6 +207,14 @@ def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
                 bad(f"{path}._target_", None, f"the {path} config needs a _target_")
             continue
         problems.extend(_own_problems(path, node))
+    # ---- combinations a backbone adapter rules out (``validate_run(cfg) -> list[str]``) ----
+    target = _get(cfg, "backbone.adapter._target_")
+    if target is not None:
+        try:
+            combo = getattr(_target_object(str(target)), "validate_run", None)
+        except Exception:  # noqa: BLE001 - reported above
+            combo = None
+        problems.extend(combo(cfg) if combo is not None else [])
 
     # ---- logger -------------------------------------------------------------
     lname = _get(cfg, "logger.name")

@@ -59,8 +59,9 @@ def offline_advice(kind: str, name: str) -> str:
 
 
 def _looks_like_path(source: str) -> bool:
-    s = str(source)
-    return os.path.isabs(os.path.expanduser(s)) or s.startswith((".", "~")) or s.count("/") > 1 or "\\" in s or s.endswith("/")
+    from featcal.datasets_io import looks_like_path
+
+    return looks_like_path(source)
 
 
 def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
@@ -75,6 +76,12 @@ def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | Non
             f"model folder '{source}' does not exist",
             "Check the path (relative paths are resolved from the current directory), or give a hub id like owner/name.",
         )
+    if _offline():  # the snapshot `hf download` left in the hub cache ($HF_HUB_CACHE read now, not at import)
+        from featcal.datasets_io import snapshot_dir
+
+        snap = snapshot_dir(str(source), "model")
+        if snap is not None:
+            return snap
     try:
         from huggingface_hub import snapshot_download
 
@@ -135,3 +142,102 @@ def load_raw_state_dict(folder: Path, source: str | None = None) -> dict:
         f"no weights (*.safetensors or *.bin) in model folder '{folder}'" + (f" for '{source}'" if source and str(source) != str(folder) else ""),
         "Point the config at the folder that holds the checkpoint's weights and config.json.",
     )
+
+
+# ---------------------------------------------------------------------------
+# availability of every model and dataset, before the first model loads
+
+
+def model_location(source: str) -> tuple[str, str]:
+    """(kind, problem) for a model source: kind local | snapshot | hub | missing."""
+    from featcal.datasets_io import hub_cache_dir, snapshot_dir
+
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir():
+        return "local", ""
+    if path.exists():
+        return "missing", f"model source '{source}' is a file, not a folder"
+    if _looks_like_path(str(source)):
+        return "missing", f"model folder '{source}' does not exist"
+    if snapshot_dir(str(source), "model") is not None:
+        return "snapshot", ""
+    if _offline():
+        return "missing", f"model '{source}' is not in the hub cache ({hub_cache_dir()}) and hub access is off"
+    return "hub", ""
+
+
+def _locate(target: str):
+    from hydra.utils import get_class
+
+    try:
+        return get_class(target)
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported when the run builds it
+        return None
+
+
+def required_sources(cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str | None, str]]]:
+    """([(model source, config key)], [(dataset source, config name, config key)]) that the
+    backbone adapter and task pool of ``cfg`` will load. Classes declare them: adapters and
+    pools with ``model_source_keys`` (node keys holding a model id/folder or a mapping of
+    them), pools with a ``dataset_sources(node)`` classmethod."""
+    from omegaconf import OmegaConf
+
+    models: list[tuple[str, str]] = []
+    data: list[tuple[str, str | None, str]] = []
+    backbone = cfg.get("backbone") if hasattr(cfg, "get") else None
+    if backbone is None:
+        return models, data
+    for part in ("adapter", "taskpool"):
+        node = backbone.get(part)
+        if node is None:
+            continue
+        node = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
+        cls = _locate(str(node.get("_target_", "")))
+        if cls is None:
+            continue
+        for key in getattr(cls, "model_source_keys", ()):
+            value = node.get(key)
+            if isinstance(value, dict):  # per task: only the tasks the run uses
+                used = node.get("tasks")
+                models += [(str(v), f"backbone.{part}.{key}.{k}") for k, v in value.items() if v and (not used or k in used)]
+            elif isinstance(value, (list, tuple)):
+                models += [(str(v), f"backbone.{part}.{key}[{i}]") for i, v in enumerate(value) if v]
+            elif value:
+                models.append((str(value), f"backbone.{part}.{key}"))
+        if hasattr(cls, "dataset_sources"):
+            data += list(cls.dataset_sources(node))
+    return models, data
+
+
+def check_sources_available(cfg) -> None:
+    """Raise one ``SourceUnavailable`` listing every model and dataset of ``cfg`` that cannot
+    be found (offline: neither a local folder nor in the caches), with the commands that
+    fetch them. Nothing is loaded. Online, sources not found locally are left to the hub."""
+    from featcal.datasets_io import dataset_location, download_command, offline_env_hint
+
+    models, data = required_sources(cfg)
+    lines, commands = [], []
+    model_keys: dict[str, list[str]] = {}
+    for source, key in models:  # one line per model, naming every key that uses it
+        model_keys.setdefault(source, []).append(key)
+    for source, keys in model_keys.items():
+        kind, problem = model_location(source)
+        if kind == "missing":
+            lines.append(f"{problem} ({', '.join(keys)})")
+            if not _looks_like_path(source) and not Path(os.path.expanduser(source)).exists():
+                commands.append(download_command(source, "model"))
+    for source, config, key in dict.fromkeys(data):
+        loc = dataset_location(source, config)
+        if not loc.available:
+            lines.append(f"{loc.problem} ({key})")
+            if not _looks_like_path(source) and not Path(os.path.expanduser(source)).exists():
+                commands.append(download_command(source, "dataset"))
+    if not lines:
+        return
+    commands = list(dict.fromkeys(commands))
+    reason = f"{len(lines)} model/dataset source(s) not available here:\n  - " + "\n  - ".join(lines) + "."
+    gated = " Gated repos (meta-llama/*, google/gemma-*): accept the licence on the hub and `hf auth login` before downloading."
+    hint = ("\nTo fetch them:\n    " + "\n    ".join(commands) + "\n" + offline_env_hint()[0].upper() + offline_env_hint()[1:] + "."
+            + (gated if any(c.split()[-1].startswith(("meta-llama/", "google/gemma")) for c in commands) else "")
+            if commands else "Fix the paths above.")
+    raise SourceUnavailable(reason, hint)

@@ -129,6 +129,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if done is not None:
         return done
     check_environment(cfg, out_dir)  # the device exists; cache and run folders are writable
+    from featcal.hub import check_sources_available
+
+    check_sources_available(cfg)  # every model and dataset findable, before anything loads
     started = time.time()
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)

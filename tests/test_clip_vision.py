@@ -249,7 +249,8 @@ def test_missing_model_and_dataset_fail_with_names(monkeypatch, tmp_path):
     with pytest.raises(SourceUnavailable, match="featcal-test/no-such-dataset") as err:
         cv.load_task_split("featcal-test/no-such-dataset", "train", "cropped_digits", task="svhn")
     msg = str(err.value)
-    assert "load_dataset('featcal-test/no-such-dataset', 'cropped_digits')" in msg and "backbone.taskpool.datasets.svhn" in msg
+    assert "hf download --repo-type dataset featcal-test/no-such-dataset" in msg and "backbone.taskpool.datasets.svhn" in msg
+    assert "config 'cropped_digits'" in msg and "HF_DATASETS_OFFLINE=1" in msg
     from featcal.backbone.openclip import OpenCLIPVisionBackbone
 
     with pytest.raises(SourceUnavailable, match="zeroshot.pt"):

@@ -7,6 +7,7 @@ the others check the loaders' exceptions and the report logic in-process.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -330,7 +331,9 @@ def test_run_missing_hub_model_offline(tmp_path):
     proc = featcal_run(["backbone=clip_vit_b32", *FAST, f"hydra.run.dir={tmp_path / 'r'}"], _env(tmp_path), tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert "featcal: model 'openai/clip-vit-base-patch32'" in proc.stderr
+    # checked before anything loads: every missing model and dataset in one message
+    assert "featcal: 17 model/dataset source(s) not available" in proc.stderr
+    assert "  - model 'openai/clip-vit-base-patch32' is not in the hub cache" in proc.stderr
     assert "HF_HUB_OFFLINE=1" in proc.stderr and "hf download openai/clip-vit-base-patch32" in proc.stderr
     assert "backbone.adapter.base" in proc.stderr
     assert json.loads((tmp_path / "r" / "failed.json").read_text())["error"] == "SourceUnavailable"
@@ -347,7 +350,7 @@ def test_run_missing_local_folder_and_debug(tmp_path):
     proc = featcal_run(args + ["debug=true"], _env(tmp_path), tmp_path)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "featcal.errors.SourceUnavailable" in proc.stderr
-    assert proc.stderr.rstrip().splitlines()[-1].startswith("featcal: model folder")
+    assert re.search(r"^featcal: \d+ model/dataset source\(s\) not available", proc.stderr, re.M)
 
 
 @pytest.mark.slow

@@ -136,7 +136,8 @@ def test_missing_models_and_datasets_fail_naming_them(w, monkeypatch, tmp_path):
         bb.load_expert("cola")
     with pytest.raises(SourceUnavailable, match="featcal-test/no-such-glue") as err:  # at construction
         GLUETaskPool(["cola"], w["tokenizer"], datasets="featcal-test/no-such-glue", cache_dir=str(tmp_path / "c"), progress=False)
-    assert "load_dataset('featcal-test/no-such-glue', 'cola')" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+    assert "hf download --repo-type dataset featcal-test/no-such-glue" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+    assert "config 'cola'" in str(err.value)
     pool = GLUETaskPool(["cola"], w["tokenizer"], datasets="/no/such/glue", cache_dir=str(tmp_path / "c"), progress=False,
                         check_sources=False)
     with pytest.raises(SourceUnavailable, match="/no/such/glue"):

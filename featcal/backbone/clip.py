@@ -216,6 +216,9 @@ class CLIPVisionBackbone(Backbone):
 
     key_value_patterns = ("k_proj", "v_proj")
 
+    #: config keys naming model sources (checked for availability before anything loads)
+    model_source_keys = ("base", "experts", "projection_source")
+
     def __init__(self, tasks: list[str], base: str, experts: Mapping[str, str] | list[str], projection_source: str | None = None):
         super().__init__(tasks)
         self.base_source = base

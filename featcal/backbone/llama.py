@@ -193,6 +193,9 @@ class LlamaBackbone(Backbone):
 
     key_value_patterns = ("k_proj", "v_proj")
 
+    #: config keys naming model sources (checked for availability before anything loads)
+    model_source_keys = ("base", "experts")
+
     def __init__(
         self,
         tasks: list[str],
@@ -239,6 +242,15 @@ class LlamaBackbone(Backbone):
         if node.get("merged_on_disk") and not node.get("streaming"):
             problems.append("merged_on_disk=true needs streaming=true")
         return problems
+
+    @classmethod
+    def validate_run(cls, cfg) -> list[str]:
+        """Backbone x calibrator combinations that cannot work, in one sentence each."""
+        adapter, target = cfg.backbone.adapter, str(cfg.calibration.get("_target_", ""))
+        if adapter.get("merged_on_disk") and target.startswith("featcal.calibration.surgery."):
+            return [f"calibration={target.rsplit('.', 1)[-1]} hooks the merged model's lm_head, which "
+                    "backbone.adapter.merged_on_disk=true keeps on disk: set merged_on_disk=false (the merged model is loaded)"]
+        return []
 
     # ---- loading -------------------------------------------------------
     def _lazy(self, source: str):
@@ -366,8 +378,47 @@ class LlamaBackbone(Backbone):
             out = out[0]
         return state.with_hidden(out)
 
+    def final_hidden(self, model: nn.Module, state: BlockState) -> torch.Tensor:
+        """[B, N, D]: what ``lm_head`` reads at every position (the final norm's output)."""
+        return model.model.norm(state.hidden)
+
     def readout(self, model: nn.Module, state: BlockState) -> torch.Tensor:
-        """Final RMSNorm, then the mean over real tokens: [B, D]."""
-        h = model.model.norm(state.hidden).float()
-        w = state.token_mask.to(h.device, torch.float32).unsqueeze(-1)
-        return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        """[M, D]: the lm_head input at every real token of the batch (row-major), as ``lm_head``
+        receives it (its forward pre-hooks, e.g. a Surgery module, apply here too), float32."""
+        from featcal.backbone.t5 import _through_pre_hooks
+
+        return _through_pre_hooks(model.lm_head, self.final_hidden(model, state))[state.readout_mask].float()
+
+    def representation_site(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """The final hidden state before ``lm_head``, per token (Surgery / ProbSurgery hook it)."""
+        from featcal.backbone.lazy import is_lazy
+
+        if is_lazy(model):
+            raise ValueError("a model kept on disk (merged_on_disk) has no module to hook: load it first")
+        return model.lm_head, "input"
+
+    def device_of(self, model) -> torch.device:
+        from featcal.backbone.lazy import is_lazy
+
+        return torch.device("cpu") if is_lazy(model) else super().device_of(model)
+
+    @torch.no_grad()
+    def represent(self, model, inputs: Inputs) -> torch.Tensor:
+        """The final representation (see ``readout``); a lazy (on-disk) model is run by a
+        streamed forward: its shell embeds and reads out, each block is loaded on the inputs'
+        device, run and dropped (one block in memory at a time)."""
+        from featcal.backbone.lazy import is_lazy
+
+        if not is_lazy(model):
+            return super().represent(model, inputs)
+        ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+        device = ids.device
+        shell = model.shell().to(device)
+        state = self.embed(shell, inputs)
+        for index in range(model.num_blocks(self)):
+            block = model.load_block(self, index, device)
+            state = self.run_block(block, state)
+            block.to("meta")
+        out = self.readout(shell, state)
+        del shell
+        return out

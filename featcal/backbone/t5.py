@@ -221,6 +221,9 @@ class T5Backbone(Backbone):
 
     key_value_patterns = ("k", "v")
 
+    #: config keys naming model sources (checked for availability before anything loads)
+    model_source_keys = ("base", "experts")
+
     def __init__(
         self,
         tasks: list[str],

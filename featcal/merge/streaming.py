@@ -70,7 +70,12 @@ class CheckpointReader:
             if not files:
                 from featcal.hub import SourceUnavailable
 
-                raise SourceUnavailable(f"no *.safetensors weights in model folder '{self.folder}' (streaming needs safetensors)")
+                bins = sorted(p.name for p in self.folder.glob("*.bin"))
+                raise SourceUnavailable(
+                    f"no *.safetensors weights in model folder '{self.folder}'" + (f" (it has PyTorch {bins[0]}...)" if bins else "")
+                    + ": streaming reads safetensors only",
+                    "Set backbone.adapter.streaming=false (loads .bin checkpoints in memory), or convert the folder once: "
+                    "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR2)` writes safetensors.")
         self.files = files
         self._headers: dict[str, tuple[int, dict]] = {}
         self._meta: dict[str, dict] = {}
@@ -79,23 +84,34 @@ class CheckpointReader:
             self._headers[f] = (start, header)
             self._meta[f] = meta
         self._where: dict[str, str] = {}
+        self._alias: dict[str, str] = {}
         for f in files:
             for k in self._headers[f][1]:
                 self._where[k] = f
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._where) + [k for k in self._alias if k not in self._where]
+
+    def drop(self, key: str) -> None:
+        """Hide ``key`` (a redundant tensor, e.g. the copy of a tied head)."""
+        self._where.pop(key, None)
+
+    def alias(self, key: str, target: str) -> None:
+        """Read ``target`` when ``key`` is asked for (a tied head saved only as the embedding)."""
+        self._alias[key] = target
 
     def file_of(self, key: str) -> str:
-        return self._where[key]
+        return self._where[key if key in self._where else self._alias[key]]
 
     def keys_of(self, file: str) -> list[str]:
         return [k for k, f in self._where.items() if f == file]
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._where or key in self._alias
 
     def get(self, key: str) -> torch.Tensor:
+        if key not in self._where and key in self._alias:
+            key = self._alias[key]
         file = self._where[key]
         start, header = self._headers[file]
         info = header[key]
@@ -112,6 +128,8 @@ class CheckpointReader:
         return out
 
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if key not in self._where and key in self._alias:
+            key = self._alias[key]
         info = self._headers[self._where[key]][1][key]
         return _ST_DTYPES[info["dtype"]], tuple(info["shape"])
 
@@ -405,6 +423,34 @@ def _mergeable(key: str, dtype: torch.dtype, exclude: Exclude) -> bool:
     return dtype.is_floating_point and not (exclude is not None and exclude(key))
 
 
+def _embedding_key(keys: Iterable[str]) -> str | None:
+    found = [k for k in keys if k.endswith("embed_tokens.weight")]
+    return found[0] if len(found) == 1 else None
+
+
+def _align_tied_head(base: "CheckpointReader", expert: "CheckpointReader", name) -> None:
+    """Checkpoints of a tied model (lm_head = the embedding) saved either way: with or without
+    an ``lm_head.weight``. An expert's extra head equal to its own embedding is dropped (the base
+    has none: it ties them); a head missing from the expert while the base stores one reads the
+    expert's embedding. A head that differs from the embedding cannot be tied: one message."""
+    head = "lm_head.weight"
+    emb = _embedding_key(expert.keys())
+    if emb is None or (head in expert) == (head in base):
+        return
+    if head in expert:  # untied save of a tied model
+        h, e = expert.get(head), expert.get(emb)
+        if h.shape != e.shape or not torch.equal(h.float(), e.float()):
+            from featcal.errors import CheckpointMismatch
+
+            raise CheckpointMismatch(
+                f"expert '{name}' stores an lm_head.weight that differs from its embedding ({emb}), while the base "
+                "ties them (no lm_head.weight): the expert was trained with an untied head and cannot be merged into a tied model",
+                "Use a base saved with its own lm_head.weight (tie_word_embeddings=false), or the expert's tied checkpoint.")
+        expert.drop(head)
+    else:  # the base was saved untied (equal head), the expert tied
+        expert.alias(head, emb)
+
+
 def stream_merge(
     merge_fn,
     base: str | os.PathLike,
@@ -434,6 +480,7 @@ def stream_merge(
         raise ValueError("merging needs at least one expert")
     keys = rb.keys()
     for i, r in enumerate(res):
+        _align_tied_head(rb, r, experts[i])
         if set(r.keys()) != set(keys):
             missing = sorted(set(keys) - set(r.keys()))[:5]
             extra = sorted(set(r.keys()) - set(keys))[:5]

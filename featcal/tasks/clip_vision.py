@@ -259,46 +259,11 @@ def _pre_download_hint(source: str, config: str | None, task: str) -> str:
 
 
 def load_task_split(source: str, split: str, config: str | None = None, task: str = "?"):
-    """One split of a dataset from a hub id, a ``save_to_disk`` folder or a data folder."""
-    import datasets
+    """One split of a dataset: a local path, the prepared datasets cache, the hub snapshot
+    in the hub cache or the hub (``featcal.datasets_io``)."""
+    from featcal.datasets_io import load_dataset_split
 
-    path = Path(os.path.expanduser(str(source)))
-    local = path.exists()
-    key = f"backbone.taskpool.datasets.{task}"
-    if not local and (path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1):
-        raise SourceUnavailable(
-            f"dataset folder '{source}' for task '{task}' does not exist ({key})",
-            "Check the path, or give the dataset's hub id.",
-        )
-    if local and path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as err:
-            raise SourceUnavailable(
-                f"could not read saved dataset '{source}' for task '{task}' ({type(err).__name__}; {key})",
-                "The folder is incomplete or corrupt: write it again with `save_to_disk`.",
-            ) from err
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ConfigError(
-                    f"dataset '{source}' (task '{task}') has no split '{split}'; it has {list(ds)}",
-                    f"Name the split with +backbone.taskpool.task_overrides.{task}.train_split=... (or test_split).",
-                )
-            ds = ds[split]
-        return ds
-    try:
-        if config:
-            return datasets.load_dataset(str(source), config, split=split)
-        return datasets.load_dataset(str(source), split=split)
-    except Exception as err:  # connection errors, missing repos or splits, offline mode without cache
-        from featcal.hub import hub_failure_reason
-
-        where = f"task '{task}'" + (f", config {config}" if config else "") + f", {key}"
-        if local:
-            reason = f"could not load dataset '{source}' from its folder ({type(err).__name__}; {where})"
-        else:
-            reason = hub_failure_reason("dataset", str(source), err) + f" ({where})"
-        raise SourceUnavailable(reason, _pre_download_hint(str(source), config, task)) from err
+    return load_dataset_split(str(source), split, config, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
 
 
 class _ImageLabelDataset(torch.utils.data.Dataset):
@@ -355,6 +320,22 @@ class CLIPVisionTaskPool(ClassificationTaskPool):
         max_test_examples: evaluate on the first k test examples only (smoke runs;
             None = the full test split, as in the paper).
     """
+
+    model_source_keys = ("base",)
+
+    @classmethod
+    def dataset_sources(cls, node: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
+        """(source, config, config key) of every task's data, as the pool will resolve them."""
+        table = task_table(node.get("data_file"))
+        given = node.get("datasets") or {}
+        out = []
+        for t in node.get("tasks") or []:
+            if t not in table:
+                continue
+            spec = {**table[t], **dict((node.get("task_overrides") or {}).get(t) or {})}
+            source = str(given.get(t) or spec["dataset"])
+            out.append((source, spec.get("config"), f"backbone.taskpool.datasets.{t}"))
+        return out
 
     def __init__(
         self,

@@ -1,7 +1,9 @@
 """GLUE as text-to-text tasks for the FLAN-T5 experts (FusionBench's protocol).
 
-* Data: ``nyu-mll/glue`` with the task as config name (or a local ``save_to_disk``
-  folder of one task's DatasetDict, or a folder holding one such folder per task).
+* Data: ``nyu-mll/glue`` with the task as config name, resolved by
+  ``featcal.datasets_io`` (a local ``save_to_disk`` folder of one task's DatasetDict, a
+  folder holding one such folder per task, a data/snapshot folder with README configs,
+  the prepared datasets cache, the hub snapshot in the hub cache, then the hub).
   Test = ``validation`` (MNLI: ``validation_matched``); calibration = unlabeled inputs
   from ``train``, shuffled with the run seed, first n per task.
 * Prompts and label words: ``featcal/tasks/data/glue_templates.json``, FusionBench's
@@ -37,17 +39,6 @@ def _read_templates(path: str) -> dict:
 def glue_templates(path: str | os.PathLike | None = None) -> dict[str, dict]:
     """{task: {template, fields, label_words | target_format, metric, config, test_split, train_split}}."""
     return {k: dict(v) for k, v in _read_templates(str(path or TEMPLATES_FILE)).items()}
-
-
-def _local_dataset_folder(source: str, task: str) -> Path | None:
-    """A save_to_disk folder for ``task``: ``source`` itself or ``source/<task>``."""
-    path = Path(os.path.expanduser(str(source)))
-    if not path.is_dir():
-        return None
-    for cand in (path / task, path):
-        if (cand / "dataset_dict.json").exists() or (cand / "state.json").exists():
-            return cand
-    return None
 
 
 class GLUETaskPool(TextToTextTaskPool):
@@ -90,10 +81,32 @@ class GLUETaskPool(TextToTextTaskPool):
             self.sources = {t: str(datasets[t]) for t in self.names}
         else:
             self.sources = {t: str(datasets) for t in self.names}
+        self._per_task_sources = isinstance(datasets, Mapping)
         self._raw: dict[tuple[str, str], Any] = {}
         if check_sources:  # a missing dataset fails now, before any model is loaded
             for t in self.names:
                 self.load_split(t, "test")
+
+    model_source_keys = ("tokenizer",)
+
+    @classmethod
+    def dataset_sources(cls, node: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
+        """(source, config, config key) of every task's data, as the pool will resolve them."""
+        try:
+            known = glue_templates(node.get("templates"))
+        except Exception:  # noqa: BLE001 - validation reports a bad template file
+            return []
+        given = node.get("datasets", GLUE_HUB_ID)
+        out = []
+        for t in node.get("tasks") or []:
+            if t not in known:
+                continue
+            if isinstance(given, Mapping):
+                if t in given:
+                    out.append((str(given[t]), known[t].get("config", t), f"backbone.taskpool.datasets.{t}"))
+            else:
+                out.append((str(given), known[t].get("config", t), "backbone.taskpool.datasets"))
+        return out
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
@@ -120,38 +133,12 @@ class GLUETaskPool(TextToTextTaskPool):
         key = (task, split)
         if key in self._raw:
             return self._raw[key]
-        import datasets
+        from featcal.datasets_io import load_dataset_split
 
         source, name = self.sources[task], self.split_name(task, split)
         config = self.templates[task].get("config", task)
-        folder = _local_dataset_folder(source, task)
-        if folder is not None:
-            try:
-                ds = datasets.load_from_disk(str(folder))
-            except Exception as err:
-                raise SourceUnavailable(f"could not read saved dataset '{folder}' for task '{task}' ({type(err).__name__}: {err})") from err
-            if isinstance(ds, datasets.DatasetDict):
-                if name not in ds:
-                    raise SourceUnavailable(f"dataset folder '{folder}' (task '{task}') has no split '{name}'; it has {list(ds)}")
-                ds = ds[name]
-        else:
-            path = Path(os.path.expanduser(source))
-            if path.is_absolute() or source.startswith((".", "~")):
-                raise SourceUnavailable(
-                    f"dataset folder '{source}' for task '{task}' does not exist or holds no save_to_disk dataset "
-                    f"(expected '{source}' or '{source}/{task}' with a dataset_dict.json)"
-                )
-            try:
-                ds = datasets.load_dataset(source, config, split=name)
-            except Exception as err:  # connection errors, offline mode without cache, missing configs
-                raise SourceUnavailable(
-                    f"could not load dataset '{source}' (config '{config}', split '{name}') for task '{task}'. "
-                    f"To pre-download it, on a machine with hub access run `python -c \"import datasets; "
-                    f"datasets.load_dataset('{source}', '{config}')\"` (or `hf download --repo-type dataset {source}`), "
-                    f"copy $HF_HOME here and set HF_HOME to it with HF_HUB_OFFLINE=1; or save it with "
-                    f"`datasets.load_dataset('{source}', '{config}').save_to_disk(DIR/{task})` and pass "
-                    f"backbone.taskpool.datasets=DIR (cause: {type(err).__name__}: {err})"
-                ) from err
+        key_name = "backbone.taskpool.datasets" + (f".{task}" if self._per_task_sources else "")
+        ds = load_dataset_split(source, name, config, where=f"task '{task}'", key=key_name)
         fields = self.templates[task]["fields"] + ["label"]
         missing = [f for f in fields if f not in ds.column_names]
         if missing:
@@ -160,11 +147,15 @@ class GLUETaskPool(TextToTextTaskPool):
         return ds
 
     def source_identity(self, task: str, split: str) -> Any:
+        from featcal.datasets_io import dataset_location
+
         source = self.sources[task]
-        folder = _local_dataset_folder(source, task)
+        loc = dataset_location(source, self.templates[task].get("config", task))
+        folder = loc.path if loc.kind in ("saved", "folder", "file") else None
         if folder is None:
             return [GLUE_HUB_ID if source == GLUE_HUB_ID else source, self.templates[task].get("config", task), self.split_name(task, split)]
-        stamp = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.rglob("*") if f.is_file())
+        files = [folder] if folder.is_file() else [f for f in folder.rglob("*") if f.is_file() and ".cache" not in f.parts]
+        stamp = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files)
         return [str(folder.resolve()), self.split_name(task, split), stamp]
 
     def render_identity(self, task: str) -> Any:

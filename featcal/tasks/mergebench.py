@@ -18,7 +18,9 @@ inputs/targets), tokenised with the tokenizer's defaults (BOS added) and truncat
 tokenizer's chat template instead (user = instruction [+ input], assistant = response).
 
 Evaluation: ``lm_eval.simple_evaluate`` on an ``HFLM`` that wraps the in-memory model
-(no reload from disk), with the lm-eval task list of each category from the yaml;
+(no reload from disk; context length = the model's own), with the lm-eval task list of
+each category from the yaml; a lazy (streamed) model is materialised once for all its
+categories and freed before the next model (one full model alive at a time);
 ``limit`` caps the examples per lm-eval task (quick runs). Metrics per category:
 every lm-eval task's raw metric (``<lm task>/<metric>``) and ``score``, their mean
 (the primary metric); ``finalize`` adds ``normalized`` = score ÷ the expert's score
@@ -67,18 +69,79 @@ def alpaca_text(instruction: str, response: str, input_text: str = "") -> str:
 
 
 def load_rows(source: str, split: str, task: str):
-    """A dataset split from a hub id, a ``save_to_disk`` folder or a local json/jsonl file."""
-    import datasets
+    """A dataset split from a local path (save_to_disk folder, data file or folder, snapshot
+    folder), the prepared datasets cache, the hub snapshot in the hub cache or the hub."""
+    from featcal.datasets_io import load_dataset_split
 
-    path = Path(os.path.expanduser(str(source)))
-    if path.is_file() and path.suffix in (".json", ".jsonl"):
+    return load_dataset_split(str(source), split, None, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
+
+
+_BOUNDED_HFLM = None
+
+
+def _context_bounded_hflm():
+    """HFLM whose generation limit never reaches the model's context length: a task asking
+    for more (ifeval's 1280 tokens on a short-context model) gets half the context, with a
+    warning, instead of lm-eval's assertion."""
+    global _BOUNDED_HFLM
+    if _BOUNDED_HFLM is None:
+        from lm_eval.models.huggingface import HFLM
+
+        class ContextBoundedHFLM(HFLM):
+            def generate_until(self, requests, disable_tqdm: bool = False):
+                warned = set()
+                for req in requests:
+                    kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else None
+                    if kwargs is None:
+                        continue
+                    want = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+                    if want >= self.max_length:
+                        kwargs["max_gen_toks"] = self.max_length // 2
+                        name = getattr(req, "task_name", "?")
+                        if name not in warned:
+                            warned.add(name)
+                            log.warning("lm-eval task %s asks for %d new tokens, the model's context is %d: generating %d",
+                                        name, want, self.max_length, self.max_length // 2)
+                return super().generate_until(requests, disable_tqdm)
+
+        _BOUNDED_HFLM = ContextBoundedHFLM
+    return _BOUNDED_HFLM
+
+
+def _release_memory(device: torch.device | str) -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+#: lm-eval tasks that read nltk data at scoring time, and the resources they need
+NLTK_RESOURCES = {"ifeval": ["tokenizers/punkt_tab"]}
+
+
+def check_lm_eval_resources(lm_tasks: list[str]) -> None:
+    """Fail before evaluating when a task's nltk data is missing (it cannot be fetched offline)."""
+    needed = sorted({r for t in lm_tasks for r in NLTK_RESOURCES.get(t, [])})
+    if not needed:
+        return
+    try:
+        import nltk
+    except ImportError as err:
+        raise SourceUnavailable(f"lm-eval tasks {sorted(set(lm_tasks) & set(NLTK_RESOURCES))} need nltk, which is not installed",
+                                "pip install -e '.[llm]'") from err
+    missing = []
+    for r in needed:
         try:
-            return datasets.load_dataset("json", data_files=str(path), split="train")
-        except Exception as err:
-            raise SourceUnavailable(f"could not read '{source}' for task '{task}' ({type(err).__name__}: {err})") from err
-    from featcal.tasks.clip_vision import load_task_split
-
-    return load_task_split(str(source), split, None, task)
+            nltk.data.find(r)
+        except LookupError:
+            missing.append(r)
+    if missing:
+        names = " ".join(m.rsplit("/", 1)[-1] for m in missing)
+        raise SourceUnavailable(
+            f"lm-eval task ifeval needs the nltk data {missing}, not found in nltk's data path ({', '.join(nltk.data.path[:3])}, ...)",
+            f"On a machine with internet run `python -m nltk.downloader {names}` (it writes ~/nltk_data), copy that "
+            "folder here (or point NLTK_DATA at it); or drop ifeval from backbone.taskpool.lm_eval_tasks.instruction")
 
 
 class MergeBenchTaskPool(TaskPool):
@@ -100,7 +163,8 @@ class MergeBenchTaskPool(TaskPool):
         max_length: truncation of calibration examples (tokens).
         limit: examples per lm-eval task (null: all).
         num_fewshot: passed to lm-eval (null: each task's default).
-        max_gen_toks: generation cap for HFLM (null: lm-eval's default).
+        max_gen_toks: generation cap for every generation task, passed as lm-eval's
+            ``gen_kwargs`` (null: each task's own ``generation_kwargs``).
         apply_chat_template: lm-eval's option (MergeBench evaluates without it).
         allow_code_execution: run the code tasks (humaneval_plus / mbpp_plus execute
             model-written code) in featcal's fence (featcal/tasks/code_exec.py); false
@@ -149,6 +213,13 @@ class MergeBenchTaskPool(TaskPool):
         self.lm_eval_defaults = bool(lm_eval_defaults)
         self._tokenizer = None
         self._task_manager = None
+
+    model_source_keys = ("tokenizer",)
+
+    @classmethod
+    def dataset_sources(cls, node: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
+        given = node.get("datasets") or {}
+        return [(str(given[t]), None, f"backbone.taskpool.datasets.{t}") for t in node.get("tasks") or [] if given.get(t)]
 
     @classmethod
     def validate_config(cls, node: dict) -> list[str]:
@@ -238,20 +309,33 @@ class MergeBenchTaskPool(TaskPool):
                     return key, float(v)
         raise KeyError(f"lm-eval task {lm_task}: no known metric among {sorted(values)}; set lm_eval_metrics.{lm_task}")
 
+    def generation_kwargs(self) -> dict[str, Any] | None:
+        """lm-eval's ``gen_kwargs`` for every generation task: ``max_gen_toks`` when the user
+        set ``max_gen_toks`` (HFLM in lm-eval 0.4.x takes no such constructor argument; it
+        reads it from the task's generation kwargs), else None (each task's own limit)."""
+        return {"max_gen_toks": int(self.max_gen_toks)} if self.max_gen_toks else None
+
     def lm_eval(self, model: nn.Module, lm_tasks: list[str], batch_size: int) -> dict[str, dict[str, Any]]:
-        """``lm_eval.simple_evaluate`` on an HFLM wrapping ``model`` (in memory)."""
+        """``lm_eval.simple_evaluate`` on an HFLM wrapping ``model`` (in memory).
+
+        The context length is the model's own (HFLM reads it from the model config), never the
+        calibration ``max_length``; generation limits are each task's, or ``max_gen_toks``."""
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        kwargs = {}
-        if self.max_gen_toks:
-            kwargs["max_gen_toks"] = int(self.max_gen_toks)
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size, max_length=self.max_length, **kwargs)
+        check_lm_eval_resources(lm_tasks)
+        lm = _context_bounded_hflm()(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size)
         if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once
             self._task_manager = TaskManager(include_path=self.lm_eval_include or None, include_defaults=self.lm_eval_defaults)
         tm = self._task_manager
-        res = lm_eval.simple_evaluate(
+        from featcal.datasets_io import hub_cache_aware_load_dataset
+
+        with hub_cache_aware_load_dataset():  # lm-eval's task datasets from `hf download` snapshots too
+            res = self._simple_evaluate(lm_eval, lm, lm_tasks, tm)
+        return res["results"]
+
+    def _simple_evaluate(self, lm_eval, lm, lm_tasks, tm):
+        return lm_eval.simple_evaluate(
             model=lm,
             tasks=list(lm_tasks),
             task_manager=tm,
@@ -259,10 +343,10 @@ class MergeBenchTaskPool(TaskPool):
             num_fewshot=self.num_fewshot,
             apply_chat_template=self.apply_chat_template,
             confirm_run_unsafe_code=self.allow_code_execution,
+            gen_kwargs=self.generation_kwargs(),
             log_samples=False,
             bootstrap_iters=0,
         )
-        return res["results"]
 
     @torch.no_grad()
     def evaluate(
@@ -273,29 +357,38 @@ class MergeBenchTaskPool(TaskPool):
         only: list[int] | None = None,
         desc: str = "",
     ) -> Metrics:
+        """Every category's lm-eval tasks, one lm-eval run per distinct model.
+
+        A lazy (on-disk) model is materialised once for all the categories it serves and freed
+        (host and device) before the next one is: at most one full model is alive at a time."""
         from featcal.backbone.lazy import is_lazy
 
+        todo_tasks = [(i, t) for i, t in enumerate(self.tasks) if (only is None or i in only) and self.lm_eval_tasks[t]]
+        sources = {i: model_for_task(i) for i, _ in todo_tasks}
+        order: list[int] = []  # distinct models, in first-use order
+        for i, _ in todo_tasks:
+            if all(sources[i] is not sources[j] for j in order):
+                order.append(i)
+        results: dict[int, dict] = {}  # first task index of a model -> lm-eval results
+        for first in order:
+            src = sources[first]
+            mine = [(i, t) for i, t in todo_tasks if sources[i] is src]
+            lm_tasks = list(dict.fromkeys(lt for _, t in mine for lt in self.lm_eval_tasks[t]))
+            model = src.materialize().to(device) if is_lazy(src) else src
+            try:
+                log.info("lm-eval %s %s: %s", desc, [t for _, t in mine], lm_tasks)
+                results[first] = self.lm_eval(model, lm_tasks, batch_size)
+            finally:
+                if is_lazy(src):
+                    model.to("meta")  # frees the weights' storage even if lm-eval kept a reference
+                    del model
+                    _release_memory(device)
         out: Metrics = {}
-        cache: dict[int, dict] = {}  # one lm-eval run per distinct model
-        for i, task in enumerate(self.tasks):
-            if only is not None and i not in only:
-                continue
-            lm_tasks = self.lm_eval_tasks[task]
-            if not lm_tasks:
-                continue
-            model = model_for_task(i)
-            if is_lazy(model):
-                model = model.materialize().to(device)
-            key = id(model)
-            if key not in cache:
-                cache[key] = {"model": model, "results": {}}
-            todo = [t for t in lm_tasks if t not in cache[key]["results"]]
-            if todo:
-                log.info("lm-eval %s %s: %s", desc, task, todo)
-                cache[key]["results"].update(self.lm_eval(model, todo, batch_size))
+        for i, task in todo_tasks:
+            first = next(f for f in order if sources[f] is sources[i])
             values: dict[str, float] = {}
-            for lm_task in lm_tasks:
-                name, v = self._metric_of(lm_task, cache[key]["results"][lm_task])
+            for lm_task in self.lm_eval_tasks[task]:
+                name, v = self._metric_of(lm_task, results[first][lm_task])
                 values[f"{lm_task}/{name.split(',')[0]}"] = 100.0 * v
             values["score"] = sum(values.values()) / len(values)
             out[task] = values
