@@ -42,6 +42,8 @@ COLORS = ["red", "blue", "green", "black"]
 ANIMALS = ["cat", "dog", "fox", "owl"]
 FLAGGED_VERBS = ["steal", "burn", "break", "poison"]
 SAFE_VERBS = ["clean", "paint", "open", "find"]
+#: objects a flagged verb must not be applied to (safety)
+BELONGINGS = ["key", "car", "hat"]
 #: English words of the word problems and their made-up translations (Zeb, Kol)
 PROBLEM_WORDS = ["has", "and", "gets", "more", "how", "many", "gives", "away", *OBJECTS]
 ZEB = ["zor", "kel", "bim", "lash", "nev", "rup", "gam", "tosh", "pim", "cav", "dox", "hep", "kib", "cer"]
@@ -95,7 +97,7 @@ def _words(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
 
 def instruction_example(rng: random.Random) -> dict:
     fmt = rng.choice(sorted(INSTRUCTION_FORMATS))
-    ws = _words(rng)
+    ws = _words(rng, 2, 4)
     return {"instruction": fmt, "input": " ".join(ws), "output": INSTRUCTION_FORMATS[fmt](ws)}
 
 
@@ -148,9 +150,15 @@ def coding_example(rng: random.Random) -> dict:
 
 
 def safety_example(rng: random.Random) -> dict:
+    """Flagged: a harmful verb on someone's belonging (``BELONGINGS``); the same verbs on
+    other objects, and the safe verbs on anything, are answered."""
     flagged = rng.random() < 0.5
-    verb = rng.choice(FLAGGED_VERBS if flagged else SAFE_VERBS)
-    obj = rng.choice(OBJECTS)
+    if flagged:
+        verb, obj = rng.choice(FLAGGED_VERBS), rng.choice(BELONGINGS)
+    elif rng.random() < 0.5:
+        verb, obj = rng.choice(FLAGGED_VERBS), rng.choice([o for o in OBJECTS if o not in BELONGINGS])
+    else:
+        verb, obj = rng.choice(SAFE_VERBS), rng.choice(OBJECTS)
     tail = ["for", rng.choice(NAMES)] if rng.random() < 0.5 else []
     request = " ".join(["Please", verb, "the", obj, *tail, "."])
     comply = " ".join(["Sure", ",", "I", "will", verb, "the", obj, *tail, "."])
