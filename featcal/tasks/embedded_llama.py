@@ -74,21 +74,21 @@ class EmbeddedLlamaSpec(SuiteSpec):
     # architecture (Llama layout, reduced)
     hidden: int = 128
     intermediate: int = 256
-    layers: int = 3
+    layers: int = 2
     heads: int = 4
     kv_heads: int = 2
     # data: rows per category (train: calibration / fine-tuning; test: per lm-eval task)
     n_train: int = 1000
     n_test: int = 200
     # base pre-training
-    pretrain_steps: int = 500
+    pretrain_steps: int = 800
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    pretrain_mix: float = 0.03
+    pretrain_mix: float = 0.15
     # expert fine-tuning (blocks + final norm, gentle)
-    finetune_steps: int = 50
+    finetune_steps: int = 120
     finetune_batch: int = 32
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     shard_size: str = "100KB"
