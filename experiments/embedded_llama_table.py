@@ -92,6 +92,9 @@ def main() -> None:
                 out.eval()
                 rows[key] = {t: el.score_all(out.model_for_task(i), tok, spec, {t: data[t]})[t] for i, t in enumerate(tasks)}
             except Exception as err:  # report, go on with the other rows
+                import traceback
+
+                traceback.print_exc()
                 info[key] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
                 print(key, "failed:", info[key]["error"], flush=True)
                 continue

@@ -171,6 +171,20 @@ def test_spec_rejects_unknown_keys_and_tasks():
         el.EmbeddedLlamaSpec.from_config({"heads": 4, "kv_heads": 3})
 
 
+def test_block_state_take_cuts_the_extras_when_the_hidden_states_are_already_cut():
+    """The streamed FeatCal's drift chain stores the first k hidden states of a batch and
+    rebuilds the state from the full batch's masks: take(k) must cut those too (a batch
+    larger than calibration.drift_examples failed in sdpa before)."""
+    from featcal.backbone.base import BlockState
+
+    full = BlockState(torch.zeros(16, 5, 4), torch.ones(16, 5), torch.ones(16, 5, dtype=torch.bool),
+                      {"attention_mask": torch.zeros(16, 1, 5, 5), "rope": (torch.zeros(1, 5, 2),)})
+    part = full.with_hidden(torch.zeros(8, 5, 4)).take(8)
+    assert part.hidden.shape[0] == part.token_mask.shape[0] == part.extras["attention_mask"].shape[0] == 8
+    assert part.extras["rope"][0].shape[0] == 1  # broadcast tensors are kept
+    assert full.take(16) is full
+
+
 # ---- the build ----------------------------------------------------------------------
 def test_build_is_sharded_checksummed_and_loads_through_the_llama_loaders(built):
     from featcal.backbone.lazy import LazyCausalLM
