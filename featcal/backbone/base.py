@@ -61,8 +61,10 @@ class BlockState:
 
     def take(self, k: int) -> "BlockState":
         """The first ``k`` examples of the batch (views). Tensors in ``extras`` whose first
-        dimension is the batch size are cut too; broadcast ones (batch dim 1) are kept."""
-        b = self.hidden.shape[0]
+        dimension is the batch size are cut too; broadcast ones (batch dim 1) are kept.
+        The batch size is the token mask's: ``hidden`` may already hold only the first ``k``
+        (the streamed FeatCal's drift chain stores cut hidden states)."""
+        b = max(self.hidden.shape[0], self.token_mask.shape[0])
         if k >= b:
             return self
 
