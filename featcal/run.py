@@ -29,6 +29,7 @@ from featcal import errors
 from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import validate
+from featcal.refcache import ReferenceCache
 from featcal.resume import config_hash, previous_results
 from featcal.report import format_table, long_rows, per_task_table, write_results
 from featcal.tasks.base import Metrics, TaskPool, scores
@@ -192,14 +193,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             model.to("cpu")
 
     metrics: dict[str, Metrics] = {}
+    # experts and base: stored once per model x task x eval settings, reused by later jobs
+    refs = ReferenceCache.for_run(cfg, device, pool, adapter)
     if cfg.evaluate_experts:
         with timer.stage("evaluate_experts"):
-            metrics["experts"] = {}
-            for i, expert in enumerate(experts):
-                metrics["experts"].update(evaluate(expert, lambda _i, e=expert: e, only=[i], desc=f"expert {tasks[i]}"))
+            metrics["experts"] = refs.experts(experts, tasks, lambda i: evaluate(
+                experts[i], lambda _i, e=experts[i]: e, only=[i], desc=f"expert {tasks[i]}"))
     if cfg.evaluate_base:
         with timer.stage("evaluate_base"):
-            metrics["base"] = evaluate(base, lambda _i: base, desc="base")
+            metrics["base"] = refs.base(base, tasks, lambda only: evaluate(base, lambda _i: base, only=only, desc="base"))
     with timer.stage("evaluate_merged"):
         metrics["merged"] = evaluate(merged, lambda _i: merged, desc="merged")
 
@@ -246,6 +248,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "drift": report_dict.pop("drift"),
         "loss_curve": report_dict.pop("loss_curve"),
         "calibration_report": report_dict,
+        "reference_cache": refs.status,
         "wall_clock_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),
