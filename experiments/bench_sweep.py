@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     shared = Path(os.environ.get("FEATCAL_CACHE") or Path.home() / ".cache" / "featcal")
-    common = [f"experiment={a.preset}", "logger=none", "device=cpu", f"hydra.sweeper.params.calibration={a.calibration}"]
+    common = [f"experiment={a.preset}", "logger=none", "device=cpu", f"hydra.sweeper.params.calibration='{a.calibration}'"]
     if a.tasks != "all":
         common.append(f"backbone.tasks=[{a.tasks}]")
     variants = {

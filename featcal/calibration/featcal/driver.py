@@ -116,6 +116,9 @@ class FeatCal(Calibrator):
         activation_dtype: dtype of the stored activations (null: the model's dtype).
         output_dir: streamed runs on a merged model kept on disk write the calibrated
             model there (null: ``<merged folder>.featcal``).
+        prefetch: streamed runs load block l + 1 of every model in a background thread
+            while block l computes and write calibrated blocks from another thread (the
+            same numbers, bit for bit; False: the sequential walk).
     """
 
     name = "featcal"
@@ -144,6 +147,7 @@ class FeatCal(Calibrator):
         offload_dir: str | None = None,
         activation_dtype: str | None = None,
         output_dir: str | None = None,
+        prefetch: bool = True,
     ):
         if cross_route not in ("auto", "direct", "gram"):
             raise ValueError(f"cross_route must be auto, direct or gram, got {cross_route!r}")
@@ -174,6 +178,7 @@ class FeatCal(Calibrator):
         self.offload = offload
         self.offload_dir = offload_dir
         self.output_dir = output_dir
+        self.prefetch = bool(prefetch)
         self.activation_dtype = as_torch_dtype(activation_dtype) if activation_dtype else None
 
     @classmethod
