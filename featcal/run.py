@@ -30,6 +30,7 @@ from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import validate
 from featcal.refcache import ReferenceCache
+from featcal.sweeper import register as _register_sweeper  # noqa: F401 - presets' DedupSweeper
 from featcal.resume import config_hash, previous_results
 from featcal.report import format_table, long_rows, per_task_table, write_results
 from featcal.tasks.base import Metrics, TaskPool, scores

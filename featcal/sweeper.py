@@ -9,15 +9,18 @@ data (neither the merge nor the calibrator declares ``needs_calibration_data``).
 first of each group runs; the others are listed in the log. Reports already show a
 calibration-free row once (``featcal.sweep_report.method_rows``).
 
-Presets select it with ``hydra.sweeper._target_: featcal.sweeper.DedupSweeper``.
+Presets select it with ``hydra.sweeper._target_: hydra_plugins.featcal_sweeper.DedupSweeper``
+(Hydra instantiates sweepers from its ``hydra_plugins`` namespace only: ``register()``,
+run when this module is imported by ``featcal.run``, puts that plugin on the path).
 """
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Optional, Sequence
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -62,22 +65,21 @@ def unique_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
     return keep, dropped
 
 
-class DedupSweeper(BasicSweeper):
-    """Hydra's basic sweeper without identical jobs (see the module docstring)."""
+def log_dropped(dropped: list, total: int) -> None:
+    for job, same in dropped:
+        log.info("skipping %s: the same job as %s", " ".join(job), " ".join(same))
+    if dropped:
+        log.info("%d of %d jobs are identical to another job of the sweep and are not launched", len(dropped), total)
 
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None) -> None:
-        super().__init__(max_batch_size=max_batch_size, params=params)
 
-    def get_job_batch(self) -> Sequence[Sequence[str]]:
-        batch = super().get_job_batch()
-        loader = self.hydra_context.config_loader
+#: the folder holding ``hydra_plugins/featcal_sweeper.py`` (Hydra loads sweepers from that namespace only)
+PLUGIN_ROOT = Path(__file__).resolve().parent / "_hydra"
 
-        def compose(overrides: list[str]) -> DictConfig:
-            return loader.load_sweep_config(self.config, overrides)
 
-        keep, dropped = unique_jobs(batch, compose)
-        for job, same in dropped:
-            log.info("skipping %s: the same job as %s", " ".join(job), " ".join(same))
-        if dropped:
-            log.info("%d of %d jobs are identical to another job of the sweep and are not launched", len(dropped), len(batch))
-        return keep
+def register() -> None:
+    """Make ``hydra_plugins.featcal_sweeper.DedupSweeper`` discoverable by Hydra."""
+    if str(PLUGIN_ROOT) not in sys.path:
+        sys.path.append(str(PLUGIN_ROOT))
+
+
+register()

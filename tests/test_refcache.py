@@ -210,7 +210,7 @@ def test_embedded_table_runs_calibration_none_once():
     from featcal.sweeper import unique_jobs
 
     for cfg, jobs, composer in _jobs("embedded_table"):
-        assert cfg.hydra.sweeper._target_ == "featcal.sweeper.DedupSweeper"
+        assert cfg.hydra.sweeper._target_ == "hydra_plugins.featcal_sweeper.DedupSweeper"
         assert len(jobs) == 12
         keep, dropped = unique_jobs(jobs, composer)
     assert len(keep) == 10 and len(dropped) == 2
