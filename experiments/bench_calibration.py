@@ -32,7 +32,15 @@ difference relative to the parameters' scale), e.g. bf16/tf32 block passes vs fp
     # without a GPU: TF32's effect on the parameters, with TF32 emulated on the CPU
 
 A method is a yaml name, optionally followed by ``:key=value`` overrides of that yaml
-(values parsed as YAML), so variants of one calibrator can be compared in one run.
+(values parsed as YAML), so variants of one calibrator can be compared in one run. A
+name may carry ``@<git revision>``: that method runs the ``featcal`` package of that
+revision (``git archive``), e.g. ``--methods featcal,featcal@main`` times this tree's
+FeatCal against the one on ``main`` in the same run (and compares their parameters).
+
+``--profile N``: each method also runs under ``torch.profiler`` (CPU, and CUDA on a GPU)
+and its N most expensive operators (self time) are printed below the table (and kept in
+``--json``); the profiler's overhead is in those runs' times. ``CPU (s)`` is the
+process's user + system time during the call (all threads; robust on a shared machine).
 """
 from __future__ import annotations
 
@@ -97,6 +105,7 @@ def split_method(method: str) -> tuple[str, dict]:
     import yaml
 
     name, *parts = method.split(":")
+    name = name.split("@", 1)[0]
     overrides = {}
     for part in parts:
         key, sep, value = part.partition("=")
@@ -153,17 +162,34 @@ def run_one(method: str, args) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    profiler = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        profiler = profile(activities=activities)
+        profiler.__enter__()
     start = time.perf_counter()
+    cpu0 = time.process_time()
     out = calibrator.calibrate(backbone, merged, base, experts, calibration, device=device)
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu0
+    profile_top = None
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        profile_top = profiler.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60)
     stop.set()
     sampler.join()
     peak[0] = max(peak[0], proc.memory_info().rss)
     result = {
         "method": method,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "profile_top": profile_top,
+        "featcal_source": str(Path(__import__("featcal").__file__).resolve().parent),
         "peak_rss_increase_mb": (peak[0] - baseline) / 2**20,
         "rss_before_mb": baseline / 2**20,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -205,6 +231,8 @@ def main(argv=None) -> None:
              "parameter difference of block_dtype=tf32 / gram_tf32=true variants can be measured "
              "without a GPU (slower than plain fp32; its timings are not TF32 timings)",
     )
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="run under torch.profiler and print each method's N most expensive operators")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--params-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -237,10 +265,18 @@ def main(argv=None) -> None:
                 continue
             cmd = [sys.executable, __file__, "--child", method, "--n", str(args.n), "--experts", str(args.experts),
                    "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads),
-                   "--device", args.device] + (["--tiny"] if args.tiny else [])
+                   "--device", args.device, "--profile", str(args.profile)] + (["--tiny"] if args.tiny else [])
+            env = child_env
+            rev = method.split(":", 1)[0].partition("@")[2]
+            if rev:  # that revision's featcal package first on the path
+                src = Path(tmp.name) / f"src-{index}"
+                src.mkdir()
+                archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "featcal"], capture_output=True, check=True)
+                subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+                env = dict(child_env, PYTHONPATH=str(src) + os.pathsep + child_env.get("PYTHONPATH", ""))
             if sum(split_method(m)[0] == name for m in methods) > 1:  # variants of one yaml: compare parameters
                 cmd += ["--params-out", str(Path(tmp.name) / f"{index}.pt")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=child_env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 print(f"{method}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
@@ -249,7 +285,7 @@ def main(argv=None) -> None:
             res = json.loads(line[-1][len("RESULT "):])
             results.append(res)
             cuda = f", CUDA peak {res['cuda_peak_mb']:.0f} MiB" if res.get("cuda_peak_mb") is not None else ""
-            print(f"  done {method}: {res['seconds']:.2f} s{cuda}", flush=True)
+            print(f"  done {method}: {res['seconds']:.2f} s (CPU {res['cpu_seconds']:.1f} s){cuda}", flush=True)
     except KeyboardInterrupt:  # e.g. a time limit (timeout --signal=INT): report what finished
         print("interrupted: the table below holds the methods that finished", flush=True)
         failed = True
@@ -262,10 +298,10 @@ def main(argv=None) -> None:
     print()
     print(f"device: {results[0].get('device', args.device)}")
     print(
-        "| method | wall-clock (s) | CUDA peak (MiB) | peak RSS increase (MiB) | process max RSS (MiB) "
+        "| method | wall-clock (s) | CPU (s) | CUDA peak (MiB) | peak RSS increase (MiB) | process max RSS (MiB) "
         "| last-block drift before → after | max |Δθ|/max |θ| vs |"
     )
-    print("|---|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for r in results:
         drift = (
             f"{r['last_block_drift_before']:.3f} → {r['last_block_drift_after']:.3f}"
@@ -275,7 +311,7 @@ def main(argv=None) -> None:
         cuda_peak = f"{r['cuda_peak_mb']:.0f}" if r.get("cuda_peak_mb") is not None else "–"
         diff = f"{r['param_rel_diff']:.2e} ({r['param_reference']})" if "param_rel_diff" in r else "–"
         print(
-            f"| {r['method']} | {r['seconds']:.2f} | {cuda_peak} | {r['peak_rss_increase_mb']:.0f} "
+            f"| {r['method']} | {r['seconds']:.2f} | {r['cpu_seconds']:.1f} | {cuda_peak} | {r['peak_rss_increase_mb']:.0f} "
             f"| {r['ru_maxrss_mb']:.0f} | {drift} | {diff} |"
         )
     if args.json:
@@ -288,7 +324,13 @@ def main(argv=None) -> None:
         for r in results[1:]:
             t_ratio = r["seconds"] / max(ref["seconds"], 1e-9)
             m_ratio = r["peak_rss_increase_mb"] / max(ref["peak_rss_increase_mb"], 1e-9)
-            print(f"  {r['method']}: wall-clock ×{t_ratio:.2f}, peak RSS increase ×{m_ratio:.2f}")
+            c_ratio = r["cpu_seconds"] / max(ref["cpu_seconds"], 1e-9)
+            print(f"  {r['method']}: wall-clock ×{t_ratio:.2f}, CPU time ×{c_ratio:.2f}, peak RSS increase ×{m_ratio:.2f}")
+    for r in results:
+        if r.get("profile_top"):
+            print()
+            print(f"torch.profiler, {r['method']}: top {args.profile} operators by self time")
+            print(r["profile_top"])
     if failed:
         sys.exit(1)
 

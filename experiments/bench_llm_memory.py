@@ -8,7 +8,14 @@ configuration is then measured in a FRESH subprocess per mode, so the peak RSS
 - ``in-memory``: base + experts loaded, merged in memory (task arithmetic), FeatCal with
   every model in memory (the reference merging code's way);
 - ``streaming``: lazy safetensors models, streamed merge to disk, layer-streamed FeatCal
-  with the merged model on disk too (blocks read and written one at a time).
+  with the merged model on disk too (blocks read and written one at a time; block l + 1
+  of every model loads in a background thread while block l computes, calibrated blocks
+  are written by another thread);
+- ``streaming-seq``: the same with ``FeatCal(prefetch=False)``: the sequential walk (the
+  previous behaviour; the same numbers bit for bit).
+
+Wall-clock and CPU time (user + system of the process, all threads) are both reported:
+on a shared machine the wall-clock is disturbed by other processes.
 
 Peak RSS is reported above the process's RSS after imports (the Python/torch baseline).
 The streaming curve should stay flat in depth (a few blocks + activations); the in-memory
@@ -91,6 +98,7 @@ def measure(folder: Path, mode: str, tasks: int, n: int, seq: int, batch: int) -
     del tiny
     baseline = _rss_now_mib()
     start = time.perf_counter()
+    cpu0 = time.process_time()
     if mode == "in-memory":
         bb = LlamaBackbone(names, base=str(folder / "base"), experts=experts)
     else:
@@ -100,13 +108,15 @@ def measure(folder: Path, mode: str, tasks: int, n: int, seq: int, batch: int) -
     exs = bb.load_experts()
     merged = bb.merge(ta, base, exs)
     t_merge = time.perf_counter() - start
-    fc = FeatCal(progress=False, drift_examples=0, pass_tokens=0, output_dir=str(folder / "calibrated"))
+    fc = FeatCal(progress=False, drift_examples=0, pass_tokens=0, output_dir=str(folder / "calibrated"),
+                 prefetch=mode != "streaming-seq")
     out = fc.calibrate(bb, merged, base, exs, calib)
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
     assert out.report.drift == []
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"mode": mode, "baseline_mib": baseline, "peak_rss_mib": peak, "peak_above_baseline_mib": peak - baseline,
-            "merge_s": t_merge, "wall_s": wall}
+            "merge_s": t_merge, "wall_s": wall, "cpu_s": cpu}
 
 
 def _rss_now_mib() -> float:
@@ -160,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp)
             _child(["--_build", str(folder), str(depth), str(hidden), str(a.tasks)])
             size = sum(f.stat().st_size for f in (folder / "base").glob("*.safetensors")) / 2**20
-            for mode in ("in-memory", "streaming"):
+            for mode in ("in-memory", "streaming", "streaming-seq"):
                 r = _child(["--_measure", str(folder), mode, "--tasks", str(a.tasks), "--n", str(a.n), "--seq", str(a.seq), "--batch", str(a.batch)])
                 r.update(depth=depth, hidden=hidden, model_mib=size)
                 rows.append(r)
                 print(f"depth {depth:3d} hidden {hidden:4d} model {size:7.1f} MiB  {mode:9s}  peak RSS +{r['peak_above_baseline_mib']:7.1f} MiB  "
-                      f"wall {r['wall_s']:6.1f} s", flush=True)
+                      f"wall {r['wall_s']:6.1f} s  CPU {r['cpu_s']:6.1f} s", flush=True)
     _report(rows, Path(a.out), a)
     return 0
 
@@ -184,16 +194,23 @@ def _report(rows: list[dict], out: Path, a) -> None:
         "process's RSS after imports and a warm-up, each configuration and mode in a fresh subprocess "
         "(glibc MALLOC_MMAP_THRESHOLD_=1 MiB in both).",
         "",
-        "| depth | hidden | model (MiB) | in-memory peak (MiB) | streaming peak (MiB) | ratio | in-memory wall (s) | streaming wall (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| depth | hidden | model (MiB) | in-memory peak (MiB) | streaming peak (MiB) | sequential streaming peak (MiB) | ratio | "
+        "in-memory wall (s) | streaming wall (s) | sequential streaming wall (s) | streaming / in-memory wall | "
+        "in-memory CPU (s) | streaming CPU (s) | sequential streaming CPU (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (depth, hidden), g in df.groupby(["depth", "hidden"], sort=True):
         im = g[g["mode"] == "in-memory"].iloc[0]
         st = g[g["mode"] == "streaming"].iloc[0]
+        sq = g[g["mode"] == "streaming-seq"].iloc[0]
         lines.append(
             f"| {depth} | {hidden} | {im['model_mib']:.1f} | {im['peak_above_baseline_mib']:.0f} | {st['peak_above_baseline_mib']:.0f} | "
-            f"{im['peak_above_baseline_mib'] / max(st['peak_above_baseline_mib'], 1e-9):.1f}x | {im['wall_s']:.1f} | {st['wall_s']:.1f} |"
+            f"{sq['peak_above_baseline_mib']:.0f} | "
+            f"{im['peak_above_baseline_mib'] / max(st['peak_above_baseline_mib'], 1e-9):.1f}x | {im['wall_s']:.1f} | {st['wall_s']:.1f} | "
+            f"{sq['wall_s']:.1f} | {st['wall_s'] / im['wall_s']:.2f}x | {im['cpu_s']:.1f} | {st['cpu_s']:.1f} | {sq['cpu_s']:.1f} |"
         )
+    lines += ["", f"Load average when the table was written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
+              "(on this project's shared 2-core machine: wall-clock ratios are disturbed, CPU times much less)."]
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     print(text)

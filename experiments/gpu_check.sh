@@ -59,9 +59,23 @@ step() {  # step <seconds> <label> <command...>
 step 150 "pytest -m gpu" $PY -m pytest -q -m gpu "${tests[@]}" -p no:cacheprovider -rA -s
 # one bench run at the paper's setting; each method runs in its own process, which first
 # builds the 8-expert ViT-B/32 workload on the CPU (about 15-20 s of the limit each)
-step 170 "bench n=256 (paper setting)" $PY experiments/bench_calibration.py --device $device --n 256 "${bench_extra[@]}" \
-    --methods "featcal,featcal:block_dtype=tf32,surgery$surgery_opts,probsurgery$surgery_opts" \
+# featcal@$baseline: the FeatCal before GPU placement (models moved once / blocks copied
+# ahead), in the same run: its time, and its fp32 parameters vs this tree's (must be < 1e-3)
+baseline=${GPU_CHECK_BASELINE:-9ae9d73}
+step 240 "bench n=256 (paper setting)" $PY experiments/bench_calibration.py --device $device --n 256 "${bench_extra[@]}" \
+    --methods "featcal,featcal@$baseline,featcal:block_dtype=tf32,surgery$surgery_opts,probsurgery$surgery_opts" \
     --json "$out/$stamp.bench_n256.json"
+step 20 "fp32 parity with featcal@$baseline (max |dtheta|/max |theta| < 1e-3)" $PY - "$out/$stamp.bench_n256.json" "$baseline" <<'PY'
+import json, sys
+results = json.load(open(sys.argv[1]))["results"]
+row = next(r for r in results if r["method"] == f"featcal@{sys.argv[2]}")
+fc = next(r for r in results if r["method"] == "featcal")
+print(f"featcal {fc['seconds']:.2f} s (placement: see the log), featcal@{sys.argv[2]} {row['seconds']:.2f} s, "
+      f"ratio {fc['seconds'] / row['seconds']:.2f}; parameter difference {row['param_rel_diff']:.2e}")
+sys.exit(0 if row["param_rel_diff"] < 1e-3 else 1)
+PY
+step 120 "torch.profiler top operators, FeatCal n=256" $PY experiments/bench_calibration.py --device $device --n 256 \
+    "${bench_extra[@]}" --methods featcal --profile 25 --json "$out/$stamp.profile_n256.json"
 
 echo
 echo "== done in ${SECONDS}s, status $status; log: $log"

@@ -31,8 +31,10 @@ from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import validate
 from featcal.envcheck import check_environment
 from featcal.lock import job_slot
+from featcal.refcache import ReferenceCache
 from featcal.resume import config_hash, interrupted, previous_results
 from featcal.strict import hydra_errors
+from featcal.sweeper import register as _register_sweeper  # noqa: F401 - presets' DedupSweeper
 from featcal.report import format_table, long_rows, per_task_table, write_results
 from featcal.tasks.base import Metrics, TaskPool, scores
 from featcal.utils import DTYPES, StageTimer, current_rss_mib, peak_rss_mib, resolve_device, seed_everything
@@ -202,14 +204,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             model.to("cpu")
 
     metrics: dict[str, Metrics] = {}
+    # experts and base: stored once per model x task x eval settings, reused by later jobs
+    refs = ReferenceCache.for_run(cfg, device, pool, adapter)
     if cfg.evaluate_experts:
         with timer.stage("evaluate_experts"):
-            metrics["experts"] = {}
-            for i, expert in enumerate(experts):
-                metrics["experts"].update(evaluate(expert, lambda _i, e=expert: e, only=[i], desc=f"expert {tasks[i]}"))
+            metrics["experts"] = refs.experts(experts, tasks, lambda i: evaluate(
+                experts[i], lambda _i, e=experts[i]: e, only=[i], desc=f"expert {tasks[i]}"))
     if cfg.evaluate_base:
         with timer.stage("evaluate_base"):
-            metrics["base"] = evaluate(base, lambda _i: base, desc="base")
+            metrics["base"] = refs.base(base, tasks, lambda only: evaluate(base, lambda _i: base, only=only, desc="base"))
     with timer.stage("evaluate_merged"):
         metrics["merged"] = evaluate(merged, lambda _i: merged, desc="merged")
 
@@ -258,6 +261,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "drift": report_dict.pop("drift"),
         "loss_curve": report_dict.pop("loss_curve"),
         "calibration_report": report_dict,
+        "reference_cache": refs.status,
         "wall_clock_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),

@@ -23,6 +23,8 @@ def test_method_specs_parse_yaml_overrides():
     )
     with pytest.raises(ValueError, match="not key=value"):
         bench.split_method("featcal:pass_tokens")
+    # another revision's FeatCal: the yaml name without the revision
+    assert bench.split_method("featcal@9ae9d73:pass_tokens=0") == ("featcal", {"pass_tokens": 0})
 
 
 def test_parameter_difference_is_relative_to_each_tensors_scale(tmp_path):

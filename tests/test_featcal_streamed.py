@@ -137,3 +137,93 @@ def test_merged_on_disk_gives_the_same_calibration_as_a_folder(world, tmp_path):
     assert torch.equal(loaded(ids).logits, ref.model(ids).logits)
     saved = out.save(tmp_path / "saved")
     assert (saved / "calibration_report.json").is_file() and (saved / "model.safetensors.index.json").is_file()
+
+
+# ---- IO beside compute: the prefetching walk is the sequential one, bit for bit ---------
+def _on_disk(streaming, calib, out, **kw):
+    disk_bb = copy.copy(streaming)
+    disk_bb.merged_on_disk = True
+    base, experts = disk_bb.load_base(), disk_bb.load_experts()
+    merged = disk_bb.merge(TA, base, experts)
+    res = FeatCal(progress=False, output_dir=str(out), **kw).calibrate(disk_bb, merged, base, experts, calib)
+    return res, res.model_for_task(0).state_dict()
+
+
+def test_prefetch_and_async_writes_equal_the_sequential_walk(world, tmp_path):
+    _, streaming, calib, _ = world
+    seq, sd_seq = _on_disk(streaming, calib, tmp_path / "seq", prefetch=False)
+    par, sd_par = _on_disk(streaming, calib, tmp_path / "par")  # the default: prefetch on
+    assert sd_seq.keys() == sd_par.keys()
+    for k in sd_seq:
+        assert torch.equal(sd_seq[k], sd_par[k]), k
+    assert [r["drift"] for r in seq.report.drift] == [r["drift"] for r in par.report.drift]
+    # every shard was written (the last write waited for), the same bytes
+    names = sorted(p.name for p in (tmp_path / "seq").glob("*.safetensors"))
+    assert names == sorted(p.name for p in (tmp_path / "par").glob("*.safetensors")) and len(names) == 3 + 1
+    for n in names:
+        assert (tmp_path / "seq" / n).read_bytes() == (tmp_path / "par" / n).read_bytes(), n
+    # merged in memory (written in place), lazy base and experts prefetched
+    a = _streamed(streaming, calib, prefetch=False)
+    b = _streamed(streaming, calib)
+    for (n, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+class _Source:
+    """A BlockSource stand-in that records which blocks were loaded, and in which thread."""
+
+    lazy = False
+
+    def __init__(self, gate=None):
+        import threading
+
+        self.loaded, self.released, self.threads = [], [], set()
+        self.gate = gate
+        self.main = threading.get_ident()
+
+    def acquire(self, index, device):
+        import threading
+
+        if self.gate is not None:
+            self.gate.wait()
+        self.threads.add(threading.get_ident())
+        self.loaded.append(index)
+        return torch.nn.Linear(1, 1)
+
+    def release(self, index, block):
+        self.released.append(index)
+
+
+def test_prefetcher_loads_one_block_ahead_in_a_thread():
+    from featcal.calibration.featcal.streamed import BlockPrefetcher
+
+    srcs = [_Source(), _Source()]
+    pf = BlockPrefetcher(srcs, torch.device("cpu"), num_blocks=4)
+    pf.schedule(0)
+    for l in range(4):
+        blocks = pf.take(l)
+        assert len(blocks) == 2
+        ahead = min(l + 1, 3)
+        if l + 1 < 4:
+            pf.pending[l + 1].result()  # block l + 1 loads meanwhile ...
+        assert all(s.loaded == list(range(ahead + 1)) for s in srcs)  # ... and nothing further
+    pf.close()
+    assert all(s.main not in s.threads for s in srcs)  # loads ran in the background thread
+    seq = [_Source()]
+    off = BlockPrefetcher(seq, torch.device("cpu"), num_blocks=2, enabled=False)
+    off.take(0)
+    assert seq[0].loaded == [0] and seq[0].threads == {seq[0].main}
+
+
+def test_an_aborted_walk_gives_the_prefetched_blocks_back():
+    import threading
+
+    from featcal.calibration.featcal.streamed import BlockPrefetcher
+
+    gate = threading.Event()
+    src = _Source(gate)
+    pf = BlockPrefetcher([src], torch.device("cpu"), num_blocks=3)
+    gate.set()
+    pf.take(0)  # block 1 is now loading
+    pf.close()  # the walk stops here (e.g. an error): block 1 is waited for and released
+    assert src.loaded == [0, 1] and src.released == [1]

@@ -116,6 +116,9 @@ class FeatCal(Calibrator):
         activation_dtype: dtype of the stored activations (null: the model's dtype).
         output_dir: streamed runs on a merged model kept on disk write the calibrated
             model there (null: ``<merged folder>.featcal``).
+        prefetch: streamed runs load block l + 1 of every model in a background thread
+            while block l computes and write calibrated blocks from another thread (the
+            same numbers, bit for bit; False: the sequential walk).
     """
 
     name = "featcal"
@@ -144,6 +147,7 @@ class FeatCal(Calibrator):
         offload_dir: str | None = None,
         activation_dtype: str | None = None,
         output_dir: str | None = None,
+        prefetch: bool = True,
     ):
         if cross_route not in ("auto", "direct", "gram"):
             raise ValueError(f"cross_route must be auto, direct or gram, got {cross_route!r}")
@@ -174,6 +178,7 @@ class FeatCal(Calibrator):
         self.offload = offload
         self.offload_dir = offload_dir
         self.output_dir = output_dir
+        self.prefetch = bool(prefetch)
         self.activation_dtype = as_torch_dtype(activation_dtype) if activation_dtype else None
 
     @classmethod
@@ -257,6 +262,16 @@ class FeatCal(Calibrator):
 
             merged = copy.deepcopy(merged)
         merged.eval()
+        # where the models live during the walk (see choose_placement): CPU runs: unchanged
+        placement = choose_placement(device, models_bytes([merged, base, *experts], device), available_bytes(device))
+        resident = _Resident([merged, base, *experts], device) if placement == "resident" else None
+        try:
+            return self._calibrate_in_memory(backbone, merged, base, experts, calibration, device, start, num_tasks, placement)
+        finally:
+            if resident is not None:
+                resident.restore()
+
+    def _calibrate_in_memory(self, backbone, merged, base, experts, calibration, device, start, num_tasks, placement):
         qualified = {id(m): n for n, m in merged.named_modules()}
         blocks_m = backbone.blocks(merged)
         blocks_0 = backbone.blocks(base)
@@ -304,11 +319,20 @@ class FeatCal(Calibrator):
         fallbacks: list[str] = []
         routes: dict[str, str] = {}
 
+        # each block's home (resident models: the device); blocks copied ahead return there
+        homes = {id(b): backbone.device_of(b) for b in (*blocks_m, *(b for be in blocks_e for b in be))}
+        ahead = _BlockCopier(device) if placement == "prefetch" else None
+        if ahead is not None:
+            ahead.start(0, [blocks_m[0], *(be[0] for be in blocks_e)])
         bar = tqdm(range(num_blocks), desc="featcal", disable=not self.progress)
         for l in bar:
             last = l == num_blocks - 1
             blk = blocks_m[l]
-            home = backbone.device_of(blk)
+            home = homes[id(blk)]
+            if ahead is not None:  # block l arrived (or arrives now); block l + 1 is copied meanwhile
+                ahead.wait(l, [blk, *(be[l] for be in blocks_e)])
+                if l + 1 < num_blocks:
+                    ahead.start(l + 1, [blocks_m[l + 1], *(be[l + 1] for be in blocks_e)])
             blk.to(device)
             mods = backbone.calibratable_modules(blk)
             qual = {n: qualified.get(id(m), n) for n, m in mods.items()}
@@ -320,7 +344,7 @@ class FeatCal(Calibrator):
 
             for t in range(num_tasks):
                 eblk = blocks_e[t][l]
-                ehome = backbone.device_of(eblk)
+                ehome = homes[id(eblk)]
                 eblk.to(device)
                 emods = backbone.calibratable_modules(eblk)
                 if set(emods) != set(mods):
@@ -415,6 +439,7 @@ class FeatCal(Calibrator):
             extra={
                 "drift_examples_per_task": {tasks[t]: sum(plan[t]) for t in range(num_tasks)} if track else {},
                 "cross_routes": routes,
+                "placement": placement,
             },
         )
         out = CalibratedModel(backbone, merged, report)
@@ -636,6 +661,84 @@ class FeatCal(Calibrator):
                 out.append((mod.bias, beta))
             check_finite(qual[n], solved_norm=out[-1][1])
         return out
+
+
+#: share of the free device memory the resident models may take (the rest: activations,
+#: statistics, solver workspace)
+RESIDENT_SHARE = 0.6
+
+
+def models_bytes(models: list[nn.Module], device: torch.device) -> int:
+    """Bytes of the models' parameters and buffers not yet on ``device``."""
+    total = 0
+    for m in models:
+        for t in (*m.parameters(), *m.buffers()):
+            if t.device != device:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def choose_placement(device: torch.device, need_bytes: int, free_bytes: int | None, share: float = RESIDENT_SHARE) -> str:
+    """Where FeatCal's in-memory walk keeps the models:
+
+    - ``"host"``: not a CUDA device (CPU, MPS): every block is moved to ``device`` when its
+      turn comes and back after (on the CPU nothing moves): the walk as it always was;
+    - ``"resident"``: CUDA and the models fit in ``share`` of the free device memory:
+      moved once, every block pass on the device, moved back at the end;
+    - ``"prefetch"``: CUDA otherwise (or free memory unknown): block by block, block l + 1
+      copied from pinned host memory with non-blocking copies while block l computes.
+    """
+    if torch.device(device).type != "cuda":
+        return "host"
+    if free_bytes is None or need_bytes > share * free_bytes:
+        return "prefetch"
+    return "resident"
+
+
+class _Resident:
+    """Models moved to the device for the walk and back to their homes afterwards."""
+
+    def __init__(self, models: list[nn.Module], device: torch.device):
+        self.moves = []
+        for m in models:
+            home = next((t.device for t in (*m.parameters(), *m.buffers())), device)
+            self.moves.append((m, home))
+            m.to(device)
+
+    def restore(self) -> None:
+        for m, home in self.moves:
+            m.to(home)
+
+
+class _BlockCopier:
+    """CUDA: blocks copied to the device on a side stream, from pinned host memory, while
+    the default stream computes; ``wait`` makes the compute stream wait for them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.events: dict[int, Any] = {}
+
+    def start(self, index: int, blocks: list[nn.Module]) -> None:
+        with torch.cuda.stream(self.stream):
+            for blk in blocks:
+                for t in (*blk.parameters(), *blk.buffers()):
+                    if t.device != self.device:
+                        t.data = t.data.pin_memory().to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[index] = event
+
+    def wait(self, index: int, blocks: list[nn.Module]) -> None:
+        event = self.events.pop(index, None)
+        if event is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for blk in blocks:  # allocated on the side stream, used (and freed) on this one
+            for t in (*blk.parameters(), *blk.buffers()):
+                if t.device == self.device:
+                    t.record_stream(current)
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -20,18 +20,25 @@ object's planning, accumulation and solve methods), walked differently:
   dtype (bf16 for real LLMs) or ``activation_dtype``; one batch at a time moves to the
   device. Statistics are float32 on the device.
 
-Peak device memory ≈ (experts + 2) blocks + the block's statistics + one batch of
-activations; peak host memory ≈ the activations + a few blocks (+ the merged model when
-it is kept in memory).
+- **IO beside compute.** While block l computes, a background thread loads block l + 1
+  of every model (one block set ahead, no more; on CUDA a model on disk is read into
+  pinned host memory and copied on a side stream), and each calibrated block of a merged
+  model on disk is written by another thread while the next block computes. The numbers
+  are those of the sequential walk (``FeatCal(prefetch=False)``), bit for bit: the same
+  tensors are loaded, only earlier.
+
+Peak device memory ≈ 2 × (experts + 2) blocks (block l and the prefetched block l + 1)
++ the block's statistics + one batch of activations; peak host memory ≈ the activations
++ a few blocks (+ the merged model when it is kept in memory).
 Both are printed at the end and returned in ``report["memory"]``.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +120,83 @@ class _Slot:
 
     def state(self, hidden: torch.Tensor, device: torch.device) -> BlockState:
         return BlockState(hidden, self.token_mask.to(device), self.readout_mask.to(device), move_inputs(self.extras, device))
+
+
+def _tensors(block: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*block.parameters(), *block.buffers())]
+
+
+def _acquire_pinned(src: BlockSource, index: int, device: torch.device, stream) -> tuple[nn.Module, Any]:
+    """Block ``index`` of a model on disk, read into pinned host memory and copied to the
+    CUDA ``device`` on ``stream`` without blocking: (block, event recorded after the copy)."""
+    blk = src.acquire(index, torch.device("cpu"))
+    for t in _tensors(blk):
+        t.data = t.data.pin_memory()
+    with torch.cuda.stream(stream):
+        blk.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return blk, event
+
+
+class BlockPrefetcher:
+    """Block l of every source, with block l + 1 loading in a background thread meanwhile.
+
+    ``take(l)`` returns the blocks of ``sources`` (acquired as ``BlockSource.acquire``
+    would) and schedules block l + 1; at most one block set is loaded ahead. ``enabled``
+    False: plain sequential ``acquire`` calls in the caller's thread. On CUDA, models on
+    disk are read into pinned memory and copied on a side stream; the caller's stream
+    waits for the copy before the blocks are returned."""
+
+    def __init__(self, sources: list[BlockSource], device: torch.device, num_blocks: int, enabled: bool = True):
+        self.sources = sources
+        self.device = device
+        self.num_blocks = num_blocks
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="featcal-prefetch") if enabled else None
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+        self.pending: dict[int, Future] = {}
+
+    def _load(self, index: int) -> list[tuple[nn.Module, Any]]:
+        out = []
+        for src in self.sources:
+            if self.stream is not None and src.lazy:
+                out.append(_acquire_pinned(src, index, self.device, self.stream))
+            else:
+                out.append((src.acquire(index, self.device), None))
+        return out
+
+    def schedule(self, index: int) -> None:
+        if self.pool is not None and 0 <= index < self.num_blocks and index not in self.pending:
+            self.pending[index] = self.pool.submit(self._load, index)
+
+    def take(self, index: int) -> list[nn.Module]:
+        if self.pool is None:
+            return [src.acquire(index, self.device) for src in self.sources]
+        self.schedule(index)
+        loaded = self.pending.pop(index).result()
+        self.schedule(index + 1)  # loads while this block computes
+        blocks = []
+        for blk, event in loaded:
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for t in _tensors(blk):  # the memory was allocated on the side stream
+                    t.record_stream(current)
+            blocks.append(blk)
+        return blocks
+
+    def close(self) -> None:
+        """Wait for a load in flight and give its blocks back (an aborted walk)."""
+        if self.pool is None:
+            return
+        for index, fut in list(self.pending.items()):
+            try:
+                for src, (blk, _) in zip(self.sources, fut.result()):
+                    src.release(index, blk)
+            except Exception:  # noqa: BLE001 - the walk's own error is the one to report
+                pass
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
 
 
 def _cuda_peak(device: torch.device) -> float | None:
@@ -203,92 +287,113 @@ def calibrate_streamed(
         return st.take(cut) if cut is not None else st
 
     steps_per_block = sum(len(c) for c in calibration)
+    overlap = bool(getattr(fc, "prefetch", True))
+    prefetch = BlockPrefetcher([src_m, src_0, *src_e], device, num_blocks, enabled=overlap)
+    prefetch.schedule(0)
+    # calibrated blocks of a merged model on disk: written by a thread (one write in flight)
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="featcal-write") if writer is not None and overlap else None
+    writing: Future | None = None
+
+    def write_and_release(index: int, block: nn.Module) -> None:
+        writer.write_block(index, block)
+        src_m.release(index, block)
+
     bar = tqdm(range(num_blocks), desc="featcal (streamed)", disable=not fc.progress)
-    for l in bar:
-        last = l == num_blocks - 1
-        blk = src_m.acquire(l, device)
-        base_blk = src_0.acquire(l, device)
-        mods = backbone.calibratable_modules(blk)
-        qual = {n: qualified.get(id(m), n) for n, m in mods.items()}
-        groups = None
-        norms: dict = {}
-        stop_after: str | None = None
-        block_acc = None
-        inner = tqdm(total=steps_per_block, desc=f"block {l + 1}/{num_blocks}", leave=False, disable=not fc.progress)
-        for t in range(num_tasks):
-            eblk = src_e[t].acquire(l, device)
-            emods = backbone.calibratable_modules(eblk)
-            if set(emods) != set(mods):
-                raise ValueError(f"expert {t} block {l} has different calibratable modules")
-            tokens = sum(s.token_mask.numel() for s in slots[t])
-            if block_acc is not None:
-                fc._reset_task_acc(block_acc)
-            for b in range(len(slots[t])):
-                s_state = state("s", t, b)
-                e_state = state("e", t, b)
-                with fc._pass_context(device):
-                    xs, order, _ = capture_inputs(backbone, blk, mods, s_state, stop_after=stop_after)
-                    xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
-                store.put(("e", t, b), e_out.hidden)
-                if groups is None:
-                    groups, norms = fc._plan(backbone, mods, xs, order, last, tokens)
-                    for g in groups:
-                        routes[f"{qual[g.leader]}" + ("[readout-weighted]" if g.weighted else "")] = g.route
-                if stop_after is None:
-                    stop_after = order[-1]
-                if block_acc is None:
-                    block_acc = fc._new_block_acc(groups, norms, device)
-                with fc._gram_context(device):
-                    fc._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state, backbone)
-                del xs, xe, e_out, s_state, e_state
-                inner.update(1)
-            fc._finish_task(block_acc, groups, norms, mods, emods, qual)
-            src_e[t].release(l, eblk)
-            del eblk, emods
-        inner.close()
-
-        if track:  # the uncalibrated chain, through the block before it is solved
+    try:
+        for l in bar:
+            last = l == num_blocks - 1
+            blk, base_blk, *eblks = prefetch.take(l)
+            mods = backbone.calibratable_modules(blk)
+            qual = {n: qualified.get(id(m), n) for n, m in mods.items()}
+            groups = None
+            norms: dict = {}
+            stop_after: str | None = None
+            block_acc = None
+            inner = tqdm(total=steps_per_block, desc=f"block {l + 1}/{num_blocks}", leave=False, disable=not fc.progress)
             for t in range(num_tasks):
-                for b, c in enumerate(plan[t]):
+                eblk = eblks[t]
+                emods = backbone.calibratable_modules(eblk)
+                if set(emods) != set(mods):
+                    raise ValueError(f"expert {t} block {l} has different calibratable modules")
+                tokens = sum(s.token_mask.numel() for s in slots[t])
+                if block_acc is not None:
+                    fc._reset_task_acc(block_acc)
+                for b in range(len(slots[t])):
+                    s_state = state("s", t, b)
+                    e_state = state("e", t, b)
                     with fc._pass_context(device):
-                        store.put(("u", t, b), backbone.run_block(blk, state("u", t, b, c)).hidden)
+                        xs, order, _ = capture_inputs(backbone, blk, mods, s_state, stop_after=stop_after)
+                        xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
+                    store.put(("e", t, b), e_out.hidden)
+                    if groups is None:
+                        groups, norms = fc._plan(backbone, mods, xs, order, last, tokens)
+                        for g in groups:
+                            routes[f"{qual[g.leader]}" + ("[readout-weighted]" if g.weighted else "")] = g.route
+                    if stop_after is None:
+                        stop_after = order[-1]
+                    if block_acc is None:
+                        block_acc = fc._new_block_acc(groups, norms, device)
+                    with fc._gram_context(device):
+                        fc._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state, backbone)
+                    del xs, xe, e_out, s_state, e_state
+                    inner.update(1)
+                fc._finish_task(block_acc, groups, norms, mods, emods, qual)
+                src_e[t].release(l, eblk)
+                eblks[t] = None
+                del eblk, emods
+            inner.close()
 
-        new_params = fc._solve_block(groups or [], norms, mods, backbone.calibratable_modules(base_blk), qual, device, fallbacks)
-        for param, value in new_params:
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
-        src_0.release(l, base_blk)
-        del new_params, groups, norms, block_acc
+            if track:  # the uncalibrated chain, through the block before it is solved
+                for t in range(num_tasks):
+                    for b, c in enumerate(plan[t]):
+                        with fc._pass_context(device):
+                            store.put(("u", t, b), backbone.run_block(blk, state("u", t, b, c)).hidden)
 
-        # next student inputs from the calibrated block (last block: the drift examples only)
-        for t in range(num_tasks):
-            for b in range(len(slots[t])):
-                if last and (not track or b >= len(plan[t])):
-                    continue
-                cut = plan[t][b] if last else None
-                with fc._pass_context(device):
-                    out = backbone.run_block(blk, state("s", t, b, cut)).hidden
-                if cut is not None:
-                    store.slots[("s", t, b)][:cut].copy_(out)
-                else:
-                    store.put(("s", t, b), out)
-        if track:
+            new_params = fc._solve_block(groups or [], norms, mods, backbone.calibratable_modules(base_blk), qual, device, fallbacks)
+            for param, value in new_params:
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+            src_0.release(l, base_blk)
+            del new_params, groups, norms, block_acc
+
+            # next student inputs from the calibrated block (last block: the drift examples only)
             for t in range(num_tasks):
-                before = [state("u", t, b, c) for b, c in enumerate(plan[t])]
-                after = [state("s", t, b, c) for b, c in enumerate(plan[t])]
-                ref = [state("e", t, b, c) for b, c in enumerate(plan[t])]
-                drift_before[t].append(token_drift(before, ref))
-                drift_after[t].append(token_drift(after, ref))
-            bar.set_postfix(
-                drift=f"{sum(v[-1] for v in drift_before.values()) / num_tasks:.3f}"
-                f"->{sum(v[-1] for v in drift_after.values()) / num_tasks:.3f}",
-                rss=f"{current_rss_mib() / 1024:.1f}G",
-            )
-        if writer is not None:
-            writer.write_block(l, blk)
-        src_m.release(l, blk)
-        # block forwards cut short by capture_inputs leave frame/traceback cycles that hold
-        # activations until the cyclic GC runs; collect them once per block (flat memory)
-        gc.collect()
+                for b in range(len(slots[t])):
+                    if last and (not track or b >= len(plan[t])):
+                        continue
+                    cut = plan[t][b] if last else None
+                    with fc._pass_context(device):
+                        out = backbone.run_block(blk, state("s", t, b, cut)).hidden
+                    if cut is not None:
+                        store.slots[("s", t, b)][:cut].copy_(out)
+                    else:
+                        store.put(("s", t, b), out)
+            if track:
+                for t in range(num_tasks):
+                    before = [state("u", t, b, c) for b, c in enumerate(plan[t])]
+                    after = [state("s", t, b, c) for b, c in enumerate(plan[t])]
+                    ref = [state("e", t, b, c) for b, c in enumerate(plan[t])]
+                    drift_before[t].append(token_drift(before, ref))
+                    drift_after[t].append(token_drift(after, ref))
+                bar.set_postfix(
+                    drift=f"{sum(v[-1] for v in drift_before.values()) / num_tasks:.3f}"
+                    f"->{sum(v[-1] for v in drift_after.values()) / num_tasks:.3f}",
+                    rss=f"{current_rss_mib() / 1024:.1f}G",
+                )
+            if write_pool is not None:
+                if writing is not None:
+                    writing.result()  # at most one block waits to be written
+                writing = write_pool.submit(write_and_release, l, blk)
+            else:
+                if writer is not None:
+                    writer.write_block(l, blk)
+                src_m.release(l, blk)
+            del blk, base_blk, eblks
+        if writing is not None:
+            writing.result()
+    finally:
+        prefetch.close()
+        if write_pool is not None:
+            write_pool.shutdown(wait=True)
 
     act_bytes = store.nbytes()
     store.close()
