@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from featcal.wandb_log import read_offline_run
+from wandb_records import read_offline_run
 from e2e_helpers import isolated_env, run_module
 
 pytestmark = pytest.mark.slow  # subprocess runs of featcal-run

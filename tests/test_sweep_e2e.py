@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from featcal.wandb_log import read_offline_run
+from wandb_records import read_offline_run
 from e2e_helpers import isolated_env, run_module
 
 SMALL = ["backbone=embedded_small"]
