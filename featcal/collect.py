@@ -293,7 +293,7 @@ def collect(sweep_dir: Path, sweep: Sweep | None = None) -> pd.DataFrame:
         df["merge_seconds"] = (data.get("timings") or {}).get("merge")
         df["peak_rss_mib"] = memory.get("peak_rss_mib")
         df["cuda_peak_mib"] = memory.get("cuda_peak_mib")
-        df["memory_scope"] = "run" if "baseline_rss_mib" in memory else "process"
+        df["rss_above_start_mib"] = memory.get("peak_rss_above_baseline_mib")
         df["config_id"] = config_id(key)
         df["config"] = json.dumps(key)  # config order (labels follow it)
         frames.append(df)

@@ -69,8 +69,10 @@ def _memory(memory: dict[str, Any]) -> tuple[float | None, str]:
     cuda = memory.get("cuda_peak_mib")
     if cuda:
         return cuda, "CUDA peak of the run"
-    if "baseline_rss_mib" in memory:
-        return memory.get("peak_rss_mib"), "peak host RSS of the run"
+    if memory.get("peak_rss_above_baseline_mib") is not None:
+        # what the run itself added: in a sweep sharing a process (basic launcher, joblib
+        # workers) the RSS at a job's start still holds what earlier jobs left behind
+        return memory["peak_rss_above_baseline_mib"], "peak host RSS of the run above its start"
     # results written before per-run sampling: the process's lifetime ru_maxrss
     return memory.get("peak_rss_mib"), "peak host RSS of the process (older results: whole process lifetime)"
 
@@ -160,14 +162,15 @@ def load(inputs: Iterable[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
                 tasks = sorted(set(g["task"]) - {AVERAGE})
                 cuda = first.get("cuda_peak_mib")
                 has_cuda = cuda is not None and not pd.isna(cuda) and float(cuda) > 0
-                scope = first.get("memory_scope", "process")
+                own = first.get("rss_above_start_mib")
+                scope = "run" if own is not None and not pd.isna(own) else "process"
                 rec = {
                     "run_dir": str(run_dir), "backbone": first["backbone"], "merge": first["merge"],
                     "calibration": first["calibration"], "budget": int(first["budget"]), "seed": first.get("seed"),
                     "n_tasks": len(tasks), "calibrate_s": first.get("calibrate_seconds"), "merge_s": first.get("merge_seconds"),
-                    "peak_mib": float(cuda) if has_cuda else first.get("peak_rss_mib"),
+                    "peak_mib": float(cuda) if has_cuda else (float(own) if scope == "run" else first.get("peak_rss_mib")),
                     "memory_kind": "CUDA peak of the run" if has_cuda else (
-                        "peak host RSS of the run" if scope == "run" else "peak host RSS of the process (older results: whole process lifetime)"),
+                        "peak host RSS of the run above its start" if scope == "run" else "peak host RSS of the process (older results: whole process lifetime)"),
                     "group": None, "mtime": 0.0,
                 }
                 runs.append(rec)

@@ -201,6 +201,10 @@ class WandbLogger:
         try:
             wandb = self._wandb
             summary: dict[str, float] = {}
+            for stage, per_task in results["metrics"].items():  # runs-table columns; no history, no panels
+                for task, values in per_task.items():
+                    for metric, value in values.items():
+                        summary[f"{metric}/{stage}/{task}"] = float(value)
             for stage, per_task in results["score"].items():
                 summary[f"score/{stage}/average"] = float(per_task["average"])
             for stage, secs in (results.get("timings") or {}).items():

@@ -47,7 +47,7 @@ def write_run(folder: Path, *, calibration="featcal", cal_cfg=None, seed=0, budg
     meta = {"backbone": "embedded_small", "merge": merge, "calibration": calibration, "budget": budget, "split": "train", "seed": seed}
     results = {**meta, "tasks": TASKS, "device": "cpu", "primary_metric": primary, "score": score, "metrics": metrics,
                "table": per_task_table(TASKS, score, primary), "timings": {"calibrate": 1.0 + seed, "merge": 0.1},
-               "memory": {"peak_rss_mib": peak, "baseline_rss_mib": 300.0, "cuda_peak_mib": None},
+               "memory": {"peak_rss_mib": peak, "baseline_rss_mib": 300.0, "peak_rss_above_baseline_mib": peak - 300.0, "cuda_peak_mib": None},
                "drift": [], "loss_curve": [], "config": config, "config_hash": "0" * 16}
     if suite is not None:
         results["suite"] = suite
@@ -166,12 +166,12 @@ def test_report_keys_rows_by_configuration_seeds_and_duplicates(ablation, tmp_pa
     s = methods.loc["surgery"]
     assert s["n"] == 2 and s["average"] == pytest.approx(73.75) and s["inverted"] == pytest.approx(76.0)
     assert s["average_std"] == pytest.approx(np.std([72.5, 75.0], ddof=1)) and s["inverted_std"] == pytest.approx(np.std([75, 77], ddof=1))
-    assert s["peak_mib"] == pytest.approx(810.0)
+    assert s["peak_mib"] == pytest.approx(510.0)  # the runs' own: peak above their start (800, 820 - 300)
     md = (out / "table.md").read_text()
     assert "73.75 ± 1.77" in md and "| n " in md.replace("|   n ", "| n ")
     assert "**82.00**" in md  # best average among the methods in bold
     assert "Duplicate runs (1)" in md
-    assert "peak host RSS of the run" in md
+    assert "peak host RSS of the run above its start" in md
     tex = (out / "table.tex").read_text()
     assert r"\toprule" in tex and r"$\pm$" in tex and r"featcal (rho=1.0, alpha=0)" in tex
     assert r"\bfseries 82.00" in tex or r"\textbf{82.00}" in tex
