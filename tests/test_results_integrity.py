@@ -433,3 +433,29 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
     assert "logger.mode=offline" in out and "127.0.0.1:9" in out
     assert logger.record()["mode"] == "offline"
     assert time.perf_counter() - start < 120  # the probe itself is immediate; wandb's start dominates
+
+
+@pytest.mark.slow  # starts W&B twice
+def test_report_run_is_one_per_sweep_and_reads_the_group_from_results(tmp_path):
+    from wandb_records import read_offline_run
+
+    from featcal.sweep_report import load, log_to_wandb, report_run_id
+    from featcal.wandb_log import offline_runs
+
+    root = tmp_path / "sweep"
+    for n, cal in enumerate(("featcal", "surgery")):
+        folder = write_run(root / str(n), calibration=cal)
+        res = json.loads((folder / "results.json").read_text())
+        res["wandb"] = {"id": f"fc-{n}", "group": "sweep-2026-12-06_10-00-00", "project": "proj", "entity": None,
+                        "mode": "offline", "status": "logged"}
+        atomic_write_json(folder / "results.json", res)
+    long, runs, _drift, info = load([root])
+    assert info["groups"] == {"sweep-2026-12-06_10-00-00"} and info["logger"]["project"] == "proj"
+    table = pd.DataFrame({"kind": ["method"], "average": [1.0]})
+    out = tmp_path / "report"
+    for _ in range(2):  # featcal-report twice: the second updates the same report run
+        log_to_wandb(info, [], table, out)
+    (run,) = offline_runs(out)
+    data = read_offline_run(run)
+    assert data["id"] == report_run_id("sweep-2026-12-06_10-00-00") and data["job_type"] == "report"
+    assert data["group"] == "sweep-2026-12-06_10-00-00" and data["project"] == "proj"
