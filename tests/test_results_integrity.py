@@ -459,3 +459,22 @@ def test_report_run_is_one_per_sweep_and_reads_the_group_from_results(tmp_path):
     data = read_offline_run(run)
     assert data["id"] == report_run_id("sweep-2026-12-06_10-00-00") and data["job_type"] == "report"
     assert data["group"] == "sweep-2026-12-06_10-00-00" and data["project"] == "proj"
+
+
+def test_wandb_mode_disabled_from_the_environment_starts_no_wandb(tmp_path, monkeypatch):
+    """WANDB_MODE=disabled reaches logger.mode and featcal.run starts no W&B run, not even
+    to fill in a finished run that never logged."""
+    from featcal import run as run_mod
+    from featcal.resume import config_hash
+
+    cfg = _compose(["backbone=embedded_small", "budget.per_task=8"], env={"WANDB_MODE": "disabled"})
+    assert cfg.logger.name == "wandb" and cfg.logger.mode == "disabled"
+    out = tmp_path / "job"
+    res = _results(tmp_path)
+    res["config_hash"] = config_hash(cfg)
+    atomic_write_json(out / "results.json", res)
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: pytest.fail("wandb.init called"))
+    assert run_mod.run(cfg, out)["score"] == res["score"]
+    assert not (out / "wandb").exists()
