@@ -249,6 +249,13 @@ def label_configurations(runs: pd.DataFrame, keys: list[dict[str, str]]) -> pd.D
         for k in varying:
             if not (k.startswith("merge.") or k.startswith("calibration.")) and k not in extra:
                 extra.append(k)
+    # keys that always carry the same values (backbone.tasks and the adapter's and pool's
+    # copies of it, interpolated from one key) are shown once, under the shortest name
+    seen: dict[tuple, str] = {}
+    for k in sorted(extra, key=lambda k: (k.count("."), len(k), k)):
+        values = tuple(keys[i].get(k) for i in range(len(keys)))
+        seen.setdefault(values, k)
+    extra = [k for k in extra if k in seen.values()]
     extra.sort(key=lambda k: (k == "build", k))
     merge_labels, cal_labels = [], []
     for i, (_, r) in enumerate(runs.iterrows()):
