@@ -144,10 +144,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def _wandb_logger(cfg: DictConfig, out_dir: Path, meta: dict[str, Any], choices: dict[str, str]) -> WandbLogger:
     """The run's W&B logger: id from the config hash (and sweep group), resume allowed,
     job_type run, tags and a readable name."""
-    group, run_name = _sweep_group()
+    group, _ = _sweep_group()
     experiment = choices.get("experiment") or None
-    extra = [o for o in (run_name or "").split(",") if o and o.split("=", 1)[0] not in
-             ("backbone", "merge", "calibration", "budget.per_task", "seed") and o != "default"]
+    _, job = _job()
+    shown = ("backbone", "merge", "calibration", "budget.per_task", "seed", "experiment", "logger", "resume", "device")
+    extra = [o for o in job.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") not in shown
+             and not o.startswith(("logger.", "hydra.", "hydra/"))]
     name = f"{meta['merge']}+{meta['calibration']} n={meta['budget']} seed={meta['seed']}" + (f" [{','.join(extra)}]" if extra else "")
     tags = [meta["backbone"], meta["merge"], meta["calibration"]] + ([f"experiment:{experiment}"] if experiment else [])
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
