@@ -21,7 +21,23 @@ from featcal.utils import atomic_write_text
 ORDER = ["featcal", "surgery", "probsurgery"]
 
 
+def check_one_configuration(df: pd.DataFrame) -> None:
+    """This table has one cell per calibrator and budget: refuse a sweep holding several
+    configurations (an ablation, two builds, two seeds) of one calibrator and budget rather
+    than averaging them; featcal-report keys its rows by the whole configuration."""
+    if "config_id" not in df.columns:  # a CSV from before featcal-collect recorded it
+        return
+    per_cell = df.groupby(["merge", "calibration", "budget"])["config_id"].nunique()
+    runs = df.groupby(["merge", "calibration", "budget"])["run_dir"].nunique()
+    mixed = sorted(set(per_cell[per_cell > 1].index) | set(runs[runs > 1].index))
+    if mixed:
+        raise SystemExit("embedded_table: several runs for " + ", ".join(f"{m}+{c} at budget {b}" for m, c, b in mixed)
+                         + " (other settings, builds or seeds); this table would average them. "
+                         "Use `featcal-report <sweep>`, whose rows are keyed by the whole configuration.")
+
+
 def build(df: pd.DataFrame) -> str:
+    check_one_configuration(df)
     df = metric_column(df, "accuracy")
     tasks = [t for t in dict.fromkeys(df["task"]) if t != "average"] + ["average"]
     experts = df[df.stage == "experts"].groupby("task")["accuracy"].mean()

@@ -10,8 +10,11 @@ task pool evaluates with its own scorer and names its metrics.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import random
+import statistics
 import re
 import sys
 import time
@@ -36,8 +39,9 @@ from featcal.resume import config_hash, interrupted, previous_results
 from featcal.strict import hydra_errors
 from featcal.sweeper import register as _register_sweeper  # noqa: F401 - presets' DedupSweeper
 from featcal.report import format_table, long_rows, per_task_table, write_results
+from featcal import wandb_log
 from featcal.tasks.base import Metrics, TaskPool, scores
-from featcal.utils import DTYPES, StageTimer, current_rss_mib, peak_rss_mib, resolve_device, seed_everything
+from featcal.utils import DTYPES, MemorySampler, StageTimer, atomic_write_json, current_rss_mib, resolve_device, seed_everything, timing_context
 from featcal.wandb_log import WandbLogger
 
 log = logging.getLogger("featcal")
@@ -129,6 +133,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     validate(cfg, composed=composed)
     done = previous_results(cfg, out_dir)  # resume: a complete run of the same config is not redone
     if done is not None:
+        _backfill_wandb(cfg, out_dir, done, choices)  # its W&B logging failed before: log it now
         return done
     check_environment(cfg, out_dir)  # the device exists; cache and run folders are writable
     from featcal.hub import check_sources_available
@@ -137,14 +142,70 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     started = time.time()
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
+    # the run's own memory: a sampling thread from a baseline taken now (not the process's
+    # lifetime peak, which only climbs in a sweep sharing a process), CUDA peak reset here
+    sampler = MemorySampler(device=device).start()
+    try:
+        return _run_measured(cfg, out_dir, choices, device, sampler, started)
+    finally:
+        sampler.stop()
+
+
+def _wandb_logger(cfg: DictConfig, out_dir: Path, meta: dict[str, Any], choices: dict[str, str]) -> WandbLogger:
+    """The run's W&B logger: id from the config hash (and sweep group), resume allowed,
+    job_type run, tags and a readable name."""
+    group, _ = _sweep_group()
+    experiment = choices.get("experiment") or None
+    _, job = _job()
+    shown = ("backbone", "merge", "calibration", "budget.per_task", "seed", "experiment", "logger", "resume", "device")
+    extra = [o for o in job.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") not in shown
+             and not o.startswith(("logger.", "hydra.", "hydra/"))]
+    name = f"{meta['merge']}+{meta['calibration']} n={meta['budget']} seed={meta['seed']}" + (f" [{','.join(extra)}]" if extra else "")
+    tags = [meta["backbone"], meta["merge"], meta["calibration"]] + ([f"experiment:{experiment}"] if experiment else [])
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    group = logger_cfg.get("group") or group
+    return WandbLogger(
+        logger_cfg, out_dir, {**OmegaConf.to_container(cfg, resolve=True), "run": meta, "experiment": experiment},
+        name=name, group=group, rid=wandb_log.run_id(config_hash(cfg), group), tags=tags, job_type="run",
+    )
+
+
+def _log_wandb(logger: WandbLogger, results: dict[str, Any], out_dir: Path, artifacts: dict[str, Path]) -> None:
+    """Log ``results`` and record the outcome in results.json (rewritten atomically)."""
+    logger.log_results(results, artifacts)
+    logger.finish()
+    results["wandb"] = logger.record()
+    atomic_write_json(out_dir / "results.json", results)
+    if logger.mode == "disabled":
+        return
+    if logger.error:
+        print(f"W&B: not logged ({logger.error}); results are on disk and are logged on the next "
+              f"featcal-run of this configuration.")
+    elif logger.run_folder is not None:
+        print(f"W&B ({logger.mode}): {logger.run_folder}")
+
+
+def _backfill_wandb(cfg: DictConfig, out_dir: Path, done: dict[str, Any], choices: dict[str, str]) -> None:
+    """A finished run whose W&B logging failed (or never happened): log its stored results."""
+    if cfg.logger.name != "wandb" or wandb_log.resolve_mode(cfg.logger.get("mode")) == "disabled":
+        return
+    if (done.get("wandb") or {}).get("status") == "logged":
+        return
+    meta = {k: done.get(k) for k in ("backbone", "merge", "calibration", "budget", "split", "seed")}
+    logger = _wandb_logger(cfg, out_dir, meta, choices)
+    if logger.active:
+        print(f"W&B: logging the stored results of {out_dir} (logging failed or was cut short before; nothing is recomputed)")
+    _log_wandb(logger, done, out_dir, {"results": out_dir / "results.json"})
+
+
+def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], device: torch.device,
+                  sampler: MemorySampler, started: float) -> dict[str, Any]:
     dtype = DTYPES[cfg.precision]
-    timer = StageTimer(device)
+    timer = StageTimer(device, memory=sampler)
     merge_fn = _build(cfg.merge)
     calibrator: Calibrator = _build(cfg.calibration)
     adapter: Backbone = _build(cfg.backbone.adapter)
     pool: TaskPool = _build(cfg.backbone.taskpool)
-    if torch.cuda.is_available() and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     meta = {
         "backbone": _label("backbone", cfg.backbone, choices),
@@ -157,16 +218,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     # a calibrator that picks its result by test-split scores is labelled so in every table
     meta["calibration"] += getattr(calibrator, "selection_label", "")
     log.info("run %s on %s", meta, device)
-    group, run_name = _sweep_group()
-    logger = None
-    if cfg.logger.name == "wandb":
-        logger = WandbLogger(
-            OmegaConf.to_container(cfg.logger, resolve=True),
-            out_dir,
-            {**OmegaConf.to_container(cfg, resolve=True), "run": meta},
-            name=run_name,
-            group=group,
-        )
+    logger = _wandb_logger(cfg, out_dir, meta, choices) if cfg.logger.name == "wandb" else None
+
+    # ---- first use: a suite build or download, timed apart from loading -----------
+    if isinstance(getattr(type(adapter), "folder", None), property):
+        with timer.stage("prepare"):
+            adapter.folder  # noqa: B018 - builds (or verifies) the embedded suite once
 
     # ---- load -----------------------------------------------------------------
     with timer.stage("load"):
@@ -218,12 +275,27 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     # ---- calibrate --------------------------------------------------------------
     rss_before = current_rss_mib()
-    with timer.stage("calibrate"):
-        if calib is not None:
-            calib = adapter.prepare_calibration(merged, base, experts, calib, device)
-        if getattr(calibrator, "needs_test_scorer", False):  # best-of-rounds on the test split
-            calibrator.round_scorer = lambda cal: scores(evaluate(cal.model, cal.model_for_task, desc="round"), pool)["average"]
-        calibrated: CalibratedModel = calibrator.calibrate(adapter, merged, base, experts, calib, device)
+    repeats = max(1, int(cfg.get("calibrate_repeats", 1) or 1))
+    repeat_seconds: list[float] = []
+    rng = _rng_state()
+    calib_in = calib
+    if getattr(calibrator, "needs_test_scorer", False):  # best-of-rounds on the test split
+        calibrator.round_scorer = lambda cal: scores(evaluate(cal.model, cal.model_for_task, desc="round"), pool)["average"]
+    for k in range(repeats):  # benchmark-grade timing: k identical calibrations, the median reported
+        _set_rng_state(rng)
+        target = copy.deepcopy(merged) if k < repeats - 1 else merged
+        before = timer.seconds.get("calibrate", 0.0)
+        with timer.stage("calibrate"):
+            calib = calib_in
+            if calib is not None:
+                calib = adapter.prepare_calibration(target, base, experts, calib, device)
+            calibrated: CalibratedModel = calibrator.calibrate(adapter, target, base, experts, calib, device)
+        repeat_seconds.append(timer.seconds["calibrate"] - before)
+        if k < repeats - 1:
+            del calibrated, target
+    if repeats > 1:
+        timer.seconds["calibrate"] = statistics.median(repeat_seconds)
+        timer.cpu_seconds["calibrate"] /= repeats
     report = calibrated.report
     report.extra.setdefault("rss_increase_mib", current_rss_mib() - rss_before)
     if cfg.get("save_calibrated", False):
@@ -240,10 +312,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     metrics = pool.finalize(metrics)
 
     # ---- report ---------------------------------------------------------------
-    memory = {
-        "peak_rss_mib": peak_rss_mib(),
-        "cuda_peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-    }
+    memory = sampler.stop()  # the run's own peaks (host RSS sampled, CUDA reset at the start), per stage
     primary = {t: pool.primary_metric(t) for t in tasks}
     score = {stage: scores(m, pool) for stage, m in metrics.items()}
     table = per_task_table(tasks, score, primary)
@@ -257,6 +326,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "metrics": metrics,
         "table": table,
         "timings": dict(timer.seconds),
+        "timing": {"cpu_seconds": dict(timer.cpu_seconds), "context": timer.context, "at_end": timing_context(),
+                   "calibrate_repeats": repeat_seconds, "calibrate_is": "median of the repeats" if repeats > 1 else "one measurement"},
         "memory": memory,
         "drift": report_dict.pop("drift"),
         "loss_curve": report_dict.pop("loss_curve"),
@@ -267,6 +338,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "config_hash": config_hash(cfg),
         **({"code_execution": pool.code_execution} if getattr(pool, "code_execution", None) else {}),  # opt-in + fence
     }
+    if logger is not None:
+        results["wandb"] = {**logger.record(), "status": "pending"}  # "logged" once W&B has it
     long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
 
     # printed before anything is written: a full disk cannot hide the numbers
@@ -274,18 +347,44 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     print(format_table(table))
     t = timer.seconds
     print("wall-clock (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
-    print(f"peak host RSS {memory['peak_rss_mib']:.0f} MiB" + (f", CUDA peak {memory['cuda_peak_mib']:.0f} MiB" if memory["cuda_peak_mib"] else ""))
+    ctx = timer.context.get("calibrate") or timing_context()
+    print(f"  ({ctx['torch_threads']} torch threads, load average {ctx['loadavg']}"
+          + (f"; calibrate: median of {repeats} repeats {', '.join(f'{x:.1f}' for x in repeat_seconds)}" if repeats > 1 else "") + ")")
+    print(f"peak host RSS of this run {memory['peak_rss_mib']:.0f} MiB ({memory['peak_rss_above_baseline_mib']:+.0f} MiB over its start)"
+          + (f", CUDA peak {memory['cuda_peak_mib']:.0f} MiB" if memory["cuda_peak_mib"] else ""))
     errors.keep_results(out_dir, results, lambda: write_results(out_dir, results, long))  # OSError: failed.json / stderr
     print(f"results: {out_dir / 'results.json'}")
 
     if logger is not None:
-        logger.log_results(results)
-        logger.finish()
-        if logger.error:
-            print(f"W&B: not logged ({logger.error}); results are on disk.")
-        elif logger.run_dir:
-            print(f"W&B ({cfg.logger.mode}): {Path(logger.run_dir).parent}")
+        artifacts = {"results": out_dir / "results.json"}
+        if cfg.get("save_calibrated", False):
+            artifacts["model"] = out_dir / calibrated.save_name
+        _log_wandb(logger, results, out_dir, artifacts)
     return results
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 CONF_DIR = os.environ.get("FEATCAL_CONF", str(Path(__file__).resolve().parent.parent / "conf"))

@@ -23,6 +23,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
+        # mkstemp creates 0600; a result file gets what open() would give it (0644 under umask 022)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -32,6 +34,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, then put it back at once
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
@@ -196,17 +211,162 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class StageTimer:
-    """Wall-clock per named stage; CUDA work is synchronised at stage boundaries."""
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so
+    that the resident set measured next is what is still in use."""
+    import gc
 
-    def __init__(self, device: torch.device | None = None):
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class MemorySampler:
+    """The run's own peak host RSS, sampled by a daemon thread every ``interval`` seconds
+    between ``start()`` and ``stop()``, in total and per stage (``StageTimer`` names the
+    stage), with the resident set at ``start()`` as the baseline.
+
+    ``ru_maxrss`` is the process's peak over its whole life: in a sweep whose jobs share a
+    process (Hydra's basic launcher, joblib workers) it only climbs. The sampler sees only
+    its own run. A spike shorter than ``interval`` between two samples can be missed (every
+    stage boundary is sampled too); the CUDA peak comes from the allocator and is exact.
+    """
+
+    def __init__(self, interval: float = 0.01, device: torch.device | None = None):
+        import threading
+
+        self.interval = float(interval)
         self.device = device
+        self.baseline_mib = float("nan")
+        self.peak_mib = float("nan")
+        self.stage_peak_mib: dict[str, float] = {}
+        self.stage_cuda_peak_mib: dict[str, float] = {}
+        self._stack: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device is not None and torch.device(self.device).type == "cuda" and torch.cuda.is_available()
+
+    def _rss(self) -> float:
+        if self._process is None:
+            import psutil
+
+            self._process = psutil.Process()
+        return self._process.memory_info().rss / 2**20
+
+    def sample(self) -> float:
+        value = self._rss()
+        with self._lock:
+            if not value <= self.peak_mib:  # nan-safe max
+                self.peak_mib = value
+            for name in self._stack:
+                if not value <= self.stage_peak_mib.get(name, float("nan")):
+                    self.stage_peak_mib[name] = value
+        return value
+
+    def start(self) -> "MemorySampler":
+        import threading
+
+        release_freed_memory()
+        self.baseline_mib = self._rss()
+        self.peak_mib = self.baseline_mib
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="featcal-rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):
+                self.sample()
+
+    def stop(self) -> dict[str, Any]:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        with contextlib.suppress(Exception):
+            self.sample()
+        return self.summary()
+
+    def enter(self, name: str) -> None:
+        with self._lock:
+            self._stack.append(name)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with contextlib.suppress(Exception):
+            self.sample()
+
+    def leave(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            self.sample()
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.stage_cuda_peak_mib[name] = max(peak, self.stage_cuda_peak_mib.get(name, 0.0))
+            for outer in self._stack[:-1]:  # an enclosing stage saw this peak too
+                self.stage_cuda_peak_mib[outer] = max(peak, self.stage_cuda_peak_mib.get(outer, 0.0))
+        with self._lock:
+            if name in self._stack:
+                self._stack.remove(name)
+
+    def summary(self) -> dict[str, Any]:
+        cuda_peak = None
+        if self.cuda:
+            now = torch.cuda.max_memory_allocated(self.device) / 2**20
+            cuda_peak = max([now, *self.stage_cuda_peak_mib.values()])
+        return {
+            "peak_rss_mib": self.peak_mib,
+            "baseline_rss_mib": self.baseline_mib,
+            "peak_rss_above_baseline_mib": self.peak_mib - self.baseline_mib,
+            "stage_peak_rss_mib": dict(self.stage_peak_mib),
+            "cuda_peak_mib": cuda_peak,
+            "stage_cuda_peak_mib": dict(self.stage_cuda_peak_mib) if self.cuda else {},
+            "rss_method": f"sampled every {self.interval * 1000:.0f} ms from the run's start (baseline: RSS at the start)",
+        }
+
+
+def timing_context() -> dict[str, Any]:
+    """What a wall-clock number needs beside it: torch's intra-op threads, the CPUs this
+    process may use, and the machine's load average (1, 5, 15 min)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on this platform
+        load = None
+    return {"torch_threads": torch.get_num_threads(), "cpus_usable": usable, "cpu_count": os.cpu_count(), "loadavg": load}
+
+
+class StageTimer:
+    """Wall-clock per named stage (CUDA work is synchronised at stage boundaries), with the
+    process CPU time and the timing context (threads, load average) at each stage's start;
+    with a ``MemorySampler`` the stage's peak memory too."""
+
+    def __init__(self, device: torch.device | None = None, memory: MemorySampler | None = None):
+        self.device = device
+        self.memory = memory
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self.context: dict[str, dict[str, Any]] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self._sync()
-        start = time.perf_counter()
+        self.context.setdefault(name, timing_context())
+        if self.memory is not None:
+            self.memory.enter(name)
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         except BaseException as err:
@@ -218,6 +378,9 @@ class StageTimer:
         finally:
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
+            if self.memory is not None:
+                self.memory.leave(name)
 
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":

@@ -12,7 +12,7 @@ import sys
 import pandas as pd
 import pytest
 
-from featcal.wandb_log import read_offline_run
+from wandb_records import read_offline_run
 
 
 #: points FeatCal (default budget) must add over Task Arithmetic on the default build

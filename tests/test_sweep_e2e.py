@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from featcal.wandb_log import read_offline_run
+from wandb_records import read_offline_run
 from e2e_helpers import isolated_env, run_module
 
 SMALL = ["backbone=embedded_small"]
@@ -85,6 +85,23 @@ def test_submitit_local_sweep_runs_data_merges_in_processes_and_resumes(env, tmp
     assert "2 jobs skipped" in again.stdout and "0 ran" in again.stdout
     logs = "".join(f.read_text() for f in (sweep / ".submitit").rglob("*_log.out"))
     assert logs.count("skipped: complete results for the same config") == 2
+
+
+@pytest.mark.slow  # subprocess runs of featcal-run
+def test_light_job_after_a_heavy_one_reports_its_own_memory(env, tmp_path):
+    """Three jobs in one process (Hydra's basic launcher): 4 merged tasks with FeatCal, then
+    1 task twice. Each reports its own peak (above its start), not the process's lifetime
+    ru_maxrss that only climbs."""
+    sweep = tmp_path / "sweep"
+    featcal("featcal.run", SMALL + ["-m", "backbone.tasks=[inverted,rot90,mirror,transpose],[inverted],[rot90]",
+                                    "calibration=featcal", "budget.per_task=8", "evaluate_base=false", "evaluate_experts=false",
+                                    "logger=none", f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    mem = [json.loads((sweep / n / "results.json").read_text())["memory"] for n in ("0", "1", "2")]
+    heavy, light = mem[0]["peak_rss_above_baseline_mib"], [m["peak_rss_above_baseline_mib"] for m in mem[1:]]
+    assert all(x < heavy / 2 and x < heavy - 100 for x in light), mem
+    for m in mem:
+        assert m["baseline_rss_mib"] <= m["peak_rss_mib"] and set(m["stage_peak_rss_mib"]) >= {"load", "merge", "calibrate"}
+        assert max(m["stage_peak_rss_mib"].values()) <= m["peak_rss_mib"] + 1e-6
 
 
 def test_scaling_preset_composes():
