@@ -162,6 +162,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         experts = adapter.load_experts()
         tasks = pool.names
         errors.check_tasks(tasks, adapter.tasks)
+    suite = getattr(adapter, "suite_identity", lambda: None)()  # a built suite's identity (None: hub models)
 
     # ---- calibration data (before merging when the merge itself needs it) ---------
     merge_needs_data = needs_calibration_data(merge_fn)
@@ -249,6 +250,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "wall_clock_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),
+        "suite": suite,
     }
     long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
     write_results(out_dir, results, long)
