@@ -43,6 +43,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -273,6 +274,71 @@ def content_hash(files: Mapping[str, Mapping[str, Any]]) -> str:
 
     payload = "\n".join(f"{rel}\t{meta['sha256']}" for rel, meta in sorted(files.items()))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_suite(spec: Any, out: Path, device: Any, progress: bool, threads: int | None, workers: int | None,
+              pinned: bool, base_step: str, expert_step: str) -> dict[str, Any]:
+    """Build a suite into the new folder ``out``: ``base_step(spec, out, device, progress)``
+    (``"module:function"``: data, base, shared files; returns ``{"fields": {...}, "seconds":
+    {...}, "cpu": {...}}``), then ``expert_step(..., task=t)`` per task (returns ``{"task",
+    "fields": [(path, value), ...], "seconds", "cpu"}``: each value lands at
+    ``manifest[path...][task]``), then the manifest (``write_suite_manifest``) with the
+    base's fields, the experts', the timings and the portability record.
+
+    On the CPU with ``pinned`` the steps run in pinned children (``run_pinned_build``:
+    the experts in ``workers`` at once; the steps must read only the base step's files so
+    the bytes do not depend on the worker count); otherwise (a GPU, ``pinned=False``) in
+    this process with ``threads`` intra-op threads, marked not portable. ``spec``: a
+    ``featcal.cache.SuiteSpec`` (``to_dict``, ``spec_hash``, ``BUILD_VERSION``, ``tasks``).
+    ``device``: ``None`` is the CPU. Used by every embedded suite."""
+    import torch
+
+    from featcal.utils import resolve_device, torch_threads
+
+    out = Path(out)
+    started, cpu_started = time.time(), time.process_time()
+    dev = torch.device("cpu") if device is None else resolve_device(device, mps=False)
+    pin = bool(pinned) and dev.type == "cpu"
+    out.mkdir(parents=True, exist_ok=False)
+    job = {"spec": spec.to_dict(), "out": str(out), "device": str(dev), "progress": bool(progress)}
+    if pin:
+        n_workers = build_workers(len(spec.tasks), workers)
+        info: dict[str, Any] = {}
+        base, experts = run_pinned_build(base_step, job, expert_step, [{**job, "task": t} for t in spec.tasks],
+                                                     n_workers, info)
+    else:
+        n_workers, info = 1, {"capability": None}
+        with torch_threads(threads):
+            base = _call(base_step, job)
+            experts = [_call(expert_step, {**job, "task": t}) for t in spec.tasks]
+    portability = portability(dev, pinned=pin, capability=info["capability"])
+    fields = dict(base["fields"])
+    for e in experts:  # each expert's values go to fields[path...][task], in the spec's task order
+        for path, value in e["fields"]:
+            node = fields
+            for key in path:
+                node = node.setdefault(key, {})
+            node[e["task"]] = value
+    timings = dict(base["seconds"])
+    timings["experts"] = time.time() - started - sum(timings.values())
+    timings["expert_steps_sum"] = sum(e["seconds"] for e in experts)
+    timings["total"] = time.time() - started
+    timings["cpu_total"] = time.process_time() - cpu_started + sum(base.get("cpu", {}).values()) + sum(e["cpu"] for e in experts)
+    return write_suite_manifest(out, {
+        "build_version": spec.BUILD_VERSION,
+        "spec_hash": spec.spec_hash(),
+        "spec": spec.to_dict(),
+        **fields,
+        "build_seconds": timings,
+        "device": str(dev),
+        "portable": portability["portable"],
+        "portability_note": portability["note"],
+        "pin": PIN_NAME if pin else None,
+        "cpu_capability": info["capability"],
+        "build_workers": n_workers,
+        "threads": 1 if pin else torch.get_num_threads(),
+        "torch": torch.__version__,
+    })
 
 
 def write_suite_manifest(out: Path, fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -63,7 +63,7 @@ from torch import nn
 from featcal.tasks.base import ClassEmbeddingHead
 from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal import suite_build
-from featcal.utils import resolve_device, torch_threads, train_adamw
+from featcal.utils import train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
 BUILD_VERSION = 4  # 4: pinned portable builds (featcal.suite_build), experts from the saved base
@@ -558,64 +558,8 @@ def build(
     intra-op threads (``None``: leave torch's setting) and the manifest marks the build
     not portable.
     """
-    return _assemble(spec, Path(out), device, progress, threads, workers, pinned,
-                     f"{__name__}:_build_base", f"{__name__}:_build_expert")
-
-
-def _assemble(spec: Any, out: Path, device: Any, progress: bool, threads: int | None, workers: int | None,
-              pinned: bool, base_step: str, expert_step: str) -> dict[str, Any]:
-    """Run a suite's base step then its per-task expert steps (pinned children or in this
-    process) into ``out``, then write the manifest; shared by the embedded suites."""
-    from featcal import suite_build
-
-    started, cpu_started = time.time(), time.process_time()
-    dev = build_device(device)
-    pin = bool(pinned) and dev.type == "cpu"
-    out.mkdir(parents=True, exist_ok=False)
-    job = {"spec": spec.to_dict(), "out": str(out), "device": str(dev), "progress": bool(progress)}
-    if pin:
-        n_workers = suite_build.build_workers(len(spec.tasks), workers)
-        info: dict[str, Any] = {}
-        base, experts = suite_build.run_pinned_build(base_step, job, expert_step, [{**job, "task": t} for t in spec.tasks],
-                                                     n_workers, info)
-    else:
-        n_workers, info = 1, {"capability": None}
-        with torch_threads(threads):
-            base = suite_build._call(base_step, job)
-            experts = [suite_build._call(expert_step, {**job, "task": t}) for t in spec.tasks]
-    portability = suite_build.portability(dev, pinned=pin, capability=info["capability"])
-    fields = dict(base["fields"])
-    for e in experts:  # each expert's values go to fields[path...][task], in the spec's task order
-        for path, value in e["fields"]:
-            node = fields
-            for key in path:
-                node = node.setdefault(key, {})
-            node[e["task"]] = value
-    timings = dict(base["seconds"])
-    timings["experts"] = time.time() - started - sum(timings.values())
-    timings["expert_steps_sum"] = sum(e["seconds"] for e in experts)
-    timings["total"] = time.time() - started
-    timings["cpu_total"] = time.process_time() - cpu_started + sum(base.get("cpu", {}).values()) + sum(e["cpu"] for e in experts)
-    return suite_build.write_suite_manifest(out, {
-        "build_version": spec.BUILD_VERSION,
-        "spec_hash": spec.spec_hash(),
-        "spec": spec.to_dict(),
-        **fields,
-        "build_seconds": timings,
-        "device": str(dev),
-        "portable": portability["portable"],
-        "portability_note": portability["note"],
-        "pin": suite_build.PIN_NAME if pin else None,
-        "cpu_capability": info["capability"],
-        "build_workers": n_workers,
-        "threads": 1 if pin else torch.get_num_threads(),
-        "torch": torch.__version__,
-    })
-
-
-def build_device(device: str | torch.device | None) -> torch.device:
-    """The device a suite is built on: ``None`` -> the CPU (the portable build)."""
-    return torch.device("cpu") if device is None else resolve_device(device, mps=False)
+    return suite_build.build_suite(spec, Path(out), device, progress, threads, workers, pinned,
+                                   f"{__name__}:_build_base", f"{__name__}:_build_expert")
 
 
 def preload() -> None:

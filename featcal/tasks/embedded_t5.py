@@ -257,10 +257,8 @@ def build(
     base on its task) in ``workers`` children at once; on a GPU or with ``pinned=False``
     the steps run in this process with ``threads`` intra-op threads, marked not portable.
     """
-    from featcal.tasks.embedded_build import _assemble
-
-    return _assemble(spec, Path(out), device, progress, threads, workers, pinned,
-                     f"{__name__}:_build_base", f"{__name__}:_build_expert")
+    return suite_build.build_suite(spec, Path(out), device, progress, threads, workers, pinned,
+                                   f"{__name__}:_build_base", f"{__name__}:_build_expert")
 
 
 def preload() -> None:
