@@ -311,7 +311,7 @@ def build_suite(spec: Any, out: Path, device: Any, progress: bool, threads: int 
         with torch_threads(threads):
             base = _call(base_step, job)
             experts = [_call(expert_step, {**job, "task": t}) for t in spec.tasks]
-    portability = portability(dev, pinned=pin, capability=info["capability"])
+    port = portability(dev, pinned=pin, capability=info["capability"])
     fields = dict(base["fields"])
     for e in experts:  # each expert's values go to fields[path...][task], in the spec's task order
         for path, value in e["fields"]:
@@ -331,8 +331,8 @@ def build_suite(spec: Any, out: Path, device: Any, progress: bool, threads: int 
         **fields,
         "build_seconds": timings,
         "device": str(dev),
-        "portable": portability["portable"],
-        "portability_note": portability["note"],
+        "portable": port["portable"],
+        "portability_note": port["note"],
         "pin": PIN_NAME if pin else None,
         "cpu_capability": info["capability"],
         "build_workers": n_workers,

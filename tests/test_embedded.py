@@ -301,6 +301,7 @@ def small_build(tmp_path_factory):
     return spec, cache
 
 
+@pytest.mark.slow
 def test_small_build_is_the_same_on_a_lower_instruction_set_and_one_worker(small_build, tmp_path, monkeypatch):
     """Issue 27: the build's files do not depend on the CPU's instruction set nor on the
     number of workers. A second build with the kernel environment of a CPU with a lower
@@ -337,6 +338,7 @@ def _unpinned_tiny_build(out, env_overrides):
     return proc.stdout.split()
 
 
+@pytest.mark.slow
 def test_unpinned_builds_follow_the_cpu(tmp_path):
     """The control of the portability test: without the pin, the same spec built under this
     CPU's kernels and under a lower instruction set's gives different files (so the equal
