@@ -231,6 +231,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         experts = adapter.load_experts()
         tasks = pool.names
         errors.check_tasks(tasks, adapter.tasks)
+    suite = getattr(adapter, "suite_identity", lambda: None)()  # a built suite's identity (None: hub models)
 
     # ---- calibration data (before merging when the merge itself needs it) ---------
     merge_needs_data = needs_calibration_data(merge_fn)
@@ -337,6 +338,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),
         **({"code_execution": pool.code_execution} if getattr(pool, "code_execution", None) else {}),  # opt-in + fence
+        "suite": suite,
     }
     if logger is not None:
         results["wandb"] = {**logger.record(), "status": "pending"}  # "logged" once W&B has it

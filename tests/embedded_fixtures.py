@@ -36,3 +36,16 @@ EMBEDDED_T5_TINY = dict(
     finetune_steps=3,
     finetune_batch=8,
 )
+
+# the CPU kernels' environment variables, and a setting of them that emulates a CPU with a
+# lower instruction set than this one (issue 27): on an AVX-512 machine what an AVX2-only
+# CPU runs, on an AVX2 machine the x86-64 baseline (SSE)
+ISA_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
+
+
+def lower_isa_env() -> dict:
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+    return {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "DNNL_MAX_CPU_ISA": "SSE41"}

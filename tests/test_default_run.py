@@ -45,6 +45,11 @@ def test_featcal_run_default(tmp_path):
         after = drift[(drift.task == task) & (drift.block == last) & (drift["when"] == "after")].drift.item()
         assert after < before, task
     assert "| average" in proc.stdout
+    # the results name the build they came from (issue 27): the portable CPU build
+    (manifest,) = list((tmp_path / "cache" / "embedded").glob("*/manifest.json"))
+    manifest = json.loads(manifest.read_text())
+    assert res["suite"] == {"name": "embedded", "spec_hash": manifest["spec_hash"], "content_hash": manifest["content_hash"],
+                            "portable": True, "note": manifest["portability_note"]}
     (run,) = list(res_file.parent.glob("wandb/offline-run-*"))
     assert read_offline_run(run)["summary"]["score/calibrated/average"] == acc["calibrated"]["average"]
     # a rerun (warm cache, same seed) gives the same numbers

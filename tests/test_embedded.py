@@ -24,6 +24,7 @@ from featcal.tasks.embedded_build import (
 )
 
 from embedded_fixtures import EMBEDDED_TINY as TINY  # a tiny build (~1-2 s)
+from embedded_fixtures import ISA_VARS, lower_isa_env
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
@@ -186,6 +187,31 @@ def test_evaluate_reproduces_the_build_accuracy_and_test_batches(built):
 
 
 
+def test_suite_identity_names_the_build(built, tmp_path):
+    """results.json's ``suite`` block: the spec hash and one hash over the build's files,
+    which changes with any file; the default (pinned CPU) build is portable."""
+    import hashlib
+    import shutil
+
+    from featcal.cache import sha256_of
+
+    spec, cache, folder = built
+    ident = EmbeddedBackbone(spec=spec, cache_dir=cache).suite_identity()
+    manifest = read_manifest(folder)
+    pairs = "\n".join(f"{rel}\t{m['sha256']}" for rel, m in sorted(manifest["files"].items()))
+    assert ident == {
+        "name": "embedded", "spec_hash": spec.spec_hash(), "content_hash": hashlib.sha256(pairs.encode()).hexdigest()[:16],
+        "portable": True, "note": manifest["portability_note"],
+    }
+    assert manifest["content_hash"] == ident["content_hash"] and manifest["pin"]
+    # another build's files: another content hash
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    (other / "heads.safetensors").write_bytes((other / "heads.safetensors").read_bytes()[:-1] + b"\x00")
+    changed = {**manifest["files"], "heads.safetensors": {"sha256": sha256_of(other / "heads.safetensors")}}
+    assert emb.suite_build.content_hash(changed) != ident["content_hash"]
+
+
 # ---- the union pre-training and canonical heads -------------------------------------------
 def test_union_pretraining_data_covers_every_task_distribution():
     spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 1.0})
@@ -263,10 +289,64 @@ def test_canonical_heads_are_upright_digit_prototypes(tmp_path):
 # ---- the regime (issue 11): base < Task Arithmetic < experts, on the small build ---------
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory):
+    """The small build as a user's machine makes it: this CPU's own kernel settings in the
+    environment, the experts trained by 2 pinned workers."""
     cache = tmp_path_factory.mktemp("small-cache")
     spec = EmbeddedSpec.from_config(OmegaConf.to_container(_yaml("embedded_small").backbone.spec, resolve=True))
-    ensure_built(spec, cache, device="cpu", progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ISA_VARS:
+            mp.delenv(var, raising=False)
+        mp.setenv("FEATCAL_BUILD_WORKERS", "2")
+        ensure_built(spec, cache, device="cpu", progress=False)
     return spec, cache
+
+
+@pytest.mark.slow
+def test_small_build_is_the_same_on_a_lower_instruction_set_and_one_worker(small_build, tmp_path, monkeypatch):
+    """Issue 27: the build's files do not depend on the CPU's instruction set nor on the
+    number of workers. A second build with the kernel environment of a CPU with a lower
+    instruction set (``lower_isa_env``: AVX2 on an AVX-512 machine, the SSE baseline on an
+    AVX2 one) and 1 worker gives every file the same sha256. (Unpinned builds under the
+    two settings differ: ``test_unpinned_builds_follow_the_cpu``.)"""
+    spec, cache = small_build
+    first = read_manifest(emb.cache_path(spec, cache))
+    for var, value in lower_isa_env().items():
+        monkeypatch.setenv(var, value)
+    second = emb.build(spec, tmp_path / "again", device="cpu", progress=False, workers=1)
+    assert first["build_workers"] == 2 and second["build_workers"] == 1
+    assert {k: v["sha256"] for k, v in second["files"].items()} == {k: v["sha256"] for k, v in first["files"].items()}
+    assert second["content_hash"] == first["content_hash"]
+    assert second["metrics"] == first["metrics"]
+    assert first["portable"] is True and "x86-64" in first["portability_note"]
+
+
+def _unpinned_tiny_build(out, env_overrides):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ISA_VARS}
+    env.update(env_overrides, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    code = (
+        "import json, sys; import featcal.tasks.embedded_build as e; "
+        "m = e.build(e.EmbeddedSpec.from_config(json.loads(sys.argv[1])), sys.argv[2], device='cpu', progress=False, "
+        "pinned=False); print(m['content_hash'], m['portable'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(TINY), str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()
+
+
+@pytest.mark.slow
+def test_unpinned_builds_follow_the_cpu(tmp_path):
+    """The control of the portability test: without the pin, the same spec built under this
+    CPU's kernels and under a lower instruction set's gives different files (so the equal
+    pinned builds are the pin's doing), and such a build is marked not portable."""
+    native = _unpinned_tiny_build(tmp_path / "native", {})
+    lower = _unpinned_tiny_build(tmp_path / "lower", lower_isa_env())
+    assert native[1] == lower[1] == "False"
+    assert native[0] != lower[0]
 
 
 def test_small_build_is_in_the_merging_regime(small_build):

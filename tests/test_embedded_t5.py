@@ -16,6 +16,8 @@ from featcal.backbone.embedded_t5 import EmbeddedT5Backbone, EmbeddedT5TaskPool
 from featcal.backbone.t5 import load_t5, load_t5_tokenizer
 from featcal.tasks.embedded_t5 import (
     EmbeddedT5Spec,
+    build,
+    cache_path,
     ensure_built,
     expected_split_sizes,
     make_task_data,
@@ -25,6 +27,7 @@ from featcal.tasks.embedded_t5 import (
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
 
 from embedded_fixtures import EMBEDDED_T5_TINY as TINY  # a tiny build (a few seconds)
+from embedded_fixtures import ISA_VARS, lower_isa_env
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
@@ -182,12 +185,40 @@ def _average(d):
     return sum(d.values()) / len(d)
 
 
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    """The small build as a user's machine makes it: this CPU's own kernel settings in the
+    environment, the experts trained by 2 pinned workers."""
+    tmp_path = tmp_path_factory.mktemp("small-t5")
+    spec = EmbeddedT5Spec.from_config(OmegaConf.to_container(_yaml("embedded_t5_small").backbone.spec, resolve=True))
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ISA_VARS:
+            mp.delenv(var, raising=False)
+        mp.setenv("FEATCAL_BUILD_WORKERS", "2")
+        ensure_built(spec, tmp_path, device="cpu", progress=False)
+    return spec, tmp_path
+
+
 @pytest.mark.slow
-def test_small_build_is_in_the_real_merge_regime(tmp_path, one_thread):
+def test_small_build_is_the_same_on_a_lower_instruction_set_and_one_worker(small_build, tmp_path, monkeypatch):
+    """Issue 27 (see test_embedded.py's twin): a second build under the kernel environment of
+    a CPU with a lower instruction set, with 1 worker, gives every file the same sha256."""
+    spec, cache = small_build
+    first = read_manifest(cache_path(spec, cache))
+    for var, value in lower_isa_env().items():
+        monkeypatch.setenv(var, value)
+    second = build(spec, tmp_path / "again", device="cpu", progress=False, workers=1)
+    assert first["build_workers"] == 2 and second["build_workers"] == 1
+    assert {k: v["sha256"] for k, v in second["files"].items()} == {k: v["sha256"] for k, v in first["files"].items()}
+    assert second["content_hash"] == first["content_hash"] and second["metrics"] == first["metrics"]
+    assert first["portable"] is True
+
+
+@pytest.mark.slow
+def test_small_build_is_in_the_real_merge_regime(small_build, one_thread):
     """base < TA (λ = 0.3) < experts with TA ≥ 8 points below the experts and clearly
     above the base; weight averaging between base and experts."""
-    spec_node = OmegaConf.to_container(_yaml("embedded_t5_small").backbone.spec, resolve=True)
-    spec = EmbeddedT5Spec.from_config(spec_node)
+    spec, tmp_path = small_build
     pool = EmbeddedT5TaskPool(spec=spec, cache_dir=str(tmp_path), progress=False)
     adapter = EmbeddedT5Backbone(spec=spec, cache_dir=str(tmp_path))
     base = adapter.load_base()
@@ -240,3 +271,9 @@ def test_featcal_run_embedded_t5(tmp_path):
     for t in tasks:
         assert results["score"]["experts"][t] == pytest.approx(manifest["experts"][t])
         assert results["score"]["base"][t] == pytest.approx(manifest["base"][t])
+    # and the results name the build they came from
+    folder = ensure_built(spec, tmp_path / "cache")
+    assert results["suite"] == {
+        "name": "embedded_t5", "spec_hash": spec.spec_hash(), "content_hash": read_manifest(folder)["content_hash"],
+        "portable": True, "note": read_manifest(folder)["portability_note"],
+    }

@@ -111,6 +111,19 @@ CORRUPTIONS = [
 each_suite = pytest.mark.parametrize("suite", SUITES, ids=[s.name for s in SUITES])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def in_process_builds():
+    """These tests are about the cache (lock, manifest, rebuild), not the pinned child
+    processes (tested in ``test_embedded*.py`` and below): the builds run in this process
+    (``pinned=False``, as a GPU build does), which spares each build the children's start-up."""
+    import functools
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (emb, et5):
+            mp.setattr(module, "build", functools.partial(module.build, pinned=False))
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory, one_thread):
     """``tiny_build(suite)``: (spec, cache dir, folder) of the suite's tiny build, made on
@@ -198,3 +211,63 @@ def test_concurrent_builders_build_once(suite, tmp_path, monkeypatch, one_thread
     assert not errors
     assert len(calls) == 1
     assert len(set(results)) == 1 and suite.module.validate_cache(results[0], spec) is None
+
+
+# ---- portability records and the pinned child processes -----------------------------------------
+@each_suite
+def test_unpinned_build_says_it_is_not_portable(suite, tiny_build):
+    from featcal.suite_build import suite_identity
+
+    _, _, folder = tiny_build(suite)
+    m = read_manifest(folder)
+    assert m["portable"] is False and "not pinned" in m["portability_note"] and m["pin"] is None
+    ident = suite_identity(folder, suite.name)
+    assert ident["portable"] is False and ident["content_hash"] == m["content_hash"]
+
+
+def test_portability_of_gpu_and_other_architectures(monkeypatch):
+    from featcal import suite_build
+
+    gpu = suite_build.portability("cuda:0")
+    assert gpu["portable"] is False and "GPU" in gpu["note"] and "build_device=cpu" in gpu["note"]
+    monkeypatch.setattr(suite_build.platform, "machine", lambda: "aarch64")
+    arm = suite_build.portability("cpu")
+    assert arm["portable"] is False and "aarch64" in arm["note"]
+    monkeypatch.setattr(suite_build.platform, "machine", lambda: "x86_64")
+    assert suite_build.portability("cpu")["portable"] is True
+    assert suite_build.portability("cpu", pinned=False)["portable"] is False
+    old_cpu = suite_build.portability("cpu", capability="DEFAULT")
+    assert old_cpu["portable"] is False and "AVX2" in old_cpu["note"]
+
+
+def test_build_workers(monkeypatch):
+    from featcal.suite_build import build_workers
+
+    monkeypatch.setenv("FEATCAL_BUILD_WORKERS", "3")
+    assert build_workers(7) == 3 and build_workers(2) == 2 and build_workers(7, workers=1) == 1
+    monkeypatch.setenv("FEATCAL_BUILD_WORKERS", "two")
+    with pytest.raises(ValueError, match="FEATCAL_BUILD_WORKERS"):
+        build_workers(7)
+    monkeypatch.delenv("FEATCAL_BUILD_WORKERS")
+    assert 1 <= build_workers(7) <= 7
+
+
+def test_pinned_children_run_pinned_and_keep_job_order(tmp_path):
+    """Jobs come back in their order from 2 workers; each child reports the pinned kernels."""
+    from featcal.suite_build import run_pinned_build
+
+    jobs = [{"var": v} for v in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")]
+    first, out = run_pinned_build("os:getenv", {"key": "MKL_CBWR"}, "featcal.suite_build:probe", jobs, workers=2)
+    assert first == "AVX2"
+    assert [o["var"] for o in out] == [j["var"] for j in jobs]
+    assert [o["value"] for o in out] == ["avx2", "AVX2", "1"]
+    # ATen's AVX2 kernels where the CPU has AVX2 (else its baseline, and the build says it is not portable)
+    has_avx2 = "avx2" in Path("/proc/cpuinfo").read_text().split()
+    assert all(o["capability"] == ("AVX2" if has_avx2 else "DEFAULT") and o["threads"] == 1 and not o["mkldnn"] for o in out)
+
+
+def test_a_failing_first_step_fails_the_build_without_hanging(tmp_path):
+    from featcal.suite_build import run_pinned_build
+
+    with pytest.raises(RuntimeError, match="featcal: a pinned suite build step"):
+        run_pinned_build("os:getenv", {"no_such_argument": 1}, "featcal.suite_build:probe", [{"var": "A"}, {"var": "B"}], workers=2)

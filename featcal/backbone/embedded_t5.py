@@ -46,6 +46,13 @@ class _EmbeddedT5Build:
             self._folder = ensure_built(self.spec, self.build_cache_dir, device=self.build_device)
         return self._folder
 
+    def suite_identity(self) -> dict[str, Any]:
+        """The build's identity for ``results.json`` (``featcal.suite_build.suite_identity``);
+        warns when the build is not portable."""
+        from featcal.suite_build import announce_identity
+
+        return announce_identity(self.folder, self.spec.SUITE)
+
 
 class EmbeddedT5Backbone(_EmbeddedT5Build, T5Backbone):
     """The suite's base and experts through the T5 adapter.

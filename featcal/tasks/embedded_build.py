@@ -24,9 +24,14 @@ the package; nothing is downloaded):
    once, independently of the task's input distribution, as CLIP's text prompts do.
 5. One **expert** per task fine-tunes the whole tower (not the head) from the base.
 
-The build is deterministic for a spec and a thread count (seeded generators, no global
-RNG use outside a forked RNG scope; ``BUILD_THREADS`` intra-op threads) and is cached on
-disk under ``<cache>/embedded/<spec hash>/``: ``base/`` and ``experts/<task>/``
+The build is deterministic for a spec (seeded generators, no global RNG use outside a
+forked RNG scope) and, on the CPU (the default build device), *portable*: its arithmetic
+runs in child processes pinned to fixed kernels (``featcal.suite_build``: ATen's AVX2
+kernels, MKL's AVX2 reproducibility branch, oneDNN off, one thread each), so every x86-64
+CPU with AVX2 builds the same files for a spec with the same torch. The base is built first,
+then the experts, each from the saved base, by several workers at once (the same files
+whatever their number). A GPU build (``build_device=cuda``) or a build on another
+architecture is marked not portable in the manifest. The build is cached on disk under ``<cache>/embedded/<spec hash>/``: ``base/`` and ``experts/<task>/``
 (``save_pretrained``, safetensors, loaded back with
 ``featcal.backbone.clip.load_clip_vision``), ``heads.safetensors``,
 ``data/<task>.safetensors`` (the transformed splits) and ``manifest.json`` (sha256 of
@@ -34,14 +39,15 @@ every file; written last, the folder is assembled in a temporary directory and r
 into place). A missing, truncated or altered file, or a bad manifest, is detected on
 load and the folder is rebuilt with a warning. A lock file (``filelock``) serialises
 builders; the cache root is ``$FEATCAL_CACHE`` or the user cache folder
-(``platformdirs``).
+(``platformdirs``). The manifest also records ``content_hash`` (one hash over the files:
+the build's identity, which ``results.json`` carries as ``suite``), ``portable`` and
+``portability_note``.
 
 The models are read by ``featcal.backbone.embedded.EmbeddedBackbone``, the splits and
 heads by ``featcal.tasks.embedded.EmbeddedTaskPool``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import os
@@ -56,10 +62,11 @@ from torch import nn
 
 from featcal.tasks.base import ClassEmbeddingHead
 from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.utils import resolve_device, torch_threads, train_adamw
+from featcal import suite_build
+from featcal.utils import train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
-BUILD_VERSION = 3
+BUILD_VERSION = 4  # 4: pinned portable builds (featcal.suite_build), experts from the saved base
 #: number of images in sklearn's digits dataset
 DIGITS_N = 1797
 #: CPU threads used while building (see ``build``)
@@ -537,27 +544,39 @@ def build(
     device: str | torch.device | None = None,
     progress: bool = True,
     threads: int | None = BUILD_THREADS,
+    workers: int | None = None,
+    pinned: bool = True,
 ) -> dict[str, Any]:
     """Build ``spec`` into the (new) folder ``out``; the manifest is written last.
 
-    ``threads``: intra-op CPU threads during the build (``None``: leave torch's setting).
-    One thread by default (``BUILD_THREADS``): the same numerics on any machine
-    (reductions split across threads round differently; the count is recorded in the
-    manifest), and no OpenMP barrier stalls when other processes share the cores (two
-    spinning threads on a busy 2-core machine ran 4-10× slower than one in earlier
-    measurements). Two threads on an idle 2-core machine have not been timed yet.
+    ``device``: where to train (``None``: the CPU, the portable build; ``"auto"``: cuda if
+    available). On the CPU with ``pinned`` (the default) every step runs in child processes
+    pinned to the x86-64 baseline kernels (``featcal.suite_build``): the same files on every
+    x86-64 CPU; the base first, then the experts in ``workers`` children at once (default:
+    ``$FEATCAL_BUILD_WORKERS`` or the usable cores), the same files whatever their number.
+    Otherwise (a GPU, or ``pinned=False``) the steps run in this process with ``threads``
+    intra-op threads (``None``: leave torch's setting) and the manifest marks the build
+    not portable.
     """
-    with torch_threads(threads):
-        return _build(spec, Path(out), device, progress)
+    return suite_build.build_suite(spec, Path(out), device, progress, threads, workers, pinned,
+                                   f"{__name__}:_build_base", f"{__name__}:_build_expert")
 
 
-def _build(spec: EmbeddedSpec, out: Path, device: str | torch.device | None, progress: bool) -> dict[str, Any]:
+def preload() -> None:
+    """Import what the build steps use (a pinned worker does this while the base trains)."""
+    from transformers import CLIPVisionModelWithProjection  # noqa: F401
+
+
+def _build_base(spec: Mapping[str, Any], out: str, device: str, progress: bool) -> dict[str, Any]:
+    """Step 1 (a pinned child, see ``build``): the task splits, the pre-trained base and the
+    zero-shot heads into ``out``."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionModelWithProjection
 
-    started = time.time()
-    dev = resolve_device(device, mps=False)
-    out.mkdir(parents=True, exist_ok=False)
+    spec = EmbeddedSpec.from_config(spec)
+    out, dev = Path(out), torch.device(device)
+    suite_build.quiet(progress)
+    started, cpu0 = time.time(), time.process_time()
     images8, digits = _load_digits()
     timings: dict[str, float] = {}
 
@@ -589,45 +608,49 @@ def _build(spec: EmbeddedSpec, out: Path, device: str | torch.device | None, pro
 
     # ---- heads: zero-shot prototypes of the base ------------------------------
     heads: dict[str, torch.Tensor] = {}
-    metrics: dict[str, dict[str, float]] = {"base_zero_shot": {}, "experts": {}}
+    zero_shot: dict[str, float] = {}
     for t in spec.tasks:
         d = data[t]
         heads[t] = zero_shot_head(spec, t, base, d, images8, digits, dev)
         head = ClassEmbeddingHead(heads[t], spec.logit_scale)
-        metrics["base_zero_shot"][t] = _accuracy(_embed(base, d["test_x"], dev), d["test_y"], head)
-    save_file({t: h.contiguous() for t, h in heads.items()}, str(out / "heads.safetensors"))
+        zero_shot[t] = _accuracy(_embed(base, d["test_x"], dev), d["test_y"], head)
+    save_file({t: h.contiguous().cpu() for t, h in heads.items()}, str(out / "heads.safetensors"))
     base.save_pretrained(str(out / "base"), safe_serialization=True)
+    timings["data_base_heads"] = time.time() - started - timings["pretrain"]
+    return {
+        "fields": {
+            "tasks": {t: {"n_classes": TASKS[t].n_classes, "description": TASKS[t].description} for t in spec.tasks},
+            "split_sizes": expected_split_sizes(spec),
+            "pretrain_final_loss": pre_loss,
+            "metrics": {"base_zero_shot": zero_shot},
+        },
+        "seconds": timings,
+        "cpu": {"base": time.process_time() - cpu0},
+    }
 
-    # ---- experts: full fine-tuning from the base, frozen heads ------------------
-    t0 = time.time()
-    for t in spec.tasks:
-        d = data[t]
-        expert = copy.deepcopy(base)
-        head = ClassEmbeddingHead(heads[t], spec.logit_scale).to(dev)
-        _train(
-            expert, head, [], d["train_x"].float(), d["train_y"], spec.finetune_steps, spec.finetune_batch,
-            spec.finetune_lr, spec, _task_generator(spec, t, "finetune"), dev, None, f"fine-tune {t}", progress,
-        )
-        metrics["experts"][t] = _accuracy(_embed(expert, d["test_x"], dev), d["test_y"], head.cpu())
-        expert.save_pretrained(str(out / "experts" / t), safe_serialization=True)
-        del expert
-    timings["finetune"] = time.time() - t0
-    timings["total"] = time.time() - started
 
-    # ---- manifest, last ---------------------------------------------------------
-    return write_manifest(out, {
-        "build_version": BUILD_VERSION,
-        "spec_hash": spec.spec_hash(),
-        "spec": spec.to_dict(),
-        "tasks": {t: {"n_classes": TASKS[t].n_classes, "description": TASKS[t].description} for t in spec.tasks},
-        "split_sizes": expected_split_sizes(spec),
-        "pretrain_final_loss": pre_loss,
-        "metrics": metrics,
-        "build_seconds": timings,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    })
+def _build_expert(spec: Mapping[str, Any], out: str, device: str, progress: bool, task: str) -> dict[str, Any]:
+    """Step 2 (one per task, pinned children in parallel, see ``build``): fine-tune the
+    task's expert from the saved base with its frozen head; save it, return its accuracy.
+    Reads only the step-1 files, so its bytes do not depend on the other experts."""
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModelWithProjection
+
+    spec = EmbeddedSpec.from_config(spec)
+    out, dev = Path(out), torch.device(device)
+    suite_build.quiet(progress)
+    t0, c0 = time.time(), time.process_time()
+    d = load_file(str(out / "data" / f"{task}.safetensors"))
+    heads = load_file(str(out / "heads.safetensors"))
+    expert = CLIPVisionModelWithProjection.from_pretrained(str(out / "base")).to(dev)
+    head = ClassEmbeddingHead(heads[task], spec.logit_scale).to(dev)
+    _train(
+        expert, head, [], d["train_x"].float(), d["train_y"], spec.finetune_steps, spec.finetune_batch,
+        spec.finetune_lr, spec, _task_generator(spec, task, "finetune"), dev, None, f"fine-tune {task}", progress,
+    )
+    accuracy = _accuracy(_embed(expert, d["test_x"], dev), d["test_y"], head.cpu())
+    expert.save_pretrained(str(out / "experts" / task), safe_serialization=True)
+    return {"task": task, "fields": [(["metrics", "experts"], accuracy)], "seconds": time.time() - t0, "cpu": time.process_time() - c0}
 
 
 # --------------------------------------------------------------------------------------
@@ -671,3 +694,10 @@ class EmbeddedBuild:
         if self._folder is None:
             self._folder = ensure_built(self.spec, self.cache_dir, device=self.build_device)
         return self._folder
+
+    def suite_identity(self) -> dict[str, Any]:
+        """The build's identity for ``results.json`` (``featcal.suite_build.suite_identity``);
+        warns when the build is not portable."""
+        from featcal.suite_build import announce_identity
+
+        return announce_identity(self.folder, self.spec.SUITE)

@@ -22,7 +22,9 @@ Scoring is the GLUE scorer (``featcal.tasks.text2text``): greedy generation, dec
 answer == label word → accuracy in %.
 
 The build is deterministic for a spec (seeded generators; the model initialised inside a
-forked RNG scope) and cached under ``<cache>/embedded_t5/<spec hash>/``: ``base/`` and
+forked RNG scope) and, on the CPU, portable: the same files on every x86-64 CPU (pinned
+child processes, the experts trained by several at once; see
+``featcal.tasks.embedded_build`` and ``featcal.suite_build``). It is cached under ``<cache>/embedded_t5/<spec hash>/``: ``base/`` and
 ``experts/<task>/`` (``save_pretrained`` + the tokenizer), ``data/<task>.json`` (the
 splits as text) and ``manifest.json`` (sha256 and size of every file, written last; the
 folder is assembled in a temporary directory and renamed into place). A missing,
@@ -31,7 +33,6 @@ rebuilt with a warning. A lock file serialises builders.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -46,10 +47,11 @@ from torch import nn
 
 from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
-from featcal.utils import resolve_device, torch_threads, train_adamw
+from featcal import suite_build
+from featcal.utils import train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: pinned portable builds (featcal.suite_build), experts from the saved base
 #: CPU threads used while building
 BUILD_THREADS = 1
 IGNORE = -100
@@ -245,23 +247,35 @@ def build(
     device: str | torch.device | None = None,
     progress: bool = True,
     threads: int | None = BUILD_THREADS,
+    workers: int | None = None,
+    pinned: bool = True,
 ) -> dict[str, Any]:
     """Build ``spec`` into the (new) folder ``out``; the manifest is written last.
 
-    ``threads``: intra-op CPU threads during the build (``None``: leave torch's setting).
+    As ``featcal.tasks.embedded_build.build``: on the CPU (``device=None``) pinned child
+    processes build the same files on every x86-64 CPU, the experts (each also scoring the
+    base on its task) in ``workers`` children at once; on a GPU or with ``pinned=False``
+    the steps run in this process with ``threads`` intra-op threads, marked not portable.
     """
-    with torch_threads(threads):
-        return _build(spec, Path(out), device, progress)
+    return suite_build.build_suite(spec, Path(out), device, progress, threads, workers, pinned,
+                                   f"{__name__}:_build_base", f"{__name__}:_build_expert")
 
 
-def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, progress: bool) -> dict[str, Any]:
+def preload() -> None:
+    """Import what the build steps use (a pinned worker does this while the base trains)."""
+    from transformers import T5ForConditionalGeneration  # noqa: F401
+
+
+def _build_base(spec: Mapping[str, Any], out: str, device: str, progress: bool) -> dict[str, Any]:
+    """Step 1 (a pinned child, see ``build``): the task data, the tokenizer and the
+    pre-trained base into ``out``."""
     from transformers import T5ForConditionalGeneration
 
-    started, cpu_started = time.time(), time.process_time()
-    dev = resolve_device(device, mps=False)
-    out.mkdir(parents=True, exist_ok=False)
+    spec = EmbeddedT5Spec.from_config(spec)
+    out, dev = Path(out), torch.device(device)
+    suite_build.quiet(progress)
+    started, cpu0 = time.time(), time.process_time()
     tok = make_tokenizer()
-    timings: dict[str, float] = {}
 
     # ---- data ------------------------------------------------------------------
     data = {t: make_task_data(spec, t) for t in spec.tasks}
@@ -270,7 +284,6 @@ def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, p
         (out / "data" / f"{t}.json").write_text(json.dumps(d) + "\n")
 
     # ---- base: multitask pre-training -----------------------------------------------
-    t0 = time.time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         base = T5ForConditionalGeneration(t5_config(spec, len(tok)))
@@ -289,50 +302,48 @@ def _build(spec: EmbeddedT5Spec, out: Path, device: str | torch.device | None, p
         return pairs
 
     pre_loss = _train(base, tok, pretrain_batch, spec.pretrain_steps, spec.pretrain_lr, spec, dev, "pretrain base", progress)
-    timings["pretrain"] = time.time() - t0
     base.save_pretrained(str(out / "base"), safe_serialization=True)
     tok.save_pretrained(str(out / "base"))
+    return {
+        "fields": {
+            "tasks": {t: {"labels": list(TASKS[t].labels), "description": TASKS[t].description} for t in spec.tasks},
+            "split_sizes": expected_split_sizes(spec),
+            "pretrain_final_loss": pre_loss,
+        },
+        "seconds": {"pretrain": time.time() - started},
+        "cpu": {"base": time.process_time() - cpu0},
+    }
 
-    # ---- experts: gentle fine-tuning from the base ----------------------------------
-    t0 = time.time()
-    experts: dict[str, nn.Module] = {}
-    losses: dict[str, float] = {}
-    for t in spec.tasks:
-        rows = data[t]["train"]
-        frng = _rng(spec, t, "finetune")
 
-        def finetune_batch(rows=rows, frng=frng) -> list[tuple[str, str]]:
-            return [(r["input"], r["target"]) for r in (rows[frng.randrange(len(rows))] for _ in range(spec.finetune_batch))]
+def _build_expert(spec: Mapping[str, Any], out: str, device: str, progress: bool, task: str) -> dict[str, Any]:
+    """Step 2 (one per task, pinned children in parallel, see ``build``): fine-tune the
+    task's expert gently from the saved base, save it with the tokenizer, and score it and
+    the base on the task's test split. Reads only the step-1 files."""
+    from transformers import T5ForConditionalGeneration
 
-        expert = copy.deepcopy(base)
-        losses[t] = _train(expert, tok, finetune_batch, spec.finetune_steps, spec.finetune_lr, spec, dev, f"fine-tune {t}", progress)
-        expert.save_pretrained(str(out / "experts" / t), safe_serialization=True)
-        tok.save_pretrained(str(out / "experts" / t))
-        experts[t] = expert
-    timings["finetune"] = time.time() - t0
+    spec = EmbeddedT5Spec.from_config(spec)
+    out, dev = Path(out), torch.device(device)
+    suite_build.quiet(progress)
+    t0, c0 = time.time(), time.process_time()
+    tok = make_tokenizer()
+    data = json.loads((out / "data" / f"{task}.json").read_text())
+    rows = data["train"]
+    frng = _rng(spec, task, "finetune")
 
-    # ---- reference scores on the test splits ------------------------------------------
-    t0 = time.time()
-    metrics: dict[str, dict[str, float]] = {"base": {}, "experts": {}}
-    for t in spec.tasks:
-        metrics["base"][t] = score(base, tok, data[t]["test"], dev)
-        metrics["experts"][t] = score(experts[t], tok, data[t]["test"], dev)
-    timings["score"] = time.time() - t0
-    timings["total"] = time.time() - started
-    timings["cpu_total"] = time.process_time() - cpu_started
+    def finetune_batch() -> list[tuple[str, str]]:
+        return [(r["input"], r["target"]) for r in (rows[frng.randrange(len(rows))] for _ in range(spec.finetune_batch))]
 
-    # ---- manifest, last -------------------------------------------------------------
-    return write_manifest(out, {
-        "build_version": BUILD_VERSION,
-        "spec_hash": spec.spec_hash(),
-        "spec": spec.to_dict(),
-        "tasks": {t: {"labels": list(TASKS[t].labels), "description": TASKS[t].description} for t in spec.tasks},
-        "split_sizes": expected_split_sizes(spec),
-        "pretrain_final_loss": pre_loss,
-        "finetune_final_loss": losses,
-        "metrics": metrics,
-        "build_seconds": timings,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    })
+    expert = T5ForConditionalGeneration.from_pretrained(str(out / "base")).to(dev)
+    loss = _train(expert, tok, finetune_batch, spec.finetune_steps, spec.finetune_lr, spec, dev, f"fine-tune {task}", progress)
+    expert.save_pretrained(str(out / "experts" / task), safe_serialization=True)
+    tok.save_pretrained(str(out / "experts" / task))
+    expert_score = score(expert, tok, data["test"], dev)
+    del expert
+    base = T5ForConditionalGeneration.from_pretrained(str(out / "base")).to(dev)
+    base_score = score(base, tok, data["test"], dev)
+    return {
+        "task": task,
+        "fields": [(["finetune_final_loss"], loss), (["metrics", "base"], base_score), (["metrics", "experts"], expert_score)],
+        "seconds": time.time() - t0,
+        "cpu": time.process_time() - c0,
+    }
