@@ -134,6 +134,9 @@ def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
     v = _get(cfg, "resume", True)
     if not isinstance(v, bool):
         bad("resume", v, "must be true or false")
+    v = _get(cfg, "reference_cache", True)
+    if not isinstance(v, bool):
+        bad("reference_cache", v, "must be true or false (false: evaluate experts and base anew)")
     v = _get(cfg, "num_workers")
     if not _is_int(v) or v < 0:
         bad("num_workers", v, "must be a non-negative integer")

@@ -20,7 +20,7 @@ settings), under ``<cache root>/reference_evals/``:
 A job holds a file lock per entry while it evaluates, so concurrent jobs of a parallel
 sweep wait and reuse instead of evaluating twice; entries are written atomically. A
 job that reuses says so in its log and in ``results.json`` (``reference_cache``).
-Disable with ``+reference_cache=false`` (or ``FEATCAL_REFERENCE_CACHE=0``).
+Disable with ``reference_cache=false`` (or ``FEATCAL_REFERENCE_CACHE=0``).
 """
 from __future__ import annotations
 

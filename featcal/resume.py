@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("featcal")
 
 #: dotted keys left out of the hash: they do not change what a run computes
-IGNORED_KEYS = ("resume", "logger", "debug", "num_workers")
+IGNORED_KEYS = ("resume", "logger", "debug", "num_workers", "reference_cache")
 #: key names left out wherever they occur (presentation only)
 IGNORED_NAMES = ("progress",)
 #: the keys the hash left out before IGNORED_KEYS grew (results stored then still count)

@@ -367,3 +367,24 @@ def test_featcal_run_embedded_llama_surgery_family(small, tmp_path, calibration)
     for t in spec.tasks:  # the modules learn on streamed per-token features: the L1 to each expert falls
         assert extra["l1_after"][t] < extra["l1_before"][t], (t, extra["l1_before"][t], extra["l1_after"][t])
     assert res["score"]["calibrated"]["average"] != res["score"]["merged"]["average"]  # and change what lm-eval scores
+
+
+def test_coding_programs_are_interpreted_as_python_would_run_them():
+    """The coding task's reference answers come from featcal's own small interpreter (no
+    ``exec`` in the package); Python itself, run here in the test, must print the same."""
+    import contextlib
+    import io
+    import random
+
+    from featcal.tasks.embedded_llama_data import coding_example, run_program
+
+    rng = random.Random(7)
+    for _ in range(500):
+        ex = coding_example(rng)
+        prog = ex["instruction"].split("? ", 1)[1]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            exec("\n".join(s.strip() for s in prog.split(";")), {"__builtins__": {"print": print, "max": max, "min": min}})
+        assert run_program(prog) == " ".join(buf.getvalue().split()) == ex["response"], prog
+    with pytest.raises(ValueError):
+        run_program("import os ; os . system ( 'true' )")

@@ -182,7 +182,7 @@ def test_run_reuses_reference_scores(bench, tmp_path, monkeypatch, capsys):
     r3 = run(_cfg(bench, "merge=task_arithmetic", "precision=bf16"), tmp_path / "r3")
     assert r3["reference_cache"] == {"experts": "evaluated", "base": "evaluated"}
     # disabled: evaluated, and the numbers equal the cached ones (the cache changes nothing)
-    r4 = run(_cfg(bench, "merge=task_arithmetic", "+reference_cache=false"), tmp_path / "r4")
+    r4 = run(_cfg(bench, "merge=task_arithmetic", "reference_cache=false"), tmp_path / "r4")
     assert r4["reference_cache"] == {"experts": "evaluated (disabled)", "base": "evaluated (disabled)"}
     assert r4["metrics"]["experts"] == r1["metrics"]["experts"] and r4["metrics"]["base"] == r1["metrics"]["base"]
 

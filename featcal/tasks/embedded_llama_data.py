@@ -26,8 +26,6 @@ plus a small share of the tasks' train rows. Generators are pure functions of a
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -123,12 +121,52 @@ def math_example(rng: random.Random) -> dict:
 
 
 def run_program(source: str) -> str:
-    """What a program of the coding task prints: its statements (``;``-separated) executed
-    as Python, the printed words joined by spaces."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        exec("\n".join(s.strip() for s in source.split(";")), {"__builtins__": {"print": print, "max": max, "min": min}})
-    return " ".join(buf.getvalue().split())
+    """What a program of the coding task prints. The programs are this module's own tiny
+    grammar (``;``-separated statements: ``name = expr``, ``print ( expr , ... )``; an expr
+    is an integer, a name, ``a + b`` / ``a - b``, or ``max ( a , b )`` / ``min ( a , b )``),
+    interpreted here token by token: nothing is handed to Python's ``exec``. The printed
+    words are joined by spaces."""
+    env: dict[str, int] = {}
+    out: list[str] = []
+
+    def value(tok: str) -> int:
+        return int(tok) if tok.lstrip("-").isdigit() else env[tok]
+
+    def expr(toks: list[str]) -> int:
+        if toks[0] in ("max", "min") and toks[1] == "(" and toks[-1] == ")":
+            args = [expr(a) for a in _split_args(toks[2:-1])]
+            return max(args) if toks[0] == "max" else min(args)
+        if len(toks) == 3 and toks[1] in "+-":
+            a, b = value(toks[0]), value(toks[2])
+            return a + b if toks[1] == "+" else a - b
+        if len(toks) == 1:
+            return value(toks[0])
+        raise ValueError(f"not a program of the coding task: {' '.join(toks)!r}")
+
+    for stmt in source.split(";"):
+        toks = stmt.split()
+        if not toks:
+            continue
+        if toks[0] == "print" and toks[1] == "(" and toks[-1] == ")":
+            out.extend(str(expr(a)) for a in _split_args(toks[2:-1]))
+        elif len(toks) >= 3 and toks[1] == "=":
+            env[toks[0]] = expr(toks[2:])
+        else:
+            raise ValueError(f"not a statement of the coding task: {stmt.strip()!r}")
+    return " ".join(out)
+
+
+def _split_args(toks: list[str]) -> list[list[str]]:
+    """Top-level ``,``-separated argument token lists."""
+    args, cur, depth = [], [], 0
+    for t in toks:
+        depth += (t == "(") - (t == ")")
+        if t == "," and depth == 0:
+            args.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return args + ([cur] if cur else [])
 
 
 def coding_example(rng: random.Random) -> dict:
