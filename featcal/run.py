@@ -32,6 +32,7 @@ from featcal import errors
 from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import validate
+from featcal.paths import conf_dir
 from featcal.envcheck import check_environment
 from featcal.lock import job_slot
 from featcal.refcache import ReferenceCache
@@ -389,7 +390,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-CONF_DIR = os.environ.get("FEATCAL_CONF", str(Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = str(conf_dir())  # the checkout's conf/ or an installed wheel's copy (featcal/paths.py)
 _OLD_BUDGET_ARG = re.compile(r"^budget=([0-9][0-9,]*)$")
 
 

@@ -133,7 +133,9 @@ def _overrides_of(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
 
 
 def _conf_dir() -> Path:
-    return Path(os.environ.get("FEATCAL_CONF", str(Path(__file__).resolve().parent.parent / "conf")))
+    from featcal.paths import conf_dir
+
+    return conf_dir()
 
 
 def _in_config_files(key: str, choices: dict[str, str]) -> bool:

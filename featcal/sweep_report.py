@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from featcal.collect import config_key, label_configurations, scan_sweep
+from featcal.paths import paper_dir as _paper_dir
 from featcal.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ AVERAGE = "average"
 MERGE_ORDER = {"weight_average": 0, "task_arithmetic": 1, "ties": 2, "dare": 3, "regmean": 4, "adamerging": 5}
 CAL_ORDER = {"none": 0, "featcal": 1, "featcal_paper": 2, "surgery": 3, "probsurgery": 4, "probsurgery_shared": 5}
 MATCH_PROTOCOLS = {"train-split calibration", "individual fine-tuned experts", "merge only (no calibration data)"}
-DEFAULT_PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+DEFAULT_PAPER_DIR = _paper_dir()  # results/paper in a checkout, the wheel's copy when installed
 FIGURES = ("accuracy_vs_budget.png", "cost.png", "drift.png", "scaling.png")
 
 
