@@ -13,7 +13,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 from featcal.utils import cache_root
 
@@ -283,3 +283,53 @@ def ensure_suite(spec: SuiteSpec, cache_dir: str | os.PathLike | None, build: Ca
     corrupt folder is rebuilt with a warning, builders are serialised by a lock file)."""
     # stacklevel 4: the warning points at whoever called the suite's ensure_built
     return ensure_folder(spec.cache_path(cache_dir), spec.cache_problem, build, spec.LABEL, stacklevel=4)
+
+
+class BuiltSuite:
+    """Mixin of the adapter and the task pool of a suite whose spec names exactly its tasks
+    (``embedded_t5``, ``embedded_llama``): the spec (from a mapping or a spec object, plus
+    keyword overrides; ``tasks``, when given, must equal the spec's), the cache location,
+    and the suite folder, built (or verified) on first use, then remembered. Subclasses set
+    ``SPEC`` (the ``SuiteSpec`` dataclass) and ``ENSURE_BUILT`` (the suite module's
+    ``ensure_built(spec, cache_dir, device=...)``, wrapped in ``staticmethod``)."""
+
+    SPEC: type
+    ENSURE_BUILT: Callable[..., Path]
+
+    @classmethod
+    def spec_from(cls, tasks: list[str] | None, spec: Any, overrides: Mapping[str, Any]) -> Any:
+        given = spec.to_dict() if isinstance(spec, cls.SPEC) else dict(spec or {})
+        given.update(overrides)
+        if tasks is not None:
+            if "tasks" in given and [str(t) for t in given["tasks"]] != [str(t) for t in tasks]:
+                raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}")
+            given["tasks"] = list(tasks)
+        return cls.SPEC.from_config(given)
+
+    @classmethod
+    def spec_problems(cls, node: Mapping[str, Any]) -> list[str]:
+        """``validate_config``'s share: the spec a config node describes, as problems."""
+        try:
+            cls.spec_from(node.get("tasks"), node.get("spec"), {})
+        except (ValueError, TypeError) as err:
+            return [f"spec: {err}"]
+        return []
+
+    def _init_build(self, tasks, spec, cache_dir, build_device, spec_overrides) -> None:
+        self.spec = self.spec_from(tasks, spec, spec_overrides)
+        self.build_cache_dir = cache_dir
+        self.build_device = build_device
+        self._folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        if self._folder is None:
+            self._folder = type(self).ENSURE_BUILT(self.spec, self.build_cache_dir, device=self.build_device)
+        return self._folder
+
+    def suite_identity(self) -> dict[str, Any]:
+        """The build's identity for ``results.json`` (``featcal.suite_build.suite_identity``);
+        warns when the build is not portable."""
+        from featcal.suite_build import announce_identity
+
+        return announce_identity(self.folder, self.spec.SUITE)

@@ -4,6 +4,7 @@ regime of the small build and `featcal-run` end to end (streaming on) with the c
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -237,6 +238,13 @@ def test_hydra_config_instantiates_and_validates(built):
     assert adapter.folder == folder == pool.folder and adapter.streaming
     assert type(adapter).validate_config(dict(cfg.backbone.adapter)) == []
     assert type(pool).validate_config(dict(cfg.backbone.taskpool)) == []
+    # the build's identity for results.json, from the folder's own manifest
+    ident = adapter.suite_identity()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert ident["name"] == "embedded_llama" and ident["spec_hash"] == manifest["spec_hash"] == folder.name
+    lines = "\n".join(f"{rel}\t{meta['sha256']}" for rel, meta in sorted(manifest["files"].items()))
+    assert ident["content_hash"] == hashlib.sha256(lines.encode()).hexdigest()[:16]  # one hash over every file
+    assert ident["portable"] is False  # this suite is not built in pinned children (yet): said, not hidden
     from featcal.backbone.lazy import is_lazy
 
     assert is_lazy(adapter.load_base()) and is_lazy(adapter.load_expert("safety"))

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from featcal.backbone.llama import LlamaBackbone
+from featcal.cache import BuiltSuite
 from featcal.tasks.embedded_llama import EmbeddedLlamaSpec, ensure_built
 from featcal.tasks.mergebench import MergeBenchTaskPool
 
@@ -36,16 +37,6 @@ LM_EVAL_METRICS = {
 }
 
 
-def _spec_from(tasks, spec, overrides: Mapping[str, Any]) -> EmbeddedLlamaSpec:
-    given = spec.to_dict() if isinstance(spec, EmbeddedLlamaSpec) else dict(spec or {})
-    given.update(overrides)
-    if tasks is not None:
-        if "tasks" in given and [str(t) for t in given["tasks"]] != [str(t) for t in tasks]:
-            raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}")
-        given["tasks"] = list(tasks)
-    return EmbeddedLlamaSpec.from_config(given)
-
-
 def render_task_yamls(data_dir: Path, out: Path | None = None) -> Path:
     """The suite's lm-eval task YAMLs with ``@DATA@`` replaced by ``data_dir``, written to
     ``out`` (default: a temporary folder removed at exit); returns the folder."""
@@ -58,29 +49,11 @@ def render_task_yamls(data_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
-class _EmbeddedLlamaBuild:
-    """The spec and cache location of one suite; its folder is built (or verified) on
-    first use, then remembered."""
+class _EmbeddedLlamaBuild(BuiltSuite):
+    """The embedded_llama suite's spec and cache folder (``featcal.cache.BuiltSuite``)."""
 
-    def _init_build(self, tasks, spec, cache_dir, build_device, spec_overrides) -> None:
-        self.spec = _spec_from(tasks, spec, spec_overrides)
-        self.build_cache_dir = cache_dir
-        self.build_device = build_device
-        self._folder: Path | None = None
-
-    @property
-    def folder(self) -> Path:
-        if self._folder is None:
-            self._folder = ensure_built(self.spec, self.build_cache_dir, device=self.build_device)
-        return self._folder
-
-    @staticmethod
-    def _validate_spec(node: dict) -> list[str]:
-        try:
-            _spec_from(node.get("tasks"), node.get("spec"), {})
-        except (ValueError, TypeError) as err:
-            return [f"spec: {err}"]
-        return []
+    SPEC = EmbeddedLlamaSpec
+    ENSURE_BUILT = staticmethod(ensure_built)
 
 
 class EmbeddedLlamaBackbone(_EmbeddedLlamaBuild, LlamaBackbone):
@@ -109,7 +82,7 @@ class EmbeddedLlamaBackbone(_EmbeddedLlamaBuild, LlamaBackbone):
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
-        return LlamaBackbone.validate_config({k: v for k, v in node.items() if k not in ("experts", "spec")}) + cls._validate_spec(node)
+        return LlamaBackbone.validate_config({k: v for k, v in node.items() if k not in ("experts", "spec")}) + cls.spec_problems(node)
 
     def _resolve(self) -> None:
         """Point the adapter's sources at the built folders (building them if needed)."""
@@ -167,7 +140,7 @@ class EmbeddedLlamaTaskPool(_EmbeddedLlamaBuild, MergeBenchTaskPool):
             "max_length": (positive_int, "must be an integer >= 1"),
             "limit": (lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0), "must be > 0 or null (all)"),
         })
-        return problems + cls._validate_spec(node)
+        return problems + cls.spec_problems(node)
 
     def _resolve(self) -> None:
         if self._resolved:

@@ -16,42 +16,16 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from featcal.backbone.t5 import T5Backbone, load_t5, load_t5_tokenizer
+from featcal.cache import BuiltSuite
 from featcal.tasks.embedded_t5 import EmbeddedT5Spec, ensure_built
 from featcal.tasks.text2text import TextToTextTaskPool
 
 
-def _spec_from(tasks: list[str] | None, spec: Any, overrides: Mapping[str, Any]) -> EmbeddedT5Spec:
-    given = EmbeddedT5Spec.from_config(spec).to_dict() if isinstance(spec, EmbeddedT5Spec) else dict(spec or {})
-    given.update(overrides)
-    if tasks is not None:
-        if "tasks" in given and [str(t) for t in given["tasks"]] != [str(t) for t in tasks]:
-            raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}")
-        given["tasks"] = list(tasks)
-    return EmbeddedT5Spec.from_config(given)
+class _EmbeddedT5Build(BuiltSuite):
+    """The embedded_t5 suite's spec and cache folder (``featcal.cache.BuiltSuite``)."""
 
-
-class _EmbeddedT5Build:
-    """The spec and cache location of one embedded_t5 suite; its folder is built (or
-    verified) on first use, then remembered."""
-
-    def _init_build(self, tasks, spec, cache_dir, build_device, spec_overrides) -> None:
-        self.spec = _spec_from(tasks, spec, spec_overrides)
-        self.build_cache_dir = cache_dir
-        self.build_device = build_device
-        self._folder: Path | None = None
-
-    @property
-    def folder(self) -> Path:
-        if self._folder is None:
-            self._folder = ensure_built(self.spec, self.build_cache_dir, device=self.build_device)
-        return self._folder
-
-    def suite_identity(self) -> dict[str, Any]:
-        """The build's identity for ``results.json`` (``featcal.suite_build.suite_identity``);
-        warns when the build is not portable."""
-        from featcal.suite_build import announce_identity
-
-        return announce_identity(self.folder, self.spec.SUITE)
+    SPEC = EmbeddedT5Spec
+    ENSURE_BUILT = staticmethod(ensure_built)
 
 
 class EmbeddedT5Backbone(_EmbeddedT5Build, T5Backbone):
@@ -84,12 +58,7 @@ class EmbeddedT5Backbone(_EmbeddedT5Build, T5Backbone):
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
-        problems = T5Backbone.validate_config({k: v for k, v in node.items() if k != "experts"})
-        try:
-            _spec_from(node.get("tasks"), node.get("spec"), {})
-        except (ValueError, TypeError) as err:
-            problems.append(f"spec: {err}")
-        return problems
+        return T5Backbone.validate_config({k: v for k, v in node.items() if k != "experts"}) + cls.spec_problems(node)
 
     def load_base(self) -> nn.Module:
         model = load_t5(str(self.folder / "base"), self.dtype)
@@ -132,12 +101,7 @@ class EmbeddedT5TaskPool(_EmbeddedT5Build, TextToTextTaskPool):
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
-        problems = TextToTextTaskPool.validate_config(node)
-        try:
-            _spec_from(node.get("tasks"), node.get("spec"), {})
-        except (ValueError, TypeError) as err:
-            problems.append(f"spec: {err}")
-        return problems
+        return TextToTextTaskPool.validate_config(node) + cls.spec_problems(node)
 
     @property
     def tokenizer(self):
