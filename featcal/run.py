@@ -38,7 +38,6 @@ from featcal.lock import job_slot
 from featcal.refcache import ReferenceCache
 from featcal.resume import config_hash, interrupted, previous_results
 from featcal.strict import hydra_errors
-from featcal.sweeper import register as _register_sweeper  # noqa: F401 - presets' DedupSweeper
 from featcal.report import format_table, long_rows, per_task_table, write_results
 from featcal import wandb_log
 from featcal.tasks.base import Metrics, TaskPool, scores

@@ -10,15 +10,13 @@ first of each group runs; the others are listed in the log. Reports already show
 calibration-free row once (``featcal.sweep_report.method_rows``).
 
 Presets select it with ``hydra.sweeper._target_: hydra_plugins.featcal_sweeper.DedupSweeper``
-(Hydra instantiates sweepers from its ``hydra_plugins`` namespace only: ``register()``,
-run when this module is imported by ``featcal.run``, puts that plugin on the path).
+(Hydra instantiates sweepers from its ``hydra_plugins`` namespace only: the plugin is
+``hydra_plugins/featcal_sweeper``, packaged with featcal like the SLURM launcher).
 """
 from __future__ import annotations
 
 import json
 import logging
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -71,15 +69,3 @@ def log_dropped(dropped: list, total: int) -> None:
     if dropped:
         log.info("%d of %d jobs are identical to another job of the sweep and are not launched", len(dropped), total)
 
-
-#: the folder holding ``hydra_plugins/featcal_sweeper.py`` (Hydra loads sweepers from that namespace only)
-PLUGIN_ROOT = Path(__file__).resolve().parent / "_hydra"
-
-
-def register() -> None:
-    """Make ``hydra_plugins.featcal_sweeper.DedupSweeper`` discoverable by Hydra."""
-    if str(PLUGIN_ROOT) not in sys.path:
-        sys.path.append(str(PLUGIN_ROOT))
-
-
-register()

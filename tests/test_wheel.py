@@ -26,6 +26,7 @@ def test_wheel_runs_outside_the_checkout(tmp_path):
     assert in_tree <= shipped, sorted(in_tree - shipped)  # every config file travels
     assert {f"paper/{p.name}" for p in (ROOT / "results" / "paper").glob("*.csv")} <= shipped
     assert any(n.startswith("hydra_plugins/featcal_slurm/") for n in names)
+    assert any(n.startswith("hydra_plugins/featcal_sweeper/") for n in names)
 
     # a fresh environment that borrows the installed dependencies (torch & co.) but not featcal:
     # --ignore-installed puts the wheel's featcal into the venv even where an editable one is visible

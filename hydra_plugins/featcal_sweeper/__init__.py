@@ -1,7 +1,7 @@
-"""Hydra finds sweepers only in the ``hydra_plugins`` namespace package: this folder is
-put on ``sys.path`` by ``featcal.sweeper.register()`` (imported by ``featcal.run``), so
-``hydra.sweeper._target_: hydra_plugins.featcal_sweeper.DedupSweeper`` works without
-installing a separate plugin. The logic lives in ``featcal.sweeper``."""
+"""Hydra finds sweepers only in the ``hydra_plugins`` namespace package; this one ships
+with featcal beside the SLURM launcher (``hydra_plugins/featcal_slurm``), so
+``hydra.sweeper._target_: hydra_plugins.featcal_sweeper.DedupSweeper`` works once featcal
+is installed. The logic lives in ``featcal.sweeper``."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
