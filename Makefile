@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: install run test test-fast bench sweep collect report
+.PHONY: install run test test-fast bench report
 
 install:            ## editable install with test tools
 	$(PY) -m pip install -e '.[dev]'
