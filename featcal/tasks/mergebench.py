@@ -148,15 +148,53 @@ def check_lm_eval_resources(lm_tasks: list[str]) -> None:
 _TASK_MANAGERS: dict[tuple, Any] = {}
 
 
-def task_manager(include: list[str] | tuple[str, ...] = (), defaults: bool = True):
+def _task_yaml_folders(names: set[str], roots: list[Path]) -> list[Path] | None:
+    """The folders under ``roots`` whose YAML files define the tasks ``names`` (a top-level
+    ``task: <name>`` line), or None when some name is not found that way (a group, a tag,
+    a Python task): then only the full index knows it."""
+    found: dict[str, list[Path]] = {}
+    for root in roots:
+        for yml in sorted(Path(root).rglob("*.yaml")):
+            try:
+                text = yml.read_text(encoding="utf-8", errors="ignore")
+            except OSError:
+                continue
+            if "task:" not in text:
+                continue
+            for line in text.splitlines():
+                if line.startswith("task:"):
+                    name = line[5:].split("#", 1)[0].strip().strip("'\"")
+                    if name in names and yml.parent not in found.setdefault(name, []):
+                        found[name].append(yml.parent)
+    if set(found) != set(names):
+        return None
+    return list(dict.fromkeys(f for folders in found.values() for f in folders))
+
+
+def task_manager(include: list[str] | tuple[str, ...] = (), defaults: bool = True, names: list[str] | None = None):
     """lm-eval's ``TaskManager`` over ``include`` (+ lm-eval's own tasks when ``defaults``),
-    built once per process: indexing lm-eval's ~10k task YAMLs costs ~20 s of CPU, and the
-    availability check, every evaluation and every run of a sweep share the index."""
-    key = (tuple(str(p) for p in include), bool(defaults))
+    built once per process. Indexing all of lm-eval's ~14k task YAMLs costs ~20 s of CPU:
+    given the task ``names`` a run needs, only the folders defining them are indexed (~1 s;
+    includes and ``!function`` files resolve relative to each YAML as usual), falling back
+    to the full index when a name is not a plain YAML task (groups, tags)."""
+    include = tuple(str(p) for p in include)
+    wanted = frozenset(names or ())
+    key = (include, bool(defaults), wanted)
     if key not in _TASK_MANAGERS:
         from lm_eval.tasks import TaskManager
 
-        _TASK_MANAGERS[key] = TaskManager(include_path=list(key[0]) or None, include_defaults=key[1])
+        tm = None
+        if defaults and wanted:
+            import lm_eval.tasks
+
+            folders = _task_yaml_folders(set(wanted), [Path(lm_eval.tasks.__file__).parent, *map(Path, include)])
+            if folders is not None:
+                tm = TaskManager(include_path=[*map(str, folders), *include], include_defaults=False)
+                if not wanted <= set(tm.task_index):
+                    tm = None
+        if tm is None:
+            tm = TaskManager(include_path=list(include) or None, include_defaults=bool(defaults))
+        _TASK_MANAGERS[key] = tm
     return _TASK_MANAGERS[key]
 
 
@@ -177,7 +215,8 @@ def lm_eval_task_datasets(node: Mapping[str, Any]) -> tuple[list[tuple[str, str 
     if not any(planned.values()):
         return [], []
     try:
-        tm = task_manager(node.get("lm_eval_include") or [], node.get("lm_eval_defaults", True) is not False)
+        tm = task_manager(node.get("lm_eval_include") or [], node.get("lm_eval_defaults", True) is not False,
+                          [x for names in planned.values() for x in names])
     except ImportError:
         return [], []
     out, unknown = [], []
@@ -393,7 +432,8 @@ class MergeBenchTaskPool(TaskPool):
         check_lm_eval_resources(lm_tasks)
         lm = _context_bounded_hflm()(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size)
         if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once per process
-            self._task_manager = task_manager(self.lm_eval_include, self.lm_eval_defaults)
+            self._task_manager = task_manager(self.lm_eval_include, self.lm_eval_defaults,
+                                              [x for names in self.lm_eval_tasks.values() for x in names])
         tm = self._task_manager
         from featcal.datasets_io import hub_cache_aware_load_dataset
 
