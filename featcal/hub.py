@@ -209,6 +209,27 @@ def required_sources(cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str | 
     return models, data
 
 
+def class_hooks(cfg, name: str) -> list:
+    """The classmethod ``name(node)`` of the backbone adapter and task pool of ``cfg`` where
+    they define one, bound to their config nodes (``evaluation_dataset_sources``: datasets
+    read only to evaluate; ``check_resources``: other things a run needs, raising if missing)."""
+    from functools import partial
+
+    from omegaconf import OmegaConf
+
+    hooks = []
+    backbone = cfg.get("backbone") if hasattr(cfg, "get") else None
+    for part in ("adapter", "taskpool"):
+        node = backbone.get(part) if backbone is not None else None
+        if node is None:
+            continue
+        node = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
+        cls = _locate(str(node.get("_target_", "")))
+        if cls is not None and hasattr(cls, name):
+            hooks.append(partial(getattr(cls, name), node))
+    return hooks
+
+
 def check_sources_available(cfg) -> None:
     """Raise one ``SourceUnavailable`` listing every model and dataset of ``cfg`` that cannot
     be found (offline: neither a local folder nor in the caches), with the commands that
@@ -216,6 +237,8 @@ def check_sources_available(cfg) -> None:
     from featcal.datasets_io import dataset_location, download_command, offline_env_hint
 
     models, data = required_sources(cfg)
+    for hook in class_hooks(cfg, "evaluation_dataset_sources"):  # e.g. lm-eval tasks' datasets
+        data += list(hook())
     lines, commands = [], []
     model_keys: dict[str, list[str]] = {}
     for source, key in models:  # one line per model, naming every key that uses it
@@ -233,6 +256,8 @@ def check_sources_available(cfg) -> None:
             if not _looks_like_path(source) and not Path(os.path.expanduser(source)).exists():
                 commands.append(download_command(source, "dataset"))
     if not lines:
+        for check in class_hooks(cfg, "check_resources"):  # e.g. lm-eval task names, nltk data: one message each
+            check()
         return
     commands = list(dict.fromkeys(commands))
     reason = f"{len(lines)} model/dataset source(s) not available here:\n  - " + "\n  - ".join(lines) + "."

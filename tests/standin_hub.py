@@ -278,19 +278,163 @@ def _mergebench_data(hub: Path, n: int) -> None:
         put_dataset_snapshot(hub, f"MergeBench/{task}_val", {"default": {"train": datasets.Dataset.from_dict(data)}})
 
 
-def put_lm_eval_datasets(hub: Path, n: int = 6) -> None:
-    """The hub datasets of lm-eval's default MergeBench tasks that are stood in here:
-    openai/gsm8k (configs main and socratic; train/test; question, answer ending in
-    "#### <number>"), read by gsm8k / gsm8k_cot."""
-    import datasets
+#: the lm-eval 0.4.x tasks of MergeBench's default list and the hub datasets their YAMLs read
+#: (task YAML: dataset_path / dataset_name / split keys, from lm_eval/tasks/...)
+LM_EVAL_DATASETS = {
+    "ifeval": ("google/IFEval", None),                      # ifeval/ifeval.yaml: test_split train
+    "gsm8k_cot": ("openai/gsm8k", "main"),                  # gsm8k/gsm8k-cot.yaml: test, fewshot from the yaml
+    "humaneval_plus": ("evalplus/humanevalplus", None),     # humaneval/humaneval_plus.yaml: test
+    "mbpp_plus": ("evalplus/mbppplus", None),               # mbpp/mbpp_plus.yaml: test, fewshot from utils.py
+    "toxigen": ("skg/toxigen-data", "annotated"),           # toxigen/toxigen.yaml: train / test
+    **{f"m_mmlu_{lang}": ("alexandrainst/m_mmlu", lang) for lang in ("fr", "es", "de", "ru")},        # okapi: test, fewshot train
+    **{f"arc_{lang}": ("alexandrainst/m_arc", lang) for lang in ("fr", "es", "de", "ru")},             # okapi: train / validation / test
+    **{f"hellaswag_{lang}": ("alexandrainst/m_hellaswag", lang) for lang in ("fr", "es", "de", "ru")},  # okapi: val
+}
 
-    def rows(k):
+#: IFEval's ``kwargs`` struct: one field per argument of any instruction (google/IFEval card;
+#: the arguments of lm-eval's ifeval instructions' build_description), null where unused
+IFEVAL_KWARGS = {
+    "num_highlights": "int64", "relation": "string", "num_words": "int64", "num_placeholders": "int64",
+    "prompt_to_repeat": "string", "num_paragraphs": "int64", "nth_paragraph": "int64", "first_word": "string",
+    "num_bullets": "int64", "section_spliter": "string", "num_sections": "int64", "capital_relation": "string",
+    "capital_frequency": "int64", "keywords": ["string"], "num_sentences": "int64", "postscript_marker": "string",
+    "language": "string", "forbidden_words": ["string"], "keyword": "string", "frequency": "int64",
+    "end_phrase": "string", "letter": "string", "let_frequency": "int64", "let_relation": "string",
+}
+
+#: HumanEval+ stand-in problems (prompt, canonical_solution, test, entry_point). Even rows end
+#: their prompt inside a comment on a finished function: whatever one-line text the model
+#: appends, the program passes. Odd rows need a body: a tiny word-level model's output
+#: (w-words, no newline) cannot pass. pass@1 over the first 2k problems is therefore 50 %.
+HUMANEVAL_PROBLEMS = [
+    ('def double(x):\n    """Return twice x."""\n    return 2 * x  # note:', " doubles its argument\n",
+     "def check(candidate):\n    assert candidate(3) == 6\n    assert candidate(-1) == -2\n", "double"),
+    ('def add_one(x):\n    """Return x plus one.\n    >>> add_one(1)\n    2\n    """\n', "    return x + 1\n",
+     "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(-3) == -2\n", "add_one"),
+    ('def square(x):\n    """Return x squared."""\n    return x * x  # note:', " squares\n",
+     "def check(candidate):\n    assert candidate(4) == 16\n", "square"),
+    ('def last(xs):\n    """Return the last element of a non-empty list."""\n', "    return xs[-1]\n",
+     "def check(candidate):\n    assert candidate([1, 2, 3]) == 3\n    assert candidate([7]) == 7\n", "last"),
+]
+
+#: MBPP+ stand-in problems (prompt, code, test_list): the model's text alone is the program
+#: (mbpp's pass_at_1 joins it with the three asserts), so a tiny model's w-words fail them all
+MBPP_PROBLEMS = [
+    ("Write a function to add two numbers.", "def add(a, b):\n    return a + b",
+     ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"]),
+    ("Write a function to reverse a string.", "def rev(s):\n    return s[::-1]",
+     ["assert rev('ab') == 'ba'", "assert rev('') == ''", "assert rev('abc') == 'cba'"]),
+    ("Write a function that returns the maximum of a list.", "def biggest(xs):\n    return max(xs)",
+     ["assert biggest([1, 5, 2]) == 5", "assert biggest([-3]) == -3", "assert biggest([2, 2]) == 2"]),
+]
+
+
+def put_lm_eval_datasets(hub: Path, n: int = 4) -> None:
+    """The hub datasets read by MergeBench's default lm-eval tasks (``LM_EVAL_DATASETS``), in
+    their real schemas (dataset cards; the columns the task YAMLs' doc_to_text / doc_to_target /
+    process_docs read), tiny, snapshot-only:
+
+    - openai/gsm8k: configs main / socratic, train / test; question, answer ending "#### <n>";
+    - google/IFEval: train; key int64, prompt, instruction_id_list list[string], kwargs list[struct];
+    - evalplus/humanevalplus: test; task_id, prompt, canonical_solution, entry_point, test;
+    - evalplus/mbppplus: test; task_id int64, code, prompt, source_file, test_imports list[string],
+      test_list list[string], test;
+    - skg/toxigen-data: config annotated (train / test: text, target_group, ..., intent,
+      toxicity_ai, toxicity_human float64, ...) and config train (the unannotated generations);
+    - alexandrainst/m_mmlu (train / val / test) and m_arc (train / validation / test), one config
+      per language: id, instruction, option_a..d (m_arc: ..e), answer "A".."E";
+    - alexandrainst/m_hellaswag, one config per language, val: HellaSwag's columns (ind,
+      activity_label, ctx_a, ctx_b, ctx, endings list[string], source_id, split, split_type,
+      label as a string).
+    """
+    import datasets
+    from datasets import Features, List, Value
+
+    def words(i, k=3, off=0):
+        return " ".join(f"w{(off + i + 7 * j) % 60}" for j in range(k))
+
+    def gsm8k(k):
         return datasets.Dataset.from_dict({
             "question": [f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?" for i in range(k)],
             "answer": [f"He has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n#### {2 * i + 2}" for i in range(k)],
         })
 
-    put_dataset_snapshot(hub, "openai/gsm8k", {"main": {"train": rows(n), "test": rows(n)}, "socratic": {"train": rows(2), "test": rows(2)}})
+    put_dataset_snapshot(hub, "openai/gsm8k", {"main": {"train": gsm8k(n), "test": gsm8k(n)}, "socratic": {"train": gsm8k(2), "test": gsm8k(2)}})
+
+    # google/IFEval: instructions whose checks run offline (no_comma; number_sentences, which
+    # sentence-splits with nltk's punkt_tab; english_capital)
+    kw_feat = {k: (List(Value(v[0])) if isinstance(v, list) else Value(v)) for k, v in IFEVAL_KWARGS.items()}
+    def kw(**given):
+        return {k: given.get(k) for k in IFEVAL_KWARGS}
+    ifeval_rows = [
+        ("Write a short note without any commas. " + words(i), ["punctuation:no_comma", "length_constraints:number_sentences"],
+         [kw(), kw(relation="less than", num_sentences=3)]) if i % 2 == 0 else
+        ("WRITE YOUR WHOLE ANSWER IN CAPITAL LETTERS. " + words(i), ["change_case:english_capital"], [kw()])
+        for i in range(n)
+    ]
+    ifeval = datasets.Dataset.from_dict(
+        {"key": [1000 + i for i in range(n)], "prompt": [r[0] for r in ifeval_rows],
+         "instruction_id_list": [r[1] for r in ifeval_rows], "kwargs": [r[2] for r in ifeval_rows]},
+        features=Features({"key": Value("int64"), "prompt": Value("string"), "instruction_id_list": List(Value("string")),
+                           "kwargs": List(kw_feat)}))
+    put_dataset_snapshot(hub, "google/IFEval", {"default": {"train": ifeval}})
+
+    he = [HUMANEVAL_PROBLEMS[i % len(HUMANEVAL_PROBLEMS)] for i in range(n)]
+    put_dataset_snapshot(hub, "evalplus/humanevalplus", {"default": {"test": datasets.Dataset.from_dict({
+        "task_id": [f"HumanEval/{i}" for i in range(n)], "prompt": [p[0] for p in he],
+        "canonical_solution": [p[1] for p in he], "entry_point": [p[3] for p in he], "test": [p[2] for p in he]})}})
+
+    mb = [MBPP_PROBLEMS[i % len(MBPP_PROBLEMS)] for i in range(n)]
+    put_dataset_snapshot(hub, "evalplus/mbppplus", {"default": {"test": datasets.Dataset.from_dict(
+        {"task_id": [11 + i for i in range(n)], "code": [p[1] for p in mb], "prompt": [p[0] for p in mb],
+         "source_file": ["Benchmark Questions Verification V2.ipynb"] * n, "test_imports": [[] for _ in range(n)],
+         "test_list": [p[2] for p in mb], "test": ["\n".join(p[2]) + "\n" for p in mb]},
+        features=Features({"task_id": Value("int64"), "code": Value("string"), "prompt": Value("string"),
+                           "source_file": Value("string"), "test_imports": List(Value("string")),
+                           "test_list": List(Value("string")), "test": Value("string")}))}})
+
+    tox_cols = ["text", "target_group", "factual?", "ingroup_effect", "lewd", "framing", "predicted_group",
+                "stereotyping", "intent", "toxicity_ai", "toxicity_human", "predicted_author", "actual_method"]
+    tox_feat = Features({c: Value("float64" if c in ("intent", "toxicity_ai", "toxicity_human") else "string") for c in tox_cols})
+
+    def toxigen(k):
+        rows = {c: [f"{c} {i}" for i in range(k)] for c in tox_cols}
+        rows["text"] = [words(i, 4) for i in range(k)]
+        rows["target_group"] = [["black", "women", "asian", "lgbtq"][i % 4] for i in range(k)]
+        for c, vals in (("intent", [1.0, 4.3]), ("toxicity_ai", [1.0, 4.7]), ("toxicity_human", [1.3, 4.0])):
+            rows[c] = [vals[i % 2] for i in range(k)]  # (ai + human) > 5.5 -> hateful on odd rows
+        return datasets.Dataset.from_dict(rows, features=tox_feat)
+
+    unannotated = datasets.Dataset.from_dict({"prompt": ["- " + words(i) for i in range(2)], "generation": [words(i, 2) for i in range(2)],
+                                             "generation_method": ["ALICE", "TopK"], "group": ["black", "women"],
+                                             "prompt_label": [0, 1], "roberta_prediction": [0.01, 0.9]})
+    put_dataset_snapshot(hub, "skg/toxigen-data", {"annotated": {"train": toxigen(n), "test": toxigen(n)}, "train": {"train": unannotated}})
+
+    letters = "ABCDE"
+
+    def okapi_mc(k, options):
+        rows = {"id": [f"q{i}" for i in range(k)], "instruction": [words(i, 4) + " ?" for i in range(k)],
+                **{f"option_{c}": [words(i, 2, 3 * j + 1) for i in range(k)] for j, c in enumerate("abcde"[:options])},
+                "answer": [letters[i % options] for i in range(k)]}
+        return datasets.Dataset.from_dict(rows, features=Features({c: Value("string") for c in rows}))
+
+    def hellaswag(k):
+        return datasets.Dataset.from_dict({
+            "ind": [i for i in range(k)], "activity_label": [words(i, 1) for i in range(k)],
+            "ctx_a": [words(i, 3) for i in range(k)], "ctx_b": [words(i, 2, 5) for i in range(k)],
+            "ctx": [words(i, 3) + " " + words(i, 2, 5) for i in range(k)],
+            "endings": [[words(i, 2, 11 * j) for j in range(4)] for i in range(k)],
+            "source_id": [f"activitynet~v_{i}" for i in range(k)], "split": ["val"] * k, "split_type": ["indomain"] * k,
+            "label": [str(i % 4) for i in range(k)]},
+            features=Features({"ind": Value("int32"), "activity_label": Value("string"), "ctx_a": Value("string"),
+                               "ctx_b": Value("string"), "ctx": Value("string"), "endings": List(Value("string")),
+                               "source_id": Value("string"), "split": Value("string"), "split_type": Value("string"),
+                               "label": Value("string")}))
+
+    langs = sorted({cfg for repo, cfg in LM_EVAL_DATASETS.values() if repo.startswith("alexandrainst/")})
+    put_dataset_snapshot(hub, "alexandrainst/m_mmlu", {l: {"train": okapi_mc(2, 4), "val": okapi_mc(2, 4), "test": okapi_mc(n, 4)} for l in langs})
+    put_dataset_snapshot(hub, "alexandrainst/m_arc", {l: {"train": okapi_mc(2, 5), "validation": okapi_mc(2, 5), "test": okapi_mc(n, 5)} for l in langs})
+    put_dataset_snapshot(hub, "alexandrainst/m_hellaswag", {l: {"val": hellaswag(n)} for l in langs})
 
 
 def build_standin_hub(root: Path, families=("clip", "glue", "llama", "gemma2"), n_train: int = 8, n_test: int = 6) -> Path:

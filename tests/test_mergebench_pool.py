@@ -4,6 +4,7 @@ YAML tasks over local JSON data (offline)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,3 +167,48 @@ def test_lm_eval_through_hflm_on_a_calibrated_model(tmp_path):
     for task in TASKS:
         if final["experts"][task]["score"]:
             assert final["calibrated"][task]["normalized"] == pytest.approx(metrics[task]["score"] / expert_metrics[task]["score"])
+
+
+def test_unknown_lm_eval_task_is_named_before_anything_loads(tmp_path):
+    """check_resources (run before any model loads) names every task lm-eval does not know."""
+    from featcal.errors import ConfigError
+
+    write_lm_eval_tasks(tmp_path)
+    node = {"tasks": ["math", "safety"], "lm_eval_tasks": {"math": ["tiny_mc"], "safety": ["tiny_typo"]},
+            "lm_eval_include": [str(tmp_path)], "lm_eval_defaults": False}
+    with pytest.raises(ConfigError, match=r"lm-eval does not know the task\(s\) \['tiny_typo \(backbone.taskpool.lm_eval_tasks.safety\)'\]") as err:
+        MergeBenchTaskPool.check_resources(node)
+    assert "backbone.taskpool.lm_eval_include" in str(err.value)
+    node["lm_eval_tasks"]["safety"] = ["tiny_gen"]
+    MergeBenchTaskPool.check_resources(node)
+    # local JSON tasks read nothing from the hub: no dataset to check
+    assert MergeBenchTaskPool.evaluation_dataset_sources(node) == []
+
+
+def test_default_lm_eval_tasks_index_only_their_folders_and_name_their_hub_datasets():
+    """The preset's default tasks: the task manager indexes only the folders that define them,
+    and each task's hub dataset / config (what the availability check looks for) is the one
+    of lm-eval's YAML, as tests/standin_hub.py stands them in (LM_EVAL_DATASETS, read off the
+    YAMLs independently)."""
+    import yaml
+
+    import lm_eval.tasks
+
+    from featcal.run import CONF_DIR
+    from featcal.tasks.mergebench import task_manager
+    from tests.standin_hub import LM_EVAL_DATASETS
+
+    preset = yaml.safe_load((Path(CONF_DIR) / "backbone" / "mergebench_llama32_3b.yaml").read_text())["taskpool"]
+    names = [t for ts in preset["lm_eval_tasks"].values() for t in ts]
+    assert sorted(names) == sorted(LM_EVAL_DATASETS)
+    tm = task_manager((), True, names)
+    assert set(names) <= set(tm.task_index) and len(tm.task_index) < 1000  # not lm-eval's ~10k entries
+    root = Path(lm_eval.tasks.__file__).parent
+    for name in names:
+        assert Path(tm.task_index[name].yaml_path).is_relative_to(root)
+    node = {**preset, "tasks": list(preset["lm_eval_tasks"]), "allow_code_execution": True, "lm_eval_include": []}
+    got = {key.split("(")[-1].rstrip(")"): (path, config) for path, config, key in MergeBenchTaskPool.evaluation_dataset_sources(node)}
+    assert got == LM_EVAL_DATASETS
+    node["allow_code_execution"] = False  # skipped code tasks need no data
+    got = {key.split("(")[-1].rstrip(")") for _, _, key in MergeBenchTaskPool.evaluation_dataset_sources(node)}
+    assert got == set(LM_EVAL_DATASETS) - {"humaneval_plus", "mbpp_plus"}

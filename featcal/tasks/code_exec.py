@@ -162,5 +162,11 @@ def gate(lm_eval_tasks: dict[str, list[str]], allowed: bool) -> tuple[dict[str, 
     if code and allowed:
         log.warning("featcal: allow_code_execution=true: %s execute model-written code, fenced: %s", code, statement["fence"])
     kept = {cat: runnable(ts, allowed, f"backbone.taskpool.lm_eval_tasks.{cat}") for cat, ts in lm_eval_tasks.items()}
+    if code and not allowed:  # what was skipped, per category; categories left with no task are not scored
+        statement["skipped"] = {cat: [t for t in ts if is_code_task(t)] for cat, ts in lm_eval_tasks.items() if any(map(is_code_task, ts))}
+        statement["categories_not_scored"] = [cat for cat, ts in lm_eval_tasks.items() if ts and not kept[cat]]
+        if statement["categories_not_scored"]:
+            log.warning("featcal: categories %s have no lm-eval task left and get no score in this run",
+                        statement["categories_not_scored"])
     install(allowed)
     return kept, statement

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from featcal.backbone.base import Inputs
+from featcal.errors import ConfigError
 from featcal.hub import SourceUnavailable
 from featcal.tasks import code_exec
 from featcal.tasks.base import Metrics, TaskPool
@@ -144,6 +145,96 @@ def check_lm_eval_resources(lm_tasks: list[str]) -> None:
             "folder here (or point NLTK_DATA at it); or drop ifeval from backbone.taskpool.lm_eval_tasks.instruction")
 
 
+_TASK_MANAGERS: dict[tuple, Any] = {}
+
+
+def _task_yaml_folders(names: set[str], roots: list[Path]) -> list[Path] | None:
+    """The folders under ``roots`` whose YAML files define the tasks ``names`` (a top-level
+    ``task: <name>`` line), or None when some name is not found that way (a group, a tag,
+    a Python task): then only the full index knows it."""
+    found: dict[str, list[Path]] = {}
+    for root in roots:
+        for yml in sorted(Path(root).rglob("*.yaml")):
+            try:
+                text = yml.read_text(encoding="utf-8", errors="ignore")
+            except OSError:
+                continue
+            if "task:" not in text:
+                continue
+            for line in text.splitlines():
+                if line.startswith("task:"):
+                    name = line[5:].split("#", 1)[0].strip().strip("'\"")
+                    if name in names and yml.parent not in found.setdefault(name, []):
+                        found[name].append(yml.parent)
+    if set(found) != set(names):
+        return None
+    return list(dict.fromkeys(f for folders in found.values() for f in folders))
+
+
+def task_manager(include: list[str] | tuple[str, ...] = (), defaults: bool = True, names: list[str] | None = None):
+    """lm-eval's ``TaskManager`` over ``include`` (+ lm-eval's own tasks when ``defaults``),
+    built once per process. Indexing all of lm-eval's ~14k task YAMLs costs ~20 s of CPU:
+    given the task ``names`` a run needs, only the folders defining them are indexed (~1 s;
+    includes and ``!function`` files resolve relative to each YAML as usual), falling back
+    to the full index when a name is not a plain YAML task (groups, tags)."""
+    include = tuple(str(p) for p in include)
+    wanted = frozenset(names or ())
+    key = (include, bool(defaults), wanted)
+    if key not in _TASK_MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        tm = None
+        if defaults and wanted:
+            import lm_eval.tasks
+
+            folders = _task_yaml_folders(set(wanted), [Path(lm_eval.tasks.__file__).parent, *map(Path, include)])
+            if folders is not None:
+                tm = TaskManager(include_path=[*map(str, folders), *include], include_defaults=False)
+                if not wanted <= set(tm.task_index):
+                    tm = None
+        if tm is None:
+            tm = TaskManager(include_path=list(include) or None, include_defaults=bool(defaults))
+        _TASK_MANAGERS[key] = tm
+    return _TASK_MANAGERS[key]
+
+
+def _planned_lm_tasks(node: Mapping[str, Any]) -> dict[str, list[str]]:
+    """{category: lm-eval tasks this pool config will run} (code tasks only when allowed)."""
+    tasks = list(node.get("tasks") or [])
+    given = node.get("lm_eval_tasks") or {}
+    allowed = node.get("allow_code_execution", False) is True
+    return {t: [str(x) for x in (given.get(t) or []) if allowed or not code_exec.is_code_task(x)] for t in tasks}
+
+
+def lm_eval_task_datasets(node: Mapping[str, Any]) -> tuple[list[tuple[str, str | None, str]], list[str]]:
+    """([(hub dataset, config, config key)], [unknown task lines]) of the lm-eval tasks that
+    a pool config will run, read from lm-eval's task YAMLs (``dataset_path`` /
+    ``dataset_name``); tasks reading packaged builders (json, csv, ...) or local data files
+    are left out (nothing to download), as are groups and tags."""
+    planned = _planned_lm_tasks(node)
+    if not any(planned.values()):
+        return [], []
+    try:
+        tm = task_manager(node.get("lm_eval_include") or [], node.get("lm_eval_defaults", True) is not False,
+                          [x for names in planned.values() for x in names])
+    except ImportError:
+        return [], []
+    out, unknown = [], []
+    for cat, names in planned.items():
+        for name in names:
+            entry = tm.task_index.get(name)
+            if entry is None:
+                unknown.append(f"{name} (backbone.taskpool.lm_eval_tasks.{cat})")
+                continue
+            cfg = entry.cfg or {}
+            path, kwargs = cfg.get("dataset_path"), cfg.get("dataset_kwargs") or {}
+            if not isinstance(path, str) or path.count("/") != 1 or kwargs.get("data_files") or kwargs.get("data_dir"):
+                continue
+            config = cfg.get("dataset_name")
+            out.append((path, str(config) if config is not None else None, f"backbone.taskpool.lm_eval_tasks.{cat} ({name})"))
+    return out, unknown
+
+
 class MergeBenchTaskPool(TaskPool):
     """MergeBench categories for causal LMs (see the module docstring).
 
@@ -220,6 +311,22 @@ class MergeBenchTaskPool(TaskPool):
     def dataset_sources(cls, node: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
         given = node.get("datasets") or {}
         return [(str(given[t]), None, f"backbone.taskpool.datasets.{t}") for t in node.get("tasks") or [] if given.get(t)]
+
+    @classmethod
+    def evaluation_dataset_sources(cls, node: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
+        """The hub datasets of the lm-eval tasks the run evaluates (their task YAMLs)."""
+        return lm_eval_task_datasets(node)[0]
+
+    @classmethod
+    def check_resources(cls, node: Mapping[str, Any]) -> None:
+        """Before any model loads: every lm-eval task name is known to lm-eval, and the data
+        files some tasks read at scoring time (ifeval: nltk's punkt_tab) are installed."""
+        unknown = lm_eval_task_datasets(node)[1]
+        if unknown:
+            raise ConfigError(f"lm-eval does not know the task(s) {unknown}",
+                              "Check the names against lm-eval's task list, or add the folder of your own task "
+                              "YAMLs to backbone.taskpool.lm_eval_include.")
+        check_lm_eval_resources([x for names in _planned_lm_tasks(node).values() for x in names])
 
     @classmethod
     def validate_config(cls, node: dict) -> list[str]:
@@ -321,12 +428,12 @@ class MergeBenchTaskPool(TaskPool):
         The context length is the model's own (HFLM reads it from the model config), never the
         calibration ``max_length``; generation limits are each task's, or ``max_gen_toks``."""
         import lm_eval
-        from lm_eval.tasks import TaskManager
 
         check_lm_eval_resources(lm_tasks)
         lm = _context_bounded_hflm()(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size)
-        if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once
-            self._task_manager = TaskManager(include_path=self.lm_eval_include or None, include_defaults=self.lm_eval_defaults)
+        if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once per process
+            self._task_manager = task_manager(self.lm_eval_include, self.lm_eval_defaults,
+                                              [x for names in self.lm_eval_tasks.values() for x in names])
         tm = self._task_manager
         from featcal.datasets_io import hub_cache_aware_load_dataset
 
