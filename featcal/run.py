@@ -35,6 +35,7 @@ from featcal.config import validate
 from featcal.paths import conf_dir
 from featcal.envcheck import check_environment
 from featcal.lock import job_slot
+from featcal.merge.registry import as_merge, build_merge
 from featcal.refcache import ReferenceCache
 from featcal.resume import config_hash, interrupted, previous_results
 from featcal.strict import hydra_errors
@@ -96,25 +97,16 @@ def _sweep_group() -> tuple[str | None, str | None]:
 
 
 def needs_calibration_data(merge_fn: Callable[..., Any]) -> bool:
-    """A merge function (or a ``functools.partial`` of one) that declares
-    ``needs_calibration_data = True`` (RegMean, AdaMerging)."""
-    fn = merge_fn
-    while fn is not None:
-        if getattr(fn, "needs_calibration_data", False):
-            return True
-        fn = getattr(fn, "func", None)
-    return False
+    """Whether a merge (what ``merge=`` builds, or a merge function) reads the calibration
+    set: its record says (``featcal.merge.registry``; RegMean, AdaMerging)."""
+    return as_merge(merge_fn).needs_calibration_data
 
 
-def _merge_heads(merge_fn: Callable[..., Any], pool: TaskPool) -> dict[str, Any]:
-    """``{"heads": ...}`` for a merge function declaring ``needs_heads = True`` (AdaMerging):
+def _merge_heads(merge: Any, pool: TaskPool) -> dict[str, Any]:
+    """``{"heads": ...}`` for a merge whose record declares ``needs_heads`` (AdaMerging):
     per task, a callable mapping the backbone's final representation to class logits, from
     the task pool's ``heads()``; ``{}`` for every other merge."""
-    fn, needs = merge_fn, False
-    while fn is not None and not needs:
-        needs = bool(getattr(fn, "needs_heads", False))
-        fn = getattr(fn, "func", None)
-    if not needs:
+    if not merge.needs_heads:
         return {}
     heads = getattr(pool, "heads", None)
     if heads is None:
@@ -202,7 +194,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
                   sampler: MemorySampler, started: float) -> dict[str, Any]:
     dtype = DTYPES[cfg.precision]
     timer = StageTimer(device, memory=sampler)
-    merge_fn = _build(cfg.merge)
+    merge = build_merge(OmegaConf.to_container(cfg.merge, resolve=True))  # the method's record, bound
     calibrator: Calibrator = _build(cfg.calibration)
     adapter: Backbone = _build(cfg.backbone.adapter)
     pool: TaskPool = _build(cfg.backbone.taskpool)
@@ -234,7 +226,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
     suite = getattr(adapter, "suite_identity", lambda: None)()  # a built suite's identity (None: hub models)
 
     # ---- calibration data (before merging when the merge itself needs it) ---------
-    merge_needs_data = needs_calibration_data(merge_fn)
+    merge_needs_data = merge.needs_calibration_data
     calib = None
     if merge_needs_data or calibrator.needs_calibration_data:
         with timer.stage("calibration_data"):
@@ -245,8 +237,8 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         data = {}
         if merge_needs_data:
             data = dict(backbone=adapter, base_model=base, expert_models=experts, calib=calib, device=device)
-            data.update(_merge_heads(merge_fn, pool))
-        merged = adapter.merge(merge_fn, base, experts, **data)
+            data.update(_merge_heads(merge, pool))
+        merged = adapter.merge(merge, base, experts, **data)
     if dtype != torch.float32:
         base, merged = base.to(dtype), merged.to(dtype)
         experts = [e.to(dtype) for e in experts]

@@ -213,11 +213,13 @@ def test_mismatched_keys():
         ties({"w": torch.zeros(1)}, [])
 
 
-def test_merge_functions_validate_their_own_keys():
-    assert ties.validate_config({"scaling_factor": 0.3, "density": 0.2, "merge_func": "sum"}) == []
-    problems = ties.validate_config({"scaling_factor": 1.5, "density": 0.0, "merge_func": "median"})
+def test_merge_methods_validate_their_own_keys():
+    from featcal.merge.registry import DARE, TASK_ARITHMETIC, TIES, WEIGHT_AVERAGE
+
+    assert TIES.validate_config({"scaling_factor": 0.3, "density": 0.2, "merge_func": "sum"}) == []
+    problems = TIES.validate_config({"scaling_factor": 1.5, "density": 0.0, "merge_func": "median"})
     assert len(problems) == 3 and any(p.startswith("merge_func='median'") for p in problems)
-    assert dare.validate_config({"drop_rate": 1.0, "rescale": "yes", "seed": 0}) == [
+    assert DARE.validate_config({"drop_rate": 1.0, "rescale": "yes", "seed": 0}) == [
         "drop_rate=1.0: must be a number in [0, 1)", "rescale='yes': must be true or false"]
-    assert task_arithmetic.validate_config({"scaling_factor": 0.0}) == ["scaling_factor=0.0: must be a number in (0, 1]"]
-    assert weight_average.validate_config({}) == []
+    assert TASK_ARITHMETIC.validate_config({"scaling_factor": 0.0}) == ["scaling_factor=0.0: must be a number in (0, 1]"]
+    assert WEIGHT_AVERAGE.validate_config({}) == []

@@ -103,7 +103,7 @@ def test_merge_protocol_options_compose(name, tmp_path):
     cfg = _compose([f"merge={name}"], tmp_path)
     validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     fn = instantiate(cfg.merge)
-    kw = fn.keywords
+    kw = fn.params  # the record bound to the preset's parameters
     if name == "ties_mergebench":
         assert (kw["density"], kw["scaling_factor"], list(kw["trim_also"])) == (0.3, 0.4, ["lm_head.weight"])
     if name == "task_arithmetic_mergebench":

@@ -288,9 +288,11 @@ def test_trim_like_mergebench_counts_lm_head_but_never_writes_it():
 
 
 def test_trim_options_are_validated():
-    bad = ties.validate_config({"trim_extra_zeros": -1, "trim_count": {"shared.weight": 0}, "trim_also": "lm_head"})
+    from featcal.merge.registry import TIES
+
+    bad = TIES.validate_config({"trim_extra_zeros": -1, "trim_count": {"shared.weight": 0}, "trim_also": "lm_head"})
     assert len(bad) == 3 and all(any(k in p for k in ("trim_extra_zeros", "trim_count", "trim_also")) for p in bad)
-    assert ties.validate_config({"trim_extra_zeros": 25599489, "trim_count": {"shared.weight": 3}, "trim_also": ["lm_head.weight"]}) == []
+    assert TIES.validate_config({"trim_extra_zeros": 25599489, "trim_count": {"shared.weight": 3}, "trim_also": ["lm_head.weight"]}) == []
     with pytest.raises(ValueError, match="nope"):
         ties({"w": torch.zeros(3)}, [{"w": torch.ones(3)}], trim_count={"nope": 3})
 
@@ -365,7 +367,9 @@ def test_regmean_mean_and_sum_grams_differ_with_unequal_rows(clip_world):
     b = regmean(base.state_dict(), [e.state_dict() for e in experts], gram="sum", **kw)
     k = "vision_model.encoder.layers.0.mlp.fc1.weight"
     assert (a[k] - b[k]).abs().max() > 1e-3
-    assert regmean.validate_config({"gram": "tokens"}) and not regmean.validate_config({"gram": "mean"})
+    from featcal.merge.registry import REGMEAN
+
+    assert REGMEAN.validate_config({"gram": "tokens"}) and not REGMEAN.validate_config({"gram": "mean"})
 
 
 # ---------------------------------------------------------------- AdaMerging schedule and clamp
@@ -467,6 +471,6 @@ def test_adamerging_batches_per_task_and_clamp_change_the_result():
         adamerging(base.state_dict(), [e.state_dict() for e in experts], clamp=clamp, batches_per_task=bpt, history=hist, **kw)
         runs[clamp, bpt] = torch.tensor(hist[-1]["lambdas"])
     assert not torch.allclose(runs[True, 1], runs[True, 2]) and not torch.allclose(runs[True, 1], runs[False, 1])
-    from featcal.merge.adamerging import adamerging as fn
+    from featcal.merge.registry import ADAMERGING as fn
 
     assert fn.validate_config({"batches_per_task": 0}) and not fn.validate_config({"batches_per_task": 2})

@@ -159,12 +159,11 @@ def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, 
 
 
 def merge_recipe(merge_fn, sources: list[str]) -> dict:
-    """What a streamed merge result depends on: sources, merge function and its options."""
-    fn, kw = merge_fn, {}
-    while hasattr(fn, "func"):
-        kw = {**getattr(fn, "keywords", {}), **kw}
-        fn = fn.func
-    return {"sources": list(sources), "merge": getattr(fn, "__module__", "") + "." + getattr(fn, "__name__", str(fn)), "kwargs": {k: repr(v) for k, v in sorted(kw.items())}}
+    """What a streamed merge result depends on: sources, the merge method's function and
+    the parameters it was given (its record's ``identity``, ``featcal.merge.registry``)."""
+    from featcal.merge.registry import as_merge
+
+    return {"sources": list(sources), **as_merge(merge_fn).identity()}
 
 
 class LlamaBackbone(Backbone):

@@ -1,8 +1,9 @@
 """Merge methods: functions of state dicts (one module per method).
 
 Every function takes the base state dict and the experts' state dicts (same keys)
-and returns a new state dict; the run selects one with the ``merge`` config group
-(``_target_`` only). Non-floating tensors (position ids, integer buffers) and keys for
+and returns a new state dict. Each method is declared once in ``featcal.merge.registry``
+(name, parameters and their checks, what it reads, its streaming form); the ``merge``
+config group names a record there by ``_target_``. Non-floating tensors (position ids, integer buffers) and keys for
 which ``exclude(key)`` is true pass through at their base value.
 """
 from __future__ import annotations

@@ -15,8 +15,8 @@ Only the λs receive gradients: the parameters are mixed inside
 ``torch.func.functional_call`` over a frozen copy of the base model.
 
 The entropy needs class logits, so besides the calibration set the run passes the task
-pool's heads (``needs_heads``): ``heads[t](z) -> logits`` for the final representation z
-that ``backbone.represent`` returns. The function never sees a dataset name.
+pool's heads (its record in ``featcal.merge.registry`` declares ``needs_heads``):
+``heads[t](z) -> logits`` for the final representation z that ``backbone.represent`` returns. The function never sees a dataset name.
 """
 from __future__ import annotations
 
@@ -145,22 +145,3 @@ def adamerging(
         out[key] = final[key].to(device=b.device, dtype=b.dtype) if key in final else b.clone()
     return out
 
-
-adamerging.needs_calibration_data = True
-adamerging.needs_heads = True
-
-
-def _validate_config(node: dict) -> list[str]:
-    from featcal.config import _is_int, check_keys, non_negative_number
-
-    return check_keys(node, {
-        "init": (non_negative_number, "must be a number >= 0"),
-        "lr": (non_negative_number, "must be a number >= 0"),
-        "steps": (lambda x: _is_int(x) and x >= 0, "must be an integer >= 0"),
-        "clamp": (lambda x: isinstance(x, bool), "must be true or false"),
-        "batches_per_task": (lambda x: _is_int(x) and x >= 1, "must be an integer >= 1 (batches per task in each step's loss)"),
-        "seed": (lambda x: _is_int(x) and x >= 0, "must be a non-negative integer"),
-    })
-
-
-adamerging.validate_config = _validate_config

@@ -42,19 +42,14 @@ def task_vector(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return expert.to(device=base.device, dtype=dt) - base.to(dt)
 
 
-# ---- config checks: ``validate_config(node) -> list[str]`` attributes of the merge
-# functions (the run's config validation collects them before any model loads)
+# ---- parameter checks ``(ok(value), allowed)``, declared by the methods' records
+# (``featcal.merge.registry``; the run's config validation runs them before any model loads)
 
 
 def _number(x) -> bool:
     import math
 
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def check_merge_keys(node: dict, checks: dict) -> list[str]:
-    """``[f"{key}={value!r}: {allowed}"]`` for each key of ``node`` failing its check."""
-    return [f"{k}={node[k]!r}: {allowed}" for k, (ok, allowed) in checks.items() if k in node and not ok(node[k])]
 
 
 SCALING = (lambda x: _number(x) and 0.0 < float(x) <= 1.0, "must be a number in (0, 1]")

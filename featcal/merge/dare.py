@@ -11,18 +11,7 @@ from typing import Sequence
 
 import torch
 
-from featcal.merge.base import (
-    BOOL,
-    DROP_RATE,
-    SCALING,
-    SEED,
-    Exclude,
-    StateDict,
-    check_experts,
-    check_merge_keys,
-    mergeable,
-    task_vector,
-)
+from featcal.merge.base import Exclude, StateDict, check_experts, mergeable, task_vector
 
 
 def dare_seed(seed: int, key: str, expert: int) -> int:
@@ -67,7 +56,3 @@ def dare(
         out[key] = (b.to(acc.dtype) + scaling_factor * acc).to(b.dtype)
     return out
 
-
-dare.validate_config = lambda node: check_merge_keys(
-    node, {"scaling_factor": SCALING, "drop_rate": DROP_RATE, "rescale": BOOL, "seed": SEED}
-)

@@ -14,7 +14,8 @@ tasks by their row counts), with the off-diagonal entries of each G_t scaled by 
 tensor (Linear biases, norms, embeddings, ...) is the mean of the experts' values;
 excluded and non-floating tensors keep the base value.
 
-Called by the run with the calibration set (``needs_calibration_data``):
+Called by the run with the calibration set (its record's ``needs_calibration_data``,
+``featcal.merge.registry``):
 ``regmean(base_sd, expert_sds, exclude=..., backbone=, base_model=, expert_models=, calib=, device=)``.
 """
 from __future__ import annotations
@@ -171,18 +172,3 @@ def regmean(
         out[key] = w.to(device=base[key].device, dtype=base[key].dtype).contiguous()
     return out
 
-
-regmean.needs_calibration_data = True
-
-
-def _validate_config(node: dict) -> list[str]:
-    from featcal.config import check_keys, number_in
-
-    return check_keys(node, {
-        "reduce_non_diagonal_ratio": (number_in(0.0, 1.0), "must be a number in [0, 1]"),
-        "solve_dtype": (lambda x: x in _SOLVE_DTYPES, f"allowed: {', '.join(_SOLVE_DTYPES)}"),
-        "gram": (lambda x: x in GRAM_REDUCTIONS, "allowed: mean (X^T X / N_t per task, the references), sum"),
-    })
-
-
-regmean.validate_config = _validate_config

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from featcal.merge.base import SCALING, Exclude, StateDict, check_experts, check_merge_keys, mergeable, task_vector
+from featcal.merge.base import Exclude, StateDict, check_experts, mergeable, task_vector
 
 
 def task_arithmetic(
@@ -24,5 +24,3 @@ def task_arithmetic(
         out[key] = (b.to(acc.dtype) + scaling_factor * acc).to(b.dtype)
     return out
 
-
-task_arithmetic.validate_config = lambda node: check_merge_keys(node, {"scaling_factor": SCALING})

@@ -42,17 +42,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from featcal.merge.base import (
-    DENSITY,
-    SCALING,
-    Exclude,
-    StateDict,
-    check_experts,
-    check_merge_keys,
-    mergeable,
-    task_vector,
-    work_dtype,
-)
+from featcal.merge.base import Exclude, StateDict, check_experts, mergeable, task_vector, work_dtype
 
 MERGE_FUNCS = ("sum", "mean", "max")
 
@@ -179,25 +169,3 @@ def ties(
         out[key] = (b.to(merged_tv.dtype) + scaling_factor * merged_tv).to(b.dtype)
     return {k: out[k] for k in base}  # the base's key order
 
-
-def _validate_trim(node: dict) -> list[str]:
-    out = []
-    z = node.get("trim_extra_zeros", 0)
-    if not (isinstance(z, int) and not isinstance(z, bool) and z >= 0):
-        out.append(f"trim_extra_zeros={z!r}: must be an integer >= 0 (zero task-vector entries added to the trim)")
-    counts = node.get("trim_count") or {}
-    if not isinstance(counts, dict) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in counts.values()
-    ):
-        out.append(f"trim_count={counts!r}: must map state-dict keys to integers >= 1 (times counted in the trim)")
-    also = node.get("trim_also") or []
-    if not isinstance(also, (list, tuple)) or not all(isinstance(g, str) and g for g in also):
-        out.append(f"trim_also={also!r}: must be a list of key globs (excluded keys counted in the trim)")
-    return out
-
-
-ties.validate_config = lambda node: check_merge_keys(node, {
-    "scaling_factor": SCALING,
-    "density": DENSITY,
-    "merge_func": (lambda x: x in MERGE_FUNCS, f"allowed: {', '.join(MERGE_FUNCS)}"),
-}) + _validate_trim(node)
