@@ -48,7 +48,7 @@ def test_wheel_runs_outside_the_checkout(tmp_path):
                           "calibration=surgery"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stderr[-2000:]
     assert "_target_: featcal.calibration.surgery.Surgery" in job.stdout, job.stdout[-2000:]
-    assert "_target_: featcal.merge.ties" in job.stdout and "per_task: 64" in job.stdout
+    assert "_target_: featcal.merge.registry.TIES" in job.stdout and "per_task: 64" in job.stdout
     # the published numbers load from the wheel's copy
     paper = subprocess.run([str(py), "-c", "from featcal.sweep_report import load_paper; print(len(load_paper()))"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
