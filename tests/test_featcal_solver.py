@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from featcal.calibration.featcal.stats import add_upper_, gram_norm
 
 from featcal.calibration.featcal import (
     FeatCal,
@@ -291,9 +292,9 @@ def test_bf16_statistics_accumulate_in_float32():
         captured.extend(v.dtype for v in store.values())
         return store, order, out
 
-    def spy_add(self, x, w=None):
+    def spy_add(self, x, w=None, **kwargs):
         accumulators.append(self.first.dtype)
-        return orig_add(self, x, w)
+        return orig_add(self, x, w, **kwargs)
 
     fc.capture_inputs, MomentAccumulator.add = spy_capture, spy_add
     try:
@@ -327,6 +328,36 @@ def test_moment_accumulator_upper_triangle_norm_and_reuse():
     torch.testing.assert_close(acc.second(), x2.T @ x2 / 25)
     torch.testing.assert_close(acc.mean(), x2.mean(0))
     assert acc.raw_norm() == pytest.approx(float(torch.linalg.matrix_norm(x2.T @ x2)), rel=1e-12)
+
+
+def test_gram_norm_zero_below_add_upper_and_premultiplied_weights():
+    """The fast paths of the statistics: the norm from the whole zero-below buffer equals
+    the panel-by-panel norm and the full matrix's; ``add_upper_`` adds on the upper block
+    triangle only; ``add(x, w, xw=x·w)`` equals ``add(x, w)``."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(40, 11, generator=g, dtype=D), torch.rand(40, generator=g, dtype=D)
+    acc = MomentAccumulator(11, "cpu", dtype=D, chunk=3)
+    acc.add(x, w)
+    full = (x * w[:, None]).T @ x
+    up = acc.raw_upper()
+    ref = float(torch.linalg.matrix_norm(full))
+    assert gram_norm(up, 3, zero_below=True) == pytest.approx(ref, rel=1e-12)
+    assert gram_norm(up, 3) == pytest.approx(ref, rel=1e-12)
+    # float32: the cancellation 2‖U‖² − Σ‖diag‖² stays at float32 rounding
+    assert gram_norm(up.float(), 3, zero_below=True) == pytest.approx(ref, rel=1e-6)
+    other = MomentAccumulator(11, "cpu", dtype=D, chunk=3)
+    other.add(x, w, xw=x * w[:, None])
+    assert torch.equal(other.raw_upper(), up) and torch.equal(other.first, acc.first)
+    assert other.weight_sum == acc.weight_sum
+    dst = torch.full((11, 11), 7.0, dtype=D)
+    add_upper_(dst, up, 0.5, chunk=3)
+    r, c = torch.meshgrid(torch.arange(11), torch.arange(11), indexing="ij")
+    below = c < 3 * (r // 3)  # left of the panel's diagonal block: never written
+    assert torch.all(dst[below] == 7.0)
+    torch.testing.assert_close(dst[~below], 7.0 + 0.5 * full[~below])
+    small = torch.zeros(4, 4, dtype=D)  # not wide enough for panels: a plain add
+    add_upper_(small, full[:4, :4], 2.0, chunk=3)
+    torch.testing.assert_close(small, 2.0 * full[:4, :4])
 
 
 def _plain_featcal(backbone, merged, base, experts, calib, lam, rho, alpha, eps):

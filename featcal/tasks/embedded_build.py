@@ -529,13 +529,24 @@ def zero_shot_head(
     images8: torch.Tensor,
     digits: torch.Tensor,
     device: torch.device,
+    canonical: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Class embeddings [C, D] of a task's frozen head, from the base (see ``head_source``)."""
+    """Class embeddings [C, D] of a task's frozen head, from the base (see ``head_source``).
+
+    ``canonical``: a dict kept by the caller across the tasks of one build; the base's
+    embeddings of the canonical inputs (the same for every task, only the label map
+    differs) are computed once and reused from it (the same numbers as recomputing)."""
     tdef = TASKS[name]
     if spec.head_source == "task":
         return prototypes(_embed(base, data["train_x"], device), data["train_y"], tdef.n_classes)
-    x, y = canonical_inputs(spec, images8, digits)
-    return prototypes(_embed(base, x, device), tdef.label(y), tdef.n_classes)
+    if canonical is not None and "embeddings" in canonical:
+        emb, y = canonical["embeddings"], canonical["digits"]
+    else:
+        x, y = canonical_inputs(spec, images8, digits)
+        emb = _embed(base, x, device)
+        if canonical is not None:
+            canonical.update(embeddings=emb, digits=y)
+    return prototypes(emb, tdef.label(y), tdef.n_classes)
 
 
 def build(
@@ -609,9 +620,10 @@ def _build_base(spec: Mapping[str, Any], out: str, device: str, progress: bool) 
     # ---- heads: zero-shot prototypes of the base ------------------------------
     heads: dict[str, torch.Tensor] = {}
     zero_shot: dict[str, float] = {}
+    canonical: dict[str, torch.Tensor] = {}  # the base's embeddings of the canonical inputs, once
     for t in spec.tasks:
         d = data[t]
-        heads[t] = zero_shot_head(spec, t, base, d, images8, digits, dev)
+        heads[t] = zero_shot_head(spec, t, base, d, images8, digits, dev, canonical)
         head = ClassEmbeddingHead(heads[t], spec.logit_scale)
         zero_shot[t] = _accuracy(_embed(base, d["test_x"], dev), d["test_y"], head)
     save_file({t: h.contiguous().cpu() for t, h in heads.items()}, str(out / "heads.safetensors"))

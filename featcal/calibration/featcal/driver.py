@@ -30,7 +30,7 @@ from featcal.calibration.featcal.solver import (
 )
 from featcal.calibration.featcal.tf32 import tf32_context
 from featcal.utils import as_torch_dtype
-from featcal.calibration.featcal.stats import MomentAccumulator, normalise_without_affine, finish_gram
+from featcal.calibration.featcal.stats import MomentAccumulator, add_upper_, normalise_without_affine, finish_gram
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +283,12 @@ class FeatCal(Calibrator):
         def embed(model, batch):
             return backbone.embed(model, move_inputs(batch, backbone.device_of(model))).to(device)
 
-        check_activation_memory(embed(merged, calibration[0][0]), calibration, device)
+        first = embed(merged, calibration[0][0])
+        check_activation_memory(first, calibration, device)
         # per-block activations only: student (merged) and expert states, per task
-        student = [[embed(merged, b) for b in calibration[t]] for t in range(num_tasks)]
+        student = [[first if t == 0 and i == 0 else embed(merged, b) for i, b in enumerate(calibration[t])]
+                   for t in range(num_tasks)]
+        del first
         expert = [[embed(experts[t], b) for b in calibration[t]] for t in range(num_tasks)]
         # statistics are sums over tokens: consecutive batches may run as one larger pass
         for t in range(num_tasks):
@@ -525,8 +528,8 @@ class FeatCal(Calibrator):
                     "(Backbone.module_masks names the sequence a module reads)"
                 )
             mom: MomentAccumulator = entry["mom"]
-            mom.add(x_s, w)
             xsw = x_s if w is None else x_s * w[:, None]
+            mom.add(x_s, w, xw=xsw)
             # Σ w x_e (the teacher mean follows from it and Σ w x_s)
             entry["sum_e"] += x_e.sum(0) if w is None else w @ x_e
             beta = 0.0 if entry["empty"] else 1.0  # the first batch overwrites the uninitialised buffer
@@ -562,8 +565,10 @@ class FeatCal(Calibrator):
             label = ", ".join(qual[n] for n in g.names)
             sw = max(mom.weight_sum, 1e-30)
             raw = mom.raw_upper()  # Σ w x_s x_sᵀ, upper block triangle
-            check_finite(label, C_ss=raw, cross=entry["cross_raw"])
-            s = scale_from_norm(mom.raw_norm() / sw)  # 1 / ‖C_ss‖_F
+            # a NaN/inf anywhere in C_ss makes its norm NaN/inf: one check, no extra pass
+            norm = mom.raw_norm()
+            check_finite(label, C_ss=norm, cross=entry["cross_raw"])
+            s = scale_from_norm(norm / sw)  # 1 / ‖C_ss‖_F
             check_finite(label, s_t=s)
             mu_s = mom.mean()
             mu_t = a * (entry["sum_e"] / sw) + (1.0 - a) * mu_s
@@ -575,7 +580,7 @@ class FeatCal(Calibrator):
                 g.rhs = torch.zeros(d, o, dtype=torch.float32, device=raw.device)
                 g.mu_s_sum = torch.zeros(d, dtype=torch.float32, device=raw.device)
                 g.target_sum = torch.zeros(o, dtype=torch.float32, device=raw.device)
-            g.lhs.add_(raw, alpha=s / sw)
+            add_upper_(g.lhs, raw, s / sw)  # the blocks below stay zero until finish_gram
             if g.route == "gram":
                 # C_st = α C_se + (1 − α) C_ss, then s_t C_st W_tᵀ straight into the total
                 c_st = entry["cross_raw"].mul_(a / sw).add_(mom.raw_full(), alpha=(1.0 - a) / sw)

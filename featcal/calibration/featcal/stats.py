@@ -50,18 +50,39 @@ def finish_gram(acc: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     return acc
 
 
-def gram_norm(acc: torch.Tensor, chunk: int | None = None) -> float:
+def gram_norm(acc: torch.Tensor, chunk: int | None = None, zero_below: bool = False) -> float:
     """Frobenius norm of the symmetric matrix whose upper block triangle ``acc`` holds
-    (whatever lies below the diagonal blocks is ignored)."""
+    (whatever lies below the diagonal blocks is ignored).
+
+    ``zero_below``: the caller guarantees that the blocks below the diagonal blocks are
+    exactly zero; then ‖S‖² = 2‖acc‖² − Σ‖diagonal block‖², one contiguous norm over the
+    whole buffer plus the small diagonal blocks (faster than the strided panels)."""
     d, chunk = acc.shape[0], _chunk(chunk)
     if not _upper_mode(d, chunk):
         return float(torch.linalg.vector_norm(acc))
+    if zero_below and acc.is_contiguous():
+        sq = 2.0 * float(torch.linalg.vector_norm(acc)) ** 2
+        for i in range(0, d, chunk):
+            sq -= float(torch.linalg.vector_norm(acc[i : i + chunk, i : i + chunk])) ** 2
+        return math.sqrt(max(sq, 0.0))
     sq = 0.0
     for i in range(0, d, chunk):
         sq += float(torch.linalg.vector_norm(acc[i : i + chunk, i : i + chunk])) ** 2
         if i + chunk < d:
             sq += 2.0 * float(torch.linalg.vector_norm(acc[i : i + chunk, i + chunk :])) ** 2
     return math.sqrt(sq)
+
+
+def add_upper_(dst: torch.Tensor, src: torch.Tensor, alpha: float, chunk: int | None = None) -> torch.Tensor:
+    """dst += alpha·src on the upper block triangle only (the layout of ``_gram_upper_``;
+    the blocks below the diagonal blocks of ``dst`` are not touched): half the memory
+    traffic of a full ``add_`` for wide inputs."""
+    d, chunk = dst.shape[0], _chunk(chunk)
+    if not _upper_mode(d, chunk):
+        return dst.add_(src, alpha=alpha)
+    for i in range(0, d, chunk):
+        dst[i : i + chunk, i:].add_(src[i : i + chunk, i:], alpha=alpha)
+    return dst
 
 
 class MomentAccumulator:
@@ -95,14 +116,15 @@ class MomentAccumulator:
         self.first.zero_()
         self._empty = True  # the next add overwrites the upper block triangle (beta = 0)
 
-    def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, w: torch.Tensor | None = None, xw: torch.Tensor | None = None) -> None:
+        """``xw``: x·w[:, None] if the caller already has it (saves one product)."""
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if w is None:
             xw = x
             self.weight_sum += x.shape[0]
         else:
             w = w.reshape(-1).to(self.dtype)
-            xw = x * w[:, None]
+            xw = x * w[:, None] if xw is None else xw.reshape(-1, x.shape[-1]).to(self.dtype)
             self.weight_sum += float(w.sum())
         self.first += xw.sum(0)
         if self.raw_second is not None:
@@ -121,7 +143,8 @@ class MomentAccumulator:
 
     def raw_norm(self) -> float:
         """‖Σ w x xᵀ‖_F (so ‖E[x xᵀ]‖_F = raw_norm / weight_sum)."""
-        return gram_norm(self.raw_upper(), self.chunk)
+        # the buffer is zeros below the diagonal blocks (allocated so, never written there)
+        return gram_norm(self.raw_upper(), self.chunk, zero_below=True)
 
     def raw_full(self) -> torch.Tensor:
         """Σ w x xᵀ as a full symmetric matrix (a new tensor when only the upper block
