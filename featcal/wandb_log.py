@@ -16,8 +16,14 @@
   on the next invocation (``featcal.run``), without recomputing; featcal-report reads the
   group and project from there.
 - ``logger.mode=online`` without a network falls back to offline, saying so and naming
-  ``logger.mode=offline``: a TCP probe of the server (5 s) first, then ``init_timeout`` 10 s; an offline run file that is missing, empty or not a W&B file
-  is reported as such, not as a success.
+  ``logger.mode=offline``: a TCP probe of the server (5 s) first, then ``init_timeout`` 10 s.
+- The offline run file is read back after logging (``read_run_file``): missing, empty,
+  truncated (mid-header, mid-record), corrupt or without an exit record is reported as
+  such (status failed, the next invocation logs again), never as a success; on resume such
+  runs are set aside out of ``wandb sync``'s reach (``set_aside_bad_runs``) and
+  featcal-report lists them (``offline_run_problems``).
+- ``Wandb`` is the ``logger=wandb`` object (``conf/logger/wandb.yaml``'s ``_target_``,
+  see ``featcal.loggers``); ``WandbLogger`` is one started run.
 """
 from __future__ import annotations
 
@@ -81,9 +87,9 @@ def remove_offline_runs(folder: str | os.PathLike, rid: str) -> list[Path]:
 # 0xBEE1, version 0), then LevelDB-log framed records (32 KiB blocks; each fragment a 7-byte
 # header -- CRC-32 of type and data, length, type FULL/FIRST/MIDDLE/LAST -- and its data;
 # a block tail shorter than a header is zero padding), each record one protobuf ``Record``.
-# wandb >= 0.2x reads these files only in its Go service (wandb-core); its Python reader
-# (``wandb.sdk.internal.datastore``) is used when installed, else the framing is read here
-# and every record is decoded with wandb's own protobuf class.
+# The installed wandb (0.31) reads these files only in its Go service (wandb-core): its old
+# Python reader (``wandb.sdk.internal.datastore``) is gone. So the framing (with its CRCs) is
+# read here, and every record is decoded with wandb's own protobuf class (``Record``).
 _BLOCK = 32768
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 _FILE_HEADER = struct.Struct("<4sHB")
@@ -97,31 +103,6 @@ class RunFileError(ValueError):
     def __init__(self, message: str, offset: int = 0):
         super().__init__(message)
         self.offset = offset
-
-
-def _datastore_records(path: Path):  # pragma: no cover - only with a wandb that still ships it
-    from wandb.sdk.internal import datastore  # type: ignore[attr-defined]
-
-    ds = datastore.DataStore()
-    try:
-        ds.open_for_scan(str(path))
-    except AssertionError as err:
-        raise RunFileError(f"corrupt file header ({err})") from err
-    try:
-        while True:
-            start = getattr(ds, "_index", 0)
-            try:
-                data = ds.scan_data()
-            except AssertionError as err:
-                raise RunFileError(f"corrupt or truncated record ({err})", start) from err
-            if data is None:
-                if getattr(ds, "_index", 0) < path.stat().st_size:
-                    raise RunFileError("truncated: the last record is cut short", getattr(ds, "_index", 0))
-                return
-            yield start, data
-    finally:
-        with contextlib.suppress(Exception):
-            ds.close()
 
 
 def _framed_records(path: Path):
@@ -184,13 +165,8 @@ def read_run_file(path: str | os.PathLike) -> list[tuple[int, Any]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
-    try:
-        from wandb.sdk.internal import datastore  # type: ignore[attr-defined]  # noqa: F401
-        source = _datastore_records(path)
-    except ImportError:
-        source = _framed_records(path)
     out = []
-    for offset, raw in source:
+    for offset, raw in _framed_records(path):
         rec = pb.Record()
         try:
             rec.ParseFromString(raw)
