@@ -74,7 +74,7 @@ class StandinServer:
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("remote")
-    return build_standin_hub(root, families=("glue",)) / "hub"
+    return build_standin_hub(root, families=("glue",), glue_experts=TASKS) / "hub"
 
 
 @pytest.fixture
