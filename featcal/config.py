@@ -24,8 +24,6 @@ from featcal.errors import ConfigError  # noqa: F401  (re-exported: featcal.conf
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SPLITS = ("train", "test")
-LOGGERS = ("wandb", "none")
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 def _is_int(v: Any) -> bool:
@@ -219,14 +217,12 @@ def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
             combo = None
         problems.extend(combo(cfg) if combo is not None else [])
 
-    # ---- logger -------------------------------------------------------------
-    lname = _get(cfg, "logger.name")
-    if lname not in LOGGERS:
-        bad("logger.name", lname, f"allowed: {', '.join(LOGGERS)}")
-    if lname == "wandb":
-        mode = _get(cfg, "logger.mode", "offline")
-        if mode not in WANDB_MODES:
-            bad("logger.mode", mode, f"allowed: {', '.join(WANDB_MODES)}")
+    # ---- logger: instantiated by _target_; its class checks its own keys ---------------
+    node = _get(cfg, "logger")
+    if node is None or _get(cfg, "logger._target_") is None:
+        bad("logger._target_", None, "the logger config needs a _target_ (conf/logger/*.yaml: featcal.loggers.NoLogger, featcal.wandb_log.Wandb)")
+    else:
+        problems.extend(_own_problems("logger", node))
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -64,11 +64,24 @@ def _looks_like_path(source: str) -> bool:
     return looks_like_path(source)
 
 
+#: hub id -> its snapshot folder, fetched in the run's prepare stage (featcal.prefetch)
+_PREFETCHED: dict[str, Path] = {}
+
+
+def remember_snapshot(source: str, folder: Path) -> None:
+    """``resolve_model_dir(source)`` answers ``folder`` from now on in this process, without
+    asking the hub (``featcal.prefetch`` fetched every file a loader reads into it)."""
+    _PREFETCHED[str(source)] = Path(folder)
+
+
 def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
     """A local folder holding the model files for ``source`` (a folder or a hub id)."""
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
         return path
+    fetched = _PREFETCHED.get(str(source))
+    if fetched is not None and fetched.is_dir():
+        return fetched
     if path.exists():
         raise SourceUnavailable(f"model source '{source}' is a file, not a folder", "Pass the folder holding config.json and the weights.")
     if _looks_like_path(str(source)):

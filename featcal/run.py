@@ -33,6 +33,7 @@ from featcal.backbone.base import Backbone
 from featcal.calibration.base import CalibratedModel, Calibrator
 from featcal.config import validate
 from featcal.paths import conf_dir
+from featcal.prefetch import prefetch_sources
 from featcal.envcheck import check_environment
 from featcal.lock import job_slot
 from featcal.merge.registry import as_merge, build_merge
@@ -40,10 +41,8 @@ from featcal.refcache import ReferenceCache
 from featcal.resume import config_hash, interrupted, previous_results
 from featcal.strict import hydra_errors
 from featcal.report import format_table, long_rows, per_task_table, write_results
-from featcal import wandb_log
 from featcal.tasks.base import Metrics, TaskPool, scores
 from featcal.utils import DTYPES, MemorySampler, StageTimer, atomic_write_json, current_rss_mib, resolve_device, seed_everything, timing_context
-from featcal.wandb_log import WandbLogger
 
 log = logging.getLogger("featcal")
 
@@ -125,7 +124,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     validate(cfg, composed=composed)
     done = previous_results(cfg, out_dir)  # resume: a complete run of the same config is not redone
     if done is not None:
-        _backfill_wandb(cfg, out_dir, done, choices)  # its W&B logging failed before: log it now
+        _backfill_logger(cfg, out_dir, done, choices)  # its W&B logging failed before: log it now
         return done
     check_environment(cfg, out_dir)  # the device exists; cache and run folders are writable
     from featcal.hub import check_sources_available
@@ -143,9 +142,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         sampler.stop()
 
 
-def _wandb_logger(cfg: DictConfig, out_dir: Path, meta: dict[str, Any], choices: dict[str, str]) -> WandbLogger:
-    """The run's W&B logger: id from the config hash (and sweep group), resume allowed,
-    job_type run, tags and a readable name."""
+def _start_logger(logger: Any, cfg: DictConfig, out_dir: Path, meta: dict[str, Any], choices: dict[str, str]) -> Any:
+    """The run's logger, started by the ``logger`` group's object (``featcal.loggers``):
+    for W&B, the run id from the config hash (and sweep group), resume allowed, job_type
+    run, tags and a readable name; None when it logs nothing."""
     group, _ = _sweep_group()
     experiment = choices.get("experiment") or None
     _, job = _job()
@@ -154,46 +154,43 @@ def _wandb_logger(cfg: DictConfig, out_dir: Path, meta: dict[str, Any], choices:
              and not o.startswith(("logger.", "hydra.", "hydra/"))]
     name = f"{meta['merge']}+{meta['calibration']} n={meta['budget']} seed={meta['seed']}" + (f" [{','.join(extra)}]" if extra else "")
     tags = [meta["backbone"], meta["merge"], meta["calibration"]] + ([f"experiment:{experiment}"] if experiment else [])
-    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
-    group = logger_cfg.get("group") or group
-    return WandbLogger(
-        logger_cfg, out_dir, {**OmegaConf.to_container(cfg, resolve=True), "run": meta, "experiment": experiment},
-        name=name, group=group, rid=wandb_log.run_id(config_hash(cfg), group), tags=tags, job_type="run",
-    )
+    return logger.start(out_dir, {**OmegaConf.to_container(cfg, resolve=True), "run": meta, "experiment": experiment},
+                        name=name, group=group, config_hash=config_hash(cfg), tags=tags, job_type="run")
 
 
-def _log_wandb(logger: WandbLogger, results: dict[str, Any], out_dir: Path, artifacts: dict[str, Path]) -> None:
+def _log_results(run_logger: Any, results: dict[str, Any], out_dir: Path, artifacts: dict[str, Path]) -> None:
     """Log ``results`` and record the outcome in results.json (rewritten atomically)."""
-    logger.log_results(results, artifacts)
-    logger.finish()
-    results["wandb"] = logger.record()
+    run_logger.log_results(results, artifacts)
+    run_logger.finish()
+    results[run_logger.record_key] = run_logger.record()
     atomic_write_json(out_dir / "results.json", results)
-    if logger.mode == "disabled":
-        return
-    if logger.error:
-        print(f"W&B: not logged ({logger.error}); results are on disk and are logged on the next "
-              f"featcal-run of this configuration.")
-    elif logger.run_folder is not None:
-        print(f"W&B ({logger.mode}): {logger.run_folder}")
+    line = run_logger.outcome()
+    if line:
+        print(line)
 
 
-def _backfill_wandb(cfg: DictConfig, out_dir: Path, done: dict[str, Any], choices: dict[str, str]) -> None:
-    """A finished run whose W&B logging failed (or never happened): log its stored results."""
-    if cfg.logger.name != "wandb" or wandb_log.resolve_mode(cfg.logger.get("mode")) == "disabled":
-        return
-    if (done.get("wandb") or {}).get("status") == "logged":
+def _backfill_logger(cfg: DictConfig, out_dir: Path, done: dict[str, Any], choices: dict[str, str]) -> None:
+    """A finished run whose logging failed, never happened or left a corrupt record: log
+    its stored results (nothing is recomputed)."""
+    logger = _build(cfg.logger)
+    if not logger.needs_backfill(done, out_dir):
         return
     meta = {k: done.get(k) for k in ("backbone", "merge", "calibration", "budget", "split", "seed")}
-    logger = _wandb_logger(cfg, out_dir, meta, choices)
-    if logger.active:
+    run_logger = _start_logger(logger, cfg, out_dir, meta, choices)
+    if run_logger is None:
+        return
+    if getattr(run_logger, "active", False):
         print(f"W&B: logging the stored results of {out_dir} (logging failed or was cut short before; nothing is recomputed)")
-    _log_wandb(logger, done, out_dir, {"results": out_dir / "results.json"})
+    _log_results(run_logger, done, out_dir, {"results": out_dir / "results.json"})
 
 
 def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], device: torch.device,
                   sampler: MemorySampler, started: float) -> dict[str, Any]:
     dtype = DTYPES[cfg.precision]
     timer = StageTimer(device, memory=sampler)
+    # ---- first use: hub downloads (and suite builds, below), timed apart from loading ----
+    with timer.stage("prepare"):  # before the task pool is built: it may open its datasets
+        fetched = prefetch_sources(cfg)  # every hub model and dataset into the local caches (~0 s when cached)
     merge = build_merge(OmegaConf.to_container(cfg.merge, resolve=True))  # the method's record, bound
     calibrator: Calibrator = _build(cfg.calibration)
     adapter: Backbone = _build(cfg.backbone.adapter)
@@ -210,9 +207,8 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
     # a calibrator that picks its result by test-split scores is labelled so in every table
     meta["calibration"] += getattr(calibrator, "selection_label", "")
     log.info("run %s on %s", meta, device)
-    logger = _wandb_logger(cfg, out_dir, meta, choices) if cfg.logger.name == "wandb" else None
+    logger = _start_logger(_build(cfg.logger), cfg, out_dir, meta, choices)  # by _target_ (featcal.loggers); None: none
 
-    # ---- first use: a suite build or download, timed apart from loading -----------
     if isinstance(getattr(type(adapter), "folder", None), property):
         with timer.stage("prepare"):
             adapter.folder  # noqa: B018 - builds (or verifies) the embedded suite once
@@ -322,6 +318,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         "timing": {"cpu_seconds": dict(timer.cpu_seconds), "context": timer.context, "at_end": timing_context(),
                    "calibrate_repeats": repeat_seconds, "calibrate_is": "median of the repeats" if repeats > 1 else "one measurement"},
         "memory": memory,
+        "prepared": fetched,  # where each hub model / dataset came from (downloaded in prepare, or cached)
         "drift": report_dict.pop("drift"),
         "loss_curve": report_dict.pop("loss_curve"),
         "calibration_report": report_dict,
@@ -333,7 +330,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         "suite": suite,
     }
     if logger is not None:
-        results["wandb"] = {**logger.record(), "status": "pending"}  # "logged" once W&B has it
+        results[logger.record_key] = {**logger.record(), "status": "pending"}  # "logged" once W&B has it
     long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
 
     # printed before anything is written: a full disk cannot hide the numbers
@@ -353,7 +350,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         artifacts = {"results": out_dir / "results.json"}
         if cfg.get("save_calibrated", False):
             artifacts["model"] = out_dir / calibrated.save_name
-        _log_wandb(logger, results, out_dir, artifacts)
+        _log_results(logger, results, out_dir, artifacts)
     return results
 
 

@@ -51,6 +51,7 @@ import pandas as pd
 from featcal.collect import config_key, label_configurations, scan_sweep
 from featcal.paths import paper_dir as _paper_dir
 from featcal.utils import atomic_write_text
+from featcal.wandb_log import offline_run_problems
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def load(inputs: Iterable[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     runs: list[dict[str, Any]] = []
     keys: list[dict[str, str]] = []
     drift: list[dict[str, Any]] = []
-    info: dict[str, Any] = {"groups": set(), "logger": {}, "metrics": set(), "sweeps": [], "duplicates": []}
+    info: dict[str, Any] = {"groups": set(), "logger": {}, "metrics": set(), "sweeps": [], "duplicates": [], "wandb_problems": []}
 
     def add_results(results: dict[str, Any], run_dir: Path) -> None:
         rec = _run_record(results, str(run_dir))
@@ -123,6 +124,8 @@ def load(inputs: Iterable[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
             rec["group"] = wb["group"]
             info["groups"].add(wb["group"])
             info["logger"] = info["logger"] or {k: wb.get(k) for k in ("project", "entity", "mode")}
+        if isinstance(wb, dict) and wb.get("mode") == "offline":  # a truncated or killed run file is not a success
+            info["wandb_problems"] += offline_run_problems(run_dir)
         runs.append(rec)
         keys.append(config_key(results))
         meta = {k: rec[k] for k in META}
@@ -752,7 +755,7 @@ def log_to_wandb(info: dict[str, Any], figures: list[Path], table: pd.DataFrame,
         return None
     import wandb
 
-    from featcal.wandb_log import remove_offline_runs
+    from featcal.wandb_log import check_offline_run, remove_offline_runs
 
     run_id = report_run_id(groups[0])
     if mode == "offline":  # the previous report of this sweep, not synced: replaced, not doubled
@@ -767,11 +770,16 @@ def log_to_wandb(info: dict[str, Any], figures: list[Path], table: pd.DataFrame,
         clean = table.drop(columns=["kind"], errors="ignore").astype(object).where(table.notna(), None)
         payload["report/sweep_table"] = wandb.Table(dataframe=clean)
         run.log(payload)
-        return getattr(run, "dir", None)
+        folder = getattr(run, "dir", None)
     finally:
         run.finish()
         with contextlib.suppress(Exception):
             wandb.teardown()  # the offline run file is complete once W&B's service stops
+    if mode == "offline" and folder:  # a full disk truncates the file without an error
+        problem = check_offline_run(Path(folder).parent)
+        if problem:
+            raise RuntimeError(f"the offline report run is corrupt or incomplete: {problem}")
+    return folder
 
 
 # ---- entry point -------------------------------------------------------------------------
@@ -796,6 +804,12 @@ def report(inputs: list[Path], out: Path, paper_dir: Path = DEFAULT_PAPER_DIR, u
         sections.append(f"## Duplicate runs ({len(rows)}): same configuration and seed, only the newest is used\n\n"
                         + pd.DataFrame(rows).to_markdown(index=False) + "\n")
         written["notes"] += [f"duplicate: {d['label']}: kept {d['kept']}, not averaged: {', '.join(d['dropped'])}" for d in info["duplicates"]]
+    if info["wandb_problems"]:
+        rows = [{"offline W&B run": str(run), "problem": problem} for run, problem in info["wandb_problems"]]
+        sections.append(f"## Corrupt or incomplete offline W&B runs ({len(rows)}): do not `wandb sync` them; "
+                        "featcal-run of their configuration sets them aside and logs the results again\n\n"
+                        + pd.DataFrame(rows).to_markdown(index=False) + "\n")
+        written["notes"] += [f"W&B: corrupt or incomplete offline run {run}: {problem}" for run, problem in info["wandb_problems"]]
     for sweep in info["sweeps"]:
         md = sweep.markdown()
         if md:

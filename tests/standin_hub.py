@@ -173,7 +173,7 @@ def _clip_models(hub: Path, work: Path) -> None:
         put_model_snapshot(hub, f"tanganke/clip-vit-base-patch32_{task}", work / f"clip_{task}")
 
 
-def _glue(hub: Path, work: Path, n_train: int, n_test: int) -> None:
+def _glue(hub: Path, work: Path, n_train: int, n_test: int, expert_tasks=None, lora: bool = True) -> None:
     import json
 
     import datasets
@@ -212,7 +212,7 @@ def _glue(hub: Path, work: Path, n_train: int, n_test: int) -> None:
     save_like_transformers4(base, base_dir)
     put_model_snapshot(hub, "google/flan-t5-base", base_dir)
     g = torch.Generator().manual_seed(1)
-    for i, task in enumerate(GLUE_SPLITS):
+    for i, task in enumerate(expert_tasks or GLUE_SPLITS):
         e = T5ForConditionalGeneration(tiny_t5_config(len(tok))).eval()
         e.load_state_dict(base.state_dict())
         with torch.no_grad():
@@ -222,11 +222,13 @@ def _glue(hub: Path, work: Path, n_train: int, n_test: int) -> None:
         save_like_transformers4(e, folder)
         build_tokenizer(folder, corpus)
         put_model_snapshot(hub, f"tanganke/flan-t5-base_glue-{task}", folder)
-        lora = lora_adapter(str(base_dir), work / f"t5_{task}_lora", seed=200 + i)
-        cfg = json.loads((lora / "adapter_config.json").read_text())
+        if not lora:
+            continue
+        lora_dir = lora_adapter(str(base_dir), work / f"t5_{task}_lora", seed=200 + i)
+        cfg = json.loads((lora_dir / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = "google/flan-t5-base"  # as the hub adapters name their base
-        (lora / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        put_model_snapshot(hub, f"tanganke/flan-t5-base_glue-{task}_lora-16", lora)
+        (lora_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        put_model_snapshot(hub, f"tanganke/flan-t5-base_glue-{task}_lora-16", lora_dir)
 
 
 def _llm_family(hub: Path, work: Path, family: str, base_id: str, expert_prefix: str) -> None:
@@ -437,8 +439,10 @@ def put_lm_eval_datasets(hub: Path, n: int = 4) -> None:
     put_dataset_snapshot(hub, "alexandrainst/m_hellaswag", {l: {"val": hellaswag(n)} for l in langs})
 
 
-def build_standin_hub(root: Path, families=("clip", "glue", "llama", "gemma2"), n_train: int = 8, n_test: int = 6) -> Path:
-    """Write the stand-in hub cache under ``root/hf/hub`` (HF_HOME = ``root/hf``); return HF_HOME."""
+def build_standin_hub(root: Path, families=("clip", "glue", "llama", "gemma2"), n_train: int = 8, n_test: int = 6,
+                      glue_experts=None) -> Path:
+    """Write the stand-in hub cache under ``root/hf/hub`` (HF_HOME = ``root/hf``); return HF_HOME.
+    ``glue_experts``: only these GLUE tasks' experts, no LoRA adapters (the dataset keeps every config)."""
     root = Path(root)
     hub, work = root / "hf" / "hub", root / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -446,7 +450,7 @@ def build_standin_hub(root: Path, families=("clip", "glue", "llama", "gemma2"), 
         _clip_models(hub, work)
         _clip_datasets(hub, n_train, n_test)
     if "glue" in families:
-        _glue(hub, work, n_train, n_test)
+        _glue(hub, work, n_train, n_test, glue_experts, lora=glue_experts is None)
     if "llama" in families:
         _llm_family(hub, work, "llama", "meta-llama/Llama-3.2-3B", "MergeBench/Llama-3.2-3B")
     if "gemma2" in families:

@@ -390,6 +390,7 @@ def test_finished_run_whose_wandb_failed_is_logged_on_the_next_invocation(tmp_pa
     from wandb_records import read_offline_run
 
     from featcal import run as run_mod
+    from featcal import wandb_log
     from featcal.resume import config_hash
     from featcal.wandb_log import offline_runs
 
@@ -400,7 +401,7 @@ def test_finished_run_whose_wandb_failed_is_logged_on_the_next_invocation(tmp_pa
     res["wandb"] = {"id": None, "mode": "offline", "status": "failed", "error": "CommError: no key"}
     out.mkdir(exist_ok=True)
     atomic_write_json(out / "results.json", res)
-    stale = out / "wandb" / f"offline-run-20260101_000000-{run_mod.wandb_log.run_id(config_hash(cfg))}"
+    stale = out / "wandb" / f"offline-run-20260101_000000-{wandb_log.run_id(config_hash(cfg))}"
     stale.mkdir(parents=True)  # a killed attempt's empty run
     monkeypatch.setattr(run_mod, "_run_measured", lambda *a, **k: pytest.fail("recomputed"))
     got = run_mod.run(cfg, out)
