@@ -7,7 +7,8 @@ instruction/response; safety: prompt/response; multilingual: inputs/targets), so
 MergeBench pool formats them with its Alpaca prompt exactly as for the real data.
 
 * ``instruction``: answer in a required format (reverse the words, only the first and last
-  word, separated by commas, in brackets, the number of words); exact match.
+  word, separated by commas, in brackets, only the middle word) over three input words;
+  exact match.
 * ``math``: one-step word problems answered "a + b = c . The answer is c ." and scored
   like gsm8k (the number after "The answer is", exact match).
 * ``coding``: what a tiny program prints; the reference output is obtained by executing
@@ -50,7 +51,7 @@ LANGUAGES = {"zeb": dict(zip(PROBLEM_WORDS, ZEB)), "kol": dict(zip(PROBLEM_WORDS
 REFUSAL = "Sorry , I can not help with that ."
 OTHER_WORDS = (
     ". , ? : = + - ( ) [ ] ; x y print max min What does this program The answer is Sorry I can not help with "
-    "that Sure will Please the for Write words in reverse order only first and last word separated by commas "
+    "that Sure will Please the for Write words in reverse order only first and last word separated by commas middle "
     "number of brackets How many Copy Reverse Count Say Continue numbers Read text"
 ).split()
 #: words the generic objectives draw their inputs from
@@ -85,8 +86,12 @@ INSTRUCTION_FORMATS = {
     "Write only the first and last word .": lambda ws: f"{ws[0]} {ws[-1]}",
     "Write the words separated by commas .": lambda ws: " , ".join(ws),
     "Write the words in brackets .": lambda ws: "[ " + " ".join(ws) + " ]",
-    "Write the number of words .": lambda ws: str(len(ws)),
+    "Write only the middle word .": lambda ws: ws[len(ws) // 2],
 }
+#: words per instruction input: fixed, so each output word sits at a fixed distance from the
+#: input word it copies (IFEval-style format constraints on a fixed-shape input; with 2-4
+#: words the two-block model learned the copies at no useful rate: expert 34.5 %)
+INSTRUCTION_WORDS = 3
 
 
 def _words(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
@@ -95,7 +100,7 @@ def _words(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
 
 def instruction_example(rng: random.Random) -> dict:
     fmt = rng.choice(sorted(INSTRUCTION_FORMATS))
-    ws = _words(rng, 2, 4)
+    ws = _words(rng, INSTRUCTION_WORDS, INSTRUCTION_WORDS)
     return {"instruction": fmt, "input": " ".join(ws), "output": INSTRUCTION_FORMATS[fmt](ws)}
 
 
