@@ -179,6 +179,11 @@ def test_spec_rejects_unknown_keys_and_tasks():
         el.EmbeddedLlamaSpec.from_config({"tasks": ["math", "poetry"]})
     with pytest.raises(ValueError, match="divisible"):
         el.EmbeddedLlamaSpec.from_config({"heads": 4, "kv_heads": 3})
+    with pytest.raises(ValueError, match="pretrain_tasks"):
+        el.EmbeddedLlamaSpec.from_config({"pretrain_tasks": ["poetry"]})
+    # the pre-training mix draws from the spec's categories that are in pretrain_tasks, in task order
+    assert el.EmbeddedLlamaSpec().mixed_tasks() == ["math", "coding", "safety", "multilingual"]
+    assert el.EmbeddedLlamaSpec.from_config({"tasks": ["instruction", "safety"]}).mixed_tasks() == ["safety"]
 
 
 def test_block_state_take_cuts_the_extras_when_the_hidden_states_are_already_cut():

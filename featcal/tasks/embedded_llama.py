@@ -11,7 +11,8 @@ code (``featcal.tasks.embedded_llama_data``):
    (one file per lm-eval task) from a seeded ``random.Random``.
 3. A small ``LlamaForCausalLM`` (GQA, RoPE, RMSNorm, untied head as Llama-3.1-8B) is
    pre-trained as the **base** on generic objectives and plain text plus a small share
-   (``pretrain_mix``) of the tasks' train rows, all in the Alpaca format
+   (``pretrain_mix``) of the train rows of the categories in ``pretrain_tasks`` (all but
+   instruction), all in the Alpaca format
    (``featcal.tasks.mergebench.alpaca_text``), loss on the response (+ ``</s>``).
 4. One **expert** per category is fine-tuned gently from the base on its train rows.
    Only the blocks and the final norm are trained: the embeddings and the LM head are not
@@ -58,7 +59,8 @@ from featcal.utils import train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
 # 2: pinned portable builds (featcal.suite_build), experts from the saved base; the
-#    instruction category on three-word inputs (every expert >= 90 %)
+#    instruction category on two-word inputs and not in the pre-training mix, experts 300 steps
+#    at 3e-3 (issue 25's regime: every expert >= 90 %, TA >= base + 8 and <= experts - 10)
 BUILD_VERSION = 2
 BUILD_THREADS = 1
 IGNORE = -100
@@ -92,10 +94,14 @@ class EmbeddedLlamaSpec(SuiteSpec):
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     pretrain_mix: float = 0.15
+    # the categories whose train rows are in the pre-training mix: not instruction, whose
+    # format constraints the base then meets first in its expert (with them the base already
+    # scored 76.5 % there and Task Arithmetic fell to 23.5 %, 7.8 points above the base in all)
+    pretrain_tasks: tuple[str, ...] = ("math", "coding", "safety", "multilingual")
     # expert fine-tuning (blocks + final norm, gentle)
-    finetune_steps: int = 120
+    finetune_steps: int = 300
     finetune_batch: int = 32
-    finetune_lr: float = 2e-3
+    finetune_lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     shard_size: str = "100KB"
@@ -111,6 +117,14 @@ class EmbeddedLlamaSpec(SuiteSpec):
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads}), heads by kv_heads ({self.kv_heads})")
         if not 0.0 <= float(self.pretrain_mix) <= 1.0:
             raise ValueError(f"pretrain_mix must be in [0, 1], got {self.pretrain_mix}")
+        object.__setattr__(self, "pretrain_tasks", tuple(str(t) for t in self.pretrain_tasks))  # frozen dataclass
+        unknown = [t for t in self.pretrain_tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown embedded_llama task(s) in pretrain_tasks: {unknown}; known: {sorted(TASKS)}")
+
+    def mixed_tasks(self) -> list[str]:
+        """The spec's categories whose train rows the base's pre-training mixes in."""
+        return [t for t in self.tasks if t in self.pretrain_tasks]
 
     def lm_eval_tasks(self) -> dict[str, list[str]]:
         """category → its lm-eval task names."""
@@ -371,11 +385,13 @@ def _build_base(spec: Mapping[str, Any], out: str, device: str, progress: bool) 
     generic = [PRETRAIN[k] for k in sorted(PRETRAIN)]
     prng = _rng(spec, "__pretrain__")
 
+    mixed = spec.mixed_tasks()
+
     def pretrain_batch() -> list[tuple[str, str]]:
         out_pairs = []
         for _ in range(spec.pretrain_batch):
-            if prng.random() < spec.pretrain_mix:
-                t = prng.choice(spec.tasks)
+            if mixed and prng.random() < spec.pretrain_mix:
+                t = prng.choice(mixed)
                 out_pairs.append(pairs[t][prng.randrange(spec.n_train)])
             else:
                 instruction, input_text, response = prng.choice(generic)(prng)

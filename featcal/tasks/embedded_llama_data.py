@@ -6,9 +6,8 @@ instruction and a response, stored in the columns of ``MergeBench/<task>_val``
 instruction/response; safety: prompt/response; multilingual: inputs/targets), so the
 MergeBench pool formats them with its Alpaca prompt exactly as for the real data.
 
-* ``instruction``: answer in a required format (reverse the words, only the first and last
-  word, separated by commas, in brackets, only the middle word) over three input words;
-  exact match.
+* ``instruction``: answer in a required format (the words reversed, only the first word,
+  only the last word, separated by commas, in brackets) over two input words; exact match.
 * ``math``: one-step word problems answered "a + b = c . The answer is c ." and scored
   like gsm8k (the number after "The answer is", exact match).
 * ``coding``: what a tiny program prints; the reference output is obtained by executing
@@ -51,7 +50,7 @@ LANGUAGES = {"zeb": dict(zip(PROBLEM_WORDS, ZEB)), "kol": dict(zip(PROBLEM_WORDS
 REFUSAL = "Sorry , I can not help with that ."
 OTHER_WORDS = (
     ". , ? : = + - ( ) [ ] ; x y print max min What does this program The answer is Sorry I can not help with "
-    "that Sure will Please the for Write words in reverse order only first and last word separated by commas middle "
+    "that Sure will Please the for Write words in reverse order only first and last word separated by commas "
     "number of brackets How many Copy Reverse Count Say Continue numbers Read text"
 ).split()
 #: words the generic objectives draw their inputs from
@@ -83,15 +82,16 @@ def vocabulary() -> list[str]:
 # --------------------------------------------------------------------------------------
 INSTRUCTION_FORMATS = {
     "Write the words in reverse order .": lambda ws: " ".join(reversed(ws)),
-    "Write only the first and last word .": lambda ws: f"{ws[0]} {ws[-1]}",
+    "Write only the first word .": lambda ws: ws[0],
+    "Write only the last word .": lambda ws: ws[-1],
     "Write the words separated by commas .": lambda ws: " , ".join(ws),
     "Write the words in brackets .": lambda ws: "[ " + " ".join(ws) + " ]",
-    "Write only the middle word .": lambda ws: ws[len(ws) // 2],
 }
 #: words per instruction input: fixed, so each output word sits at a fixed distance from the
-#: input word it copies (IFEval-style format constraints on a fixed-shape input; with 2-4
-#: words the two-block model learned the copies at no useful rate: expert 34.5 %)
-INSTRUCTION_WORDS = 3
+#: input word it copies (format constraints on a fixed-shape input). With 2-4 words the
+#: two-block expert reached 34.5 %; with 3 it generalised to 59-75 % (it learned the train
+#: rows, not the copies); with 2 it reaches the regime's 90 %.
+INSTRUCTION_WORDS = 2
 
 
 def _words(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
