@@ -11,7 +11,9 @@ lm-eval's per-task set-up); this script exists to fill the table in minutes.
         [--calibrations featcal surgery probsurgery] [--out results/embedded_llama.json]
 
 Prints a markdown table; writes the rows (per category, mean, normalised = merged ÷ expert,
-share of the TA→experts gap closed, calibration wall and CPU seconds) as JSON.
+share of the TA→experts gap closed, calibration wall and CPU seconds), the build's identity
+(``featcal.suite_build.suite_identity``: spec hash, content hash, portable) and the load
+average at the start and the end as JSON.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="embedded_llama")
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 32, 256])
     ap.add_argument("--calibrations", nargs="+", default=["featcal", "surgery", "probsurgery"])
+    ap.add_argument("--merges", nargs="+", default=["weight_average", "task_arithmetic", "ties"],
+                    help="the merge rows (task_arithmetic is always scored: the calibrators start from it)")
     ap.add_argument("--out", default=str(ROOT / "results" / "embedded_llama.json"))
     ap.add_argument("--merge-dir", default=None, help="where the streamed merges go (default: a temp folder)")
     ap.add_argument("--extra", nargs="*", default=[], help="further Hydra overrides for every configuration")
@@ -62,6 +66,11 @@ def main() -> None:
     tok = pool.tokenizer()
     tasks = list(spec.tasks)
     manifest = el.read_manifest(folder)
+    from featcal.suite_build import suite_identity
+
+    identity = suite_identity(folder, spec.SUITE)
+    load_start = os.getloadavg()
+    print("suite", identity, "load average", load_start, flush=True)
     rows: dict[str, dict[str, float]] = {"base": manifest["metrics"]["base"], "experts": manifest["metrics"]["experts"]}
     info: dict[str, dict] = {}
 
@@ -72,10 +81,34 @@ def main() -> None:
         base, experts = ad.load_base(), ad.load_experts()
         return ad, ad.merge(_build(c.merge), base, experts), base, experts
 
-    for merge, label in (("weight_average", "WA"), ("task_arithmetic", "TA"), ("ties", "TIES")):
+    def write() -> list[str]:
+        """The table so far (printed by the caller) and the JSON, rewritten atomically after
+        every row: a run cut short keeps the rows it finished."""
+        mean = {k: sum(v[t] for t in tasks) / len(tasks) for k, v in rows.items()}
+        norm = {k: 100 * sum(v[t] / rows["experts"][t] for t in tasks) / len(tasks) for k, v in rows.items()}
+        ta, ex = mean.get("TA"), mean["experts"]
+        lines = [f"| model | {' | '.join(tasks)} | mean | normalised % | gap closed | calibration s (CPU s) |",
+                 "|---" * (len(tasks) + 5) + "|"]
+        for k, v in rows.items():
+            gap = f"{100 * (mean[k] - ta) / (ex - ta):+.0f} %" if k.startswith("TA +") and ta is not None and ex != ta else ""
+            secs = f"{info[k]['calibration_s']:.1f} ({info[k]['calibration_cpu_s']:.1f})" if "calibration_s" in info.get(k, {}) else ""
+            lines.append(f"| {k} | {' | '.join(f'{v[t]:.1f}' for t in tasks)} | {mean[k]:.1f} | {norm[k]:.1f} | {gap} | {secs} |")
+        result = {"spec": spec.to_dict(), "suite": identity, "build_seconds": manifest["build_seconds"],
+                  "build_workers": manifest.get("build_workers"),
+                  "load_average": {"start": load_start, "now": os.getloadavg()},
+                  "rows": rows, "mean": mean, "normalised": norm, "runs": info, "table": lines}
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, args.out)  # atomically: a finished row is never lost
+        return lines
+
+    merges = [m for m in ("weight_average", "task_arithmetic", "ties") if m in args.merges or m == "task_arithmetic"]
+    for merge in merges:
+        label = {"weight_average": "WA", "task_arithmetic": "TA", "ties": "TIES"}[merge]
         _, model, _, _ = merged_with(merge)
         rows[label] = el.score_all(model, tok, spec, data)
         print(label, rows[label], flush=True)
+        write()
 
     for cal in args.calibrations:
         for b in args.budgets:
@@ -99,20 +132,12 @@ def main() -> None:
                 print(key, "failed:", info[key]["error"], flush=True)
                 continue
             print(key, rows[key], info[key], flush=True)
+            write()
 
-    mean = {k: sum(v[t] for t in tasks) / len(tasks) for k, v in rows.items()}
-    norm = {k: 100 * sum(v[t] / rows["experts"][t] for t in tasks) / len(tasks) for k, v in rows.items()}
-    ta, ex = mean["TA"], mean["experts"]
-    lines = [f"| model | {' | '.join(tasks)} | mean | normalised % | gap closed | calibration s (CPU s) |",
-             "|---" * (len(tasks) + 5) + "|"]
-    for k, v in rows.items():
-        gap = f"{100 * (mean[k] - ta) / (ex - ta):+.0f} %" if k.startswith("TA +") and ex != ta else ""
-        secs = f"{info[k]['calibration_s']:.1f} ({info[k]['calibration_cpu_s']:.1f})" if "calibration_s" in info.get(k, {}) else ""
-        lines.append(f"| {k} | {' | '.join(f'{v[t]:.1f}' for t in tasks)} | {mean[k]:.1f} | {norm[k]:.1f} | {gap} | {secs} |")
+    lines = write()
     print("\n".join(lines))
     print({k: v for k, v in info.items() if "error" in v})
-    Path(args.out).write_text(json.dumps({"spec": spec.to_dict(), "build_seconds": manifest["build_seconds"], "rows": rows,
-                                          "mean": mean, "normalised": norm, "runs": info, "table": lines}, indent=1) + "\n")
+    print("load average at the start", load_start, "at the end", os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ instruction and a response, stored in the columns of ``MergeBench/<task>_val``
 instruction/response; safety: prompt/response; multilingual: inputs/targets), so the
 MergeBench pool formats them with its Alpaca prompt exactly as for the real data.
 
-* ``instruction``: answer in a required format (reverse the words, only the first and last
-  word, separated by commas, in brackets, the number of words); exact match.
+* ``instruction``: answer in a required format (the words reversed, only the first word,
+  only the last word, separated by commas, in brackets) over two input words; exact match.
 * ``math``: one-step word problems answered "a + b = c . The answer is c ." and scored
   like gsm8k (the number after "The answer is", exact match).
 * ``coding``: what a tiny program prints; the reference output is obtained by executing
@@ -82,11 +82,16 @@ def vocabulary() -> list[str]:
 # --------------------------------------------------------------------------------------
 INSTRUCTION_FORMATS = {
     "Write the words in reverse order .": lambda ws: " ".join(reversed(ws)),
-    "Write only the first and last word .": lambda ws: f"{ws[0]} {ws[-1]}",
+    "Write only the first word .": lambda ws: ws[0],
+    "Write only the last word .": lambda ws: ws[-1],
     "Write the words separated by commas .": lambda ws: " , ".join(ws),
     "Write the words in brackets .": lambda ws: "[ " + " ".join(ws) + " ]",
-    "Write the number of words .": lambda ws: str(len(ws)),
 }
+#: words per instruction input: fixed, so each output word sits at a fixed distance from the
+#: input word it copies (format constraints on a fixed-shape input). With 2-4 words the
+#: two-block expert reached 34.5 %; with 3 it generalised to 59-75 % (it learned the train
+#: rows, not the copies); with 2 it reaches the regime's 90 %.
+INSTRUCTION_WORDS = 2
 
 
 def _words(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
@@ -95,7 +100,7 @@ def _words(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
 
 def instruction_example(rng: random.Random) -> dict:
     fmt = rng.choice(sorted(INSTRUCTION_FORMATS))
-    ws = _words(rng, 2, 4)
+    ws = _words(rng, INSTRUCTION_WORDS, INSTRUCTION_WORDS)
     return {"instruction": fmt, "input": " ".join(ws), "output": INSTRUCTION_FORMATS[fmt](ws)}
 
 
