@@ -249,15 +249,25 @@ def method_rows(long: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     std = grouped[tasks].std(ddof=1).add_suffix("_std")
     n = grouped.size().rename("n")
     wide = pd.concat([mean, std, n], axis=1).reset_index()
-    out = []
+    out, collapsed = [], []
     budget_free = [k for k in keys if k not in ("budget", "config_id")]
     for _, g in wide.groupby(budget_free, sort=False, dropna=False):
         if g["calibration"].iloc[0] == "none" and len(g) > 1:
             vals = g[tasks].to_numpy(dtype=float)
             if np.allclose(vals, vals[0], rtol=0.0, atol=1e-9, equal_nan=True):
+                # one configuration run at several (unused) budgets: shown once, and said so;
+                # its cost columns are the mean over those runs, each run's own values are listed
                 row = g.iloc[[0]].copy()
                 row["budget"] = math.nan
+                for c in COST:
+                    row[c] = g[c].mean()
+                row["n"] = int(g["n"].max())
                 out.append(row)
+                collapsed.append({
+                    "label": f"{g['merge_label'].iloc[0]} + {g['calibration_label'].iloc[0]}",
+                    "budgets": [None if pd.isna(b) else int(b) for b in g["budget"]],
+                    **{c: [None if pd.isna(v) else float(v) for v in g[c]] for c in COST},
+                })
                 continue
         out.append(g)
     rows = pd.concat(out, ignore_index=True)
@@ -265,7 +275,9 @@ def method_rows(long: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     rows["_m"] = rows["merge"].map(lambda m: MERGE_ORDER.get(m, 9))
     rows = rows.sort_values(["backbone", "n_tasks", "_m", "merge_label", "_c", "calibration_label", *cfg_cols, "budget"],
                             na_position="first").drop(columns=["_c", "_m"])
-    return rows.reset_index(drop=True)
+    rows = rows.reset_index(drop=True)
+    rows.attrs["collapsed"] = collapsed
+    return rows
 
 
 def reference_rows(long: pd.DataFrame) -> pd.DataFrame:
@@ -289,6 +301,7 @@ def paper_table(long: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, l
     task columns; ``best`` lists the columns where a row's mean is the best among methods."""
     tasks = _ordered_tasks(long)
     methods = method_rows(long, runs)
+    collapsed = methods.attrs.get("collapsed", [])
     methods["kind"] = "method"
     refs = reference_rows(long)
     if len(refs):
@@ -308,6 +321,7 @@ def paper_table(long: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, l
                     best[i].append(c)
     table["best"] = [";".join(b) for b in best]
     table.attrs["config_columns"] = config_columns(runs)
+    table.attrs["collapsed"] = collapsed
     return table, cols
 
 
@@ -804,6 +818,17 @@ def report(inputs: list[Path], out: Path, paper_dir: Path = DEFAULT_PAPER_DIR, u
         sections.append(f"## Duplicate runs ({len(rows)}): same configuration and seed, only the newest is used\n\n"
                         + pd.DataFrame(rows).to_markdown(index=False) + "\n")
         written["notes"] += [f"duplicate: {d['label']}: kept {d['kept']}, not averaged: {', '.join(d['dropped'])}" for d in info["duplicates"]]
+    if table.attrs.get("collapsed"):
+        def _vals(v: list) -> str:
+            return " / ".join("—" if x is None else f"{x:.1f}" for x in v)
+        rows = [{"configuration": d["label"], "budgets": " / ".join(str(b) for b in d["budgets"]),
+                 "calibrate s": _vals(d["calibrate_s"]), "merge s": _vals(d["merge_s"]), "peak MiB": _vals(d["peak_mib"])}
+                for d in table.attrs["collapsed"]]
+        sections.append(f"## Calibration-free runs shown once ({len(rows)}): the same configuration run at several budgets "
+                        "(no calibration data used, identical scores); the table's cost columns are their mean, each run's own below\n\n"
+                        + pd.DataFrame(rows).to_markdown(index=False) + "\n")
+        written["notes"] += [f"shown once: {r['configuration']} ran at budgets {r['budgets']} with identical scores; "
+                             f"cost columns are the mean (peak MiB {r['peak MiB']})" for r in rows]
     if info["wandb_problems"]:
         rows = [{"offline W&B run": str(run), "problem": problem} for run, problem in info["wandb_problems"]]
         sections.append(f"## Corrupt or incomplete offline W&B runs ({len(rows)}): do not `wandb sync` them; "

@@ -37,7 +37,7 @@ def write_run(folder: Path, *, calibration="featcal", cal_cfg=None, seed=0, budg
     cal_cfg = dict(cal_cfg or (FEATCAL if calibration == "featcal" else SURGERY))
     config = {"seed": seed, "budget": {"per_task": budget, "split": "train", "batch_size": 16}, "device": "auto",
               "precision": "fp32", "eval_batch_size": 256, "resume": True, "logger": {"name": logger},
-              "backbone": {"tasks": TASKS}, "merge": {"_target_": "featcal.merge.task_arithmetic", "scaling_factor": 0.3},
+              "backbone": {"tasks": TASKS}, "merge": {"_target_": f"featcal.merge.registry.{merge.upper()}", "scaling_factor": 0.3},
               "calibration": cal_cfg}
     score = {"merged": {"inverted": 60.0, "rot90": 65.0, "average": 62.5},
              "calibrated": {"inverted": scores[0], "rot90": scores[1], "average": (scores[0] + scores[1]) / 2},
@@ -176,6 +176,33 @@ def test_report_keys_rows_by_configuration_seeds_and_duplicates(ablation, tmp_pa
     assert r"\toprule" in tex and r"$\pm$" in tex and r"featcal (rho=1.0, alpha=0)" in tex
     assert r"\bfseries 82.00" in tex or r"\textbf{82.00}" in tex
     assert r"task\_arithmetic" in tex
+
+
+NONE = {"_target_": "featcal.calibration.base.NoCalibration"}
+
+
+def test_report_shows_a_calibration_free_config_once_and_says_which_runs_it_stands_for(tmp_path):
+    """TA + none run at budgets 8 and 32 (identical scores: no calibration data used) is one
+    row, with the mean of the two runs' costs, and the report lists both runs' own costs;
+    runs whose scores differ are never collapsed."""
+    from featcal.sweep_report import report
+
+    root = tmp_path / "runs"
+    write_run(root / "0", calibration="none", cal_cfg=NONE, budget=8, scores=(60.0, 65.0), peak=700.0)
+    write_run(root / "1", calibration="none", cal_cfg=NONE, budget=32, scores=(60.0, 65.0), peak=400.0)
+    write_run(root / "2", calibration="none", cal_cfg=NONE, budget=8, merge="ties", scores=(61.0, 66.0))
+    write_run(root / "3", calibration="none", cal_cfg=NONE, budget=32, merge="ties", scores=(62.0, 66.0))
+    written = report([root], tmp_path / "rep", use_wandb=False)
+    table = pd.read_csv(tmp_path / "rep" / "table.csv")
+    ta = table[(table["kind"] == "method") & (table["merge_name"] == "task_arithmetic")]
+    assert len(ta) == 1 and pd.isna(ta["budget"].iloc[0]) and ta["average"].iloc[0] == pytest.approx(62.5)
+    assert ta["peak_mib"].iloc[0] == pytest.approx(np.mean([700.0 - 300.0, 400.0 - 300.0]))
+    ties = table[(table["kind"] == "method") & (table["merge_name"] == "ties")]
+    assert sorted(ties["budget"]) == [8, 32] and sorted(ties["average"]) == [63.5, 64.0]
+    (note,) = [n for n in written["notes"] if n.startswith("shown once:")]
+    assert "8 / 32" in note and "400.0 / 100.0" in note
+    md = (tmp_path / "rep" / "table.md").read_text()
+    assert "Calibration-free runs shown once (1)" in md
 
 
 def test_report_build_column_keeps_suite_builds_apart(tmp_path):
