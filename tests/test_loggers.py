@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from featcal.report import per_task_table
+from wandb_records import finished_results
 from featcal.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,15 +99,7 @@ def test_a_logger_plugged_in_by_target_is_used_like_wandb(tmp_path, capsys):
                     "+logger.label=mine"])
     with pytest.raises(ConfigError, match=r"logger\.label=3: a string"):
         validate(_compose(["backbone=embedded_small", "logger=none", f"logger._target_={target}", "+logger.label=3"]))
-    tasks = ["inverted", "rot90"]
-    score = {"merged": {"inverted": 60.0, "rot90": 65.0, "average": 62.5},
-             "calibrated": {"inverted": 80.0, "rot90": 70.0, "average": 75.0}}
-    primary = {t: "accuracy" for t in tasks}
-    res = {"backbone": "embedded_small", "merge": "task_arithmetic", "calibration": "featcal", "budget": 8,
-           "split": "train", "seed": 0, "tasks": tasks, "primary_metric": primary, "score": score,
-           "metrics": {s: {t: {"accuracy": v} for t, v in d.items() if t != "average"} for s, d in score.items()},
-           "table": per_task_table(tasks, score, primary), "timings": {}, "memory": {}, "drift": [], "loss_curve": [],
-           "config": OmegaConf.to_container(cfg), "config_hash": config_hash(cfg)}
+    res = {**finished_results(), "config": OmegaConf.to_container(cfg), "config_hash": config_hash(cfg)}
     out = tmp_path / "job"
     out.mkdir()
     atomic_write_json(out / "results.json", res)

@@ -18,22 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from featcal.report import per_task_table
 from featcal.utils import atomic_write_json
+from wandb_records import finished_results
 
 TASKS = ["inverted", "rot90"]
 
 
 def results_dict() -> dict:
-    score = {"merged": {"inverted": 60.0, "rot90": 65.0, "average": 62.5},
-             "calibrated": {"inverted": 80.0, "rot90": 70.0, "average": 75.0}}
-    primary = {t: "accuracy" for t in TASKS}
-    res = {"backbone": "embedded_small", "merge": "task_arithmetic", "calibration": "featcal", "budget": 8,
-           "split": "train", "seed": 0, "tasks": TASKS, "primary_metric": primary, "score": score,
-           "metrics": {s: {t: {"accuracy": v} for t, v in d.items() if t != "average"} for s, d in score.items()},
-           "table": per_task_table(TASKS, score, primary), "timings": {"calibrate": 1.0}, "memory": {},
-           "drift": [], "loss_curve": [{"step": i, "loss": 1.0 / (i + 1)} for i in range(3)]}
-    return res
+    return finished_results(timings={"calibrate": 1.0}, loss_curve=[{"step": i, "loss": 1.0 / (i + 1)} for i in range(3)])
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,18 @@ def read_offline_run(run_folder: str | os.PathLike) -> dict[str, Any]:
             for item in rec.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def finished_results(timings: dict | None = None, loss_curve: list | None = None) -> dict[str, Any]:
+    """A finished run's results.json (two tasks, TA + FeatCal at budget 8) for logger tests."""
+    from featcal.report import per_task_table
+
+    tasks = ["inverted", "rot90"]
+    score = {"merged": {"inverted": 60.0, "rot90": 65.0, "average": 62.5},
+             "calibrated": {"inverted": 80.0, "rot90": 70.0, "average": 75.0}}
+    primary = {t: "accuracy" for t in tasks}
+    return {"backbone": "embedded_small", "merge": "task_arithmetic", "calibration": "featcal", "budget": 8,
+            "split": "train", "seed": 0, "tasks": tasks, "primary_metric": primary, "score": score,
+            "metrics": {s: {t: {"accuracy": v} for t, v in d.items() if t != "average"} for s, d in score.items()},
+            "table": per_task_table(tasks, score, primary), "timings": dict(timings or {}), "memory": {},
+            "drift": [], "loss_curve": list(loss_curve or [])}
