@@ -146,7 +146,7 @@ def test_bad_config_fails_before_loading(env, tmp_path):
 
 def test_cfg_job_prints_config(env, tmp_path):
     proc = featcal_run(["--cfg", "job"], env, tmp_path)
-    assert "backbone:" in proc.stdout and "task_arithmetic" in proc.stdout
+    assert "backbone:" in proc.stdout and "featcal.merge.registry.TASK_ARITHMETIC" in proc.stdout
 
 
 def test_surgery_run_logs_loss_curve(env, tmp_path):
