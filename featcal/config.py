@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from featcal.errors import ConfigError  # noqa: F401  (re-exported: featcal.config.ConfigError)
+from featcal.errors import ConfigError
 
 
 

@@ -5,8 +5,7 @@ Every problem a user can fix by changing their setup or config raises a
 file or config key) and *what to do*. The original exception (hub, safetensors,
 transformers...) is chained (``raise ... from err``) but not printed by default.
 
-Classes (all importable from here; the older paths ``featcal.config.ConfigError`` and
-``featcal.hub.SourceUnavailable`` still work)::
+Classes (import them from here, the one path for every featcal error)::
 
     FeatcalError
     ├── ConfigError           a config value is invalid (checked before loading, or only

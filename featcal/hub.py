@@ -1,7 +1,7 @@
 """Resolving model and dataset sources: a local folder, or a Hugging Face hub id.
 
 Hub access is optional. Every failure to reach or read a model or dataset raises
-``featcal.errors.SourceUnavailable`` (importable from here too) naming it and saying
+``featcal.errors.SourceUnavailable`` naming it and saying
 how to run offline; the hub's own exception is chained, not printed.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featcal.errors import CheckpointMismatch, SourceUnavailable  # noqa: F401  (re-exported: featcal.hub.SourceUnavailable)
+from featcal.errors import CheckpointMismatch, SourceUnavailable  # noqa: F401
 
 
 def _hf_home() -> str:

@@ -24,7 +24,7 @@ from clip_fixtures import (
     write_tiny_tokenizer,
 )
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
-from featcal.hub import SourceUnavailable
+from featcal.errors import SourceUnavailable
 from featcal.tasks import clip_vision as cv
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from featcal.config import ConfigError, validate
+from featcal.config import validate
+from featcal.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["backbone", "merge", "calibration", "logger", "experiment"]

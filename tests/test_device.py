@@ -134,7 +134,7 @@ def test_featcal_refuses_a_budget_whose_activations_cannot_fit(clip_world, monke
     """Any budget (budget.per_task=all included) is fine while one block's activations of
     all examples fit on the device; otherwise a clear error before any block runs."""
     from featcal.calibration.featcal import driver
-    from featcal.config import ConfigError
+    from featcal.errors import ConfigError
 
     backbone, base, experts, merged_sd, calib = _world_parts(clip_world)
     monkeypatch.setattr(driver, "available_bytes", lambda device: 10_000)

@@ -51,11 +51,13 @@ def _truncate(folder: Path) -> Path:
 # ---- the exception family -------------------------------------------------------------
 
 
-def test_one_family_and_the_old_import_paths():
-    import featcal.config
-    import featcal.hub
-
-    assert featcal.config.ConfigError is ConfigError and featcal.hub.SourceUnavailable is SourceUnavailable
+def test_one_family_imported_from_one_module():
+    root = Path(__file__).resolve().parents[1]
+    names = r"(ConfigError|SourceUnavailable|CheckpointMismatch|BudgetTooLarge|TaskMismatch|CorruptCache|ResultsNotWritten)"
+    pattern = re.compile(r"from featcal\.(?!errors\b)[\w.]+ import [^\n]*\b" + names + r"\b")
+    hits = [f"{p.relative_to(root)}:{i}" for d in ("featcal", "tests", "experiments") for p in (root / d).rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == [], f"import featcal's errors from featcal.errors only: {hits}"
     for cls in (ConfigError, BudgetTooLarge, TaskMismatch, SourceUnavailable, CheckpointMismatch, errors.CorruptCache):
         assert issubclass(cls, FeatcalError)
     assert issubclass(ConfigError, ValueError) and issubclass(SourceUnavailable, RuntimeError)

@@ -323,7 +323,7 @@ def test_llama_backbone_matches_the_model_forward(llama_world):
 
 def test_llama_missing_source_raises_source_unavailable(tmp_path):
     from featcal.backbone.llama import LlamaBackbone
-    from featcal.hub import SourceUnavailable
+    from featcal.errors import SourceUnavailable
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -91,7 +91,8 @@ def test_a_logger_plugged_in_by_target_is_used_like_wandb(tmp_path, capsys):
     the class (needs_backfill), starts it, logs the stored results and records them under
     its own key -- and a bad value of its own key is reported by its validate_config."""
     from featcal import run as run_mod
-    from featcal.config import ConfigError, validate
+    from featcal.config import validate
+    from featcal.errors import ConfigError
     from featcal.resume import config_hash
 
     target = f"{__name__}.RecordingLogger"

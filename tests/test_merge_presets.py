@@ -121,7 +121,8 @@ def test_probsurgery_original_protocol_selects_on_test_and_says_so(tmp_path):
     assert cal.zero_grad == "zeros" and cal.select == "best" and cal.selection_split == "test"
     assert cal.needs_test_scorer and cal.selection_label == "+test-selected"
     bad = _compose(["calibration=probsurgery", "calibration.rounds=7"], tmp_path)
-    from featcal.config import ConfigError, validate
+    from featcal.config import validate
+    from featcal.errors import ConfigError
 
     from omegaconf import OmegaConf
 

@@ -218,7 +218,8 @@ def test_streamed_merge_cache_key_is_unchanged():
 
 
 def test_config_checks_and_unknown_keys_come_from_the_record():
-    from featcal.config import ConfigError, validate
+    from featcal.config import validate
+    from featcal.errors import ConfigError
     from featcal.strict import accepted_keys
 
     assert accepted_keys("featcal.merge.registry.TIES") == {p.name for p in METHODS["ties"].params}

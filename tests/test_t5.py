@@ -26,7 +26,7 @@ from featcal.backbone.t5 import (
     load_t5,
     load_t5_lora,
 )
-from featcal.hub import SourceUnavailable
+from featcal.errors import SourceUnavailable
 from featcal.tasks.glue import GLUETaskPool, glue_templates
 from featcal.tasks.text2text import pad_batch, parse_float, score_answers, spearman
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from featcal.backbone.base import Backbone, BlockState, Inputs
 from featcal.errors import CheckpointMismatch, loading
-from featcal.hub import SourceUnavailable, resolve_model_dir
+from featcal.hub import resolve_model_dir
+from featcal.errors import SourceUnavailable
 from featcal.utils import as_torch_dtype
 
 log = logging.getLogger(__name__)

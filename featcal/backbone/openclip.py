@@ -31,7 +31,7 @@ from torch import nn
 from featcal import safe_pickle
 from featcal.backbone.clip import CLIPVisionBackbone, shapes_of
 from featcal.errors import CheckpointMismatch, ConfigError, loading
-from featcal.hub import SourceUnavailable
+from featcal.errors import SourceUnavailable
 
 # ---------------------------------------------------------------------------
 # reading the torch files

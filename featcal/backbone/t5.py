@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from featcal.backbone.base import Backbone, BlockState, Inputs
-from featcal.hub import SourceUnavailable, offline_hint, resolve_model_dir
+from featcal.hub import offline_hint, resolve_model_dir
+from featcal.errors import SourceUnavailable
 from featcal.utils import as_torch_dtype
 
 _T5_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]  # hub repos also carry .bin/TF/Flax copies

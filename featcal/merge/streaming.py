@@ -71,7 +71,7 @@ class CheckpointReader:
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not files:
-                from featcal.hub import SourceUnavailable
+                from featcal.errors import SourceUnavailable
 
                 bins = sorted(p.name for p in self.folder.glob("*.bin"))
                 raise SourceUnavailable(

@@ -37,7 +37,8 @@ from torch import nn
 
 from featcal.errors import CheckpointMismatch, ConfigError, CorruptCache, loading
 from featcal.backbone.clip import canonical_clip_keys, read_model_config
-from featcal.hub import SourceUnavailable, load_raw_state_dict, resolve_model_dir
+from featcal.hub import load_raw_state_dict, resolve_model_dir
+from featcal.errors import SourceUnavailable
 from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
 from featcal.utils import cache_root
 

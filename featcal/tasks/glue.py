@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from featcal.hub import SourceUnavailable
+from featcal.errors import SourceUnavailable
 from featcal.tasks.text2text import TextToTextTaskPool
 
 TEMPLATES_FILE = Path(__file__).resolve().parent / "data" / "glue_templates.json"

@@ -38,7 +38,7 @@ from torch import nn
 
 from featcal.backbone.base import Inputs
 from featcal.errors import ConfigError
-from featcal.hub import SourceUnavailable
+from featcal.errors import SourceUnavailable
 from featcal.tasks import code_exec
 from featcal.tasks.base import Metrics, TaskPool
 

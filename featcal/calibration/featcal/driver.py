@@ -766,7 +766,7 @@ def check_activation_memory(sample: BlockState, calibration: list[list[Inputs]],
     expert: 2 per example) on ``device``. Any budget works (``budget.per_task=all``
     included) if they fit; raise a clear error before trying when they cannot."""
     from featcal.backbone.base import batch_size_of
-    from featcal.config import ConfigError
+    from featcal.errors import ConfigError
 
     rows = int(sample.hidden.shape[0])
     per_example = sum(
