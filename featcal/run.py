@@ -184,6 +184,115 @@ def _backfill_logger(cfg: DictConfig, out_dir: Path, done: dict[str, Any], choic
     _log_results(run_logger, done, out_dir, {"results": out_dir / "results.json"})
 
 
+def _meta(cfg: DictConfig, choices: dict[str, str], calibrator: Calibrator) -> dict[str, Any]:
+    """The run's labels (backbone, merge, calibration, budget, split, seed) for tables and logs."""
+    meta = {
+        "backbone": _label("backbone", cfg.backbone, choices),
+        "merge": _label("merge", cfg.merge, choices),
+        "calibration": _label("calibration", cfg.calibration, choices),
+        "budget": cfg.budget.per_task if cfg.budget.per_task == "all" else int(cfg.budget.per_task),
+        "split": str(cfg.budget.split),
+        "seed": int(cfg.seed),
+    }
+    # a calibrator that picks its result by test-split scores is labelled so in every table
+    meta["calibration"] += getattr(calibrator, "selection_label", "")
+    return meta
+
+
+def _merge_inputs(merge: Any, adapter: Backbone, pool: TaskPool, base: torch.nn.Module, experts: list, calib: Any,
+                  device: torch.device) -> dict[str, Any]:
+    """What a data-using merge (RegMean, AdaMerging) reads besides the state dicts; ``{}`` for the others."""
+    if not merge.needs_calibration_data:
+        return {}
+    return {"backbone": adapter, "base_model": base, "expert_models": experts, "calib": calib, "device": device,
+            **_merge_heads(merge, pool)}
+
+
+def _calibrate(timer: StageTimer, repeats: int, calibrator: Calibrator, adapter: Backbone, merged: torch.nn.Module,
+               base: torch.nn.Module, experts: list, calib: Any, device: torch.device) -> tuple[CalibratedModel, list[float]]:
+    """The calibrate stage, ``repeats`` times from the same RNG state on copies of the merged
+    model (benchmark-grade timing: the median is recorded); the last calibrates ``merged``."""
+    repeat_seconds: list[float] = []
+    rng = _rng_state()
+    for k in range(repeats):
+        _set_rng_state(rng)
+        target = copy.deepcopy(merged) if k < repeats - 1 else merged
+        before = timer.seconds.get("calibrate", 0.0)
+        with timer.stage("calibrate"):
+            data = adapter.prepare_calibration(target, base, experts, calib, device) if calib is not None else None
+            calibrated: CalibratedModel = calibrator.calibrate(adapter, target, base, experts, data, device)
+        repeat_seconds.append(timer.seconds["calibrate"] - before)
+        if k < repeats - 1:
+            del calibrated, target
+    if repeats > 1:
+        timer.seconds["calibrate"] = statistics.median(repeat_seconds)
+        timer.cpu_seconds["calibrate"] /= repeats
+    return calibrated, repeat_seconds
+
+
+def _print_summary(meta: dict[str, Any], table: Any, timer: StageTimer, repeat_seconds: list[float], memory: dict[str, Any]) -> None:
+    """The run's table, stage times (with threads and load) and memory, printed before
+    anything is written: a full disk cannot hide the numbers."""
+    print(f"\n{meta['backbone']} | merge={meta['merge']} | calibration={meta['calibration']} | budget={meta['budget']} ({meta['split']})")
+    print(format_table(table))
+    print("wall-clock (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
+    ctx = timer.context.get("calibrate") or timing_context()
+    repeats = len(repeat_seconds)
+    print(f"  ({ctx['torch_threads']} torch threads, load average {ctx['loadavg']}"
+          + (f"; calibrate: median of {repeats} repeats {', '.join(f'{x:.1f}' for x in repeat_seconds)}" if repeats > 1 else "") + ")")
+    print(f"peak host RSS of this run {memory['peak_rss_mib']:.0f} MiB ({memory['peak_rss_above_baseline_mib']:+.0f} MiB over its start)"
+          + (f", CUDA peak {memory['cuda_peak_mib']:.0f} MiB" if memory["cuda_peak_mib"] else ""))
+
+
+def _results_record(cfg: DictConfig, meta: dict[str, Any], tasks: list[str], device: torch.device, primary: dict[str, str],
+                    score: dict[str, Any], metrics: dict[str, Any], table: Any, timer: StageTimer, repeat_seconds: list[float],
+                    memory: dict[str, Any], fetched: Any, report: Any, refs: Any, started: float, pool: TaskPool,
+                    suite: Any) -> dict[str, Any]:
+    """What ``results.json`` holds for one finished run."""
+    repeats = len(repeat_seconds)
+    report_dict = report.to_dict()
+    return {
+        **meta,
+        "tasks": tasks,
+        "device": str(device),
+        "primary_metric": primary,
+        "score": score,
+        "metrics": metrics,
+        "table": table,
+        "timings": dict(timer.seconds),
+        "timing": {"cpu_seconds": dict(timer.cpu_seconds), "context": timer.context, "at_end": timing_context(),
+                   "calibrate_repeats": repeat_seconds, "calibrate_is": "median of the repeats" if repeats > 1 else "one measurement"},
+        "memory": memory,
+        "prepared": fetched,  # where each hub model / dataset came from (downloaded in prepare, or cached)
+        "drift": report_dict.pop("drift"),
+        "loss_curve": report_dict.pop("loss_curve"),
+        "calibration_report": report_dict,
+        "reference_cache": refs.status,
+        "wall_clock_seconds": time.time() - started,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": config_hash(cfg),
+        **({"code_execution": pool.code_execution} if getattr(pool, "code_execution", None) else {}),  # opt-in + fence
+        "suite": suite,
+    }
+
+
+def _evaluate_references(cfg: DictConfig, timer: StageTimer, refs: ReferenceCache, evaluate: Callable[..., Metrics],
+                         tasks: list[str], base: torch.nn.Module, experts: list, merged: torch.nn.Module) -> dict[str, Metrics]:
+    """Experts (each on its own task), base and merged model. Experts and base are stored
+    once per model x task x eval settings (``ReferenceCache``) and reused by later jobs."""
+    metrics: dict[str, Metrics] = {}
+    if cfg.evaluate_experts:
+        with timer.stage("evaluate_experts"):
+            metrics["experts"] = refs.experts(experts, tasks, lambda i: evaluate(
+                experts[i], lambda _i, e=experts[i]: e, only=[i], desc=f"expert {tasks[i]}"))
+    if cfg.evaluate_base:
+        with timer.stage("evaluate_base"):
+            metrics["base"] = refs.base(base, tasks, lambda only: evaluate(base, lambda _i: base, only=only, desc="base"))
+    with timer.stage("evaluate_merged"):
+        metrics["merged"] = evaluate(merged, lambda _i: merged, desc="merged")
+    return metrics
+
+
 def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], device: torch.device,
                   sampler: MemorySampler, started: float) -> dict[str, Any]:
     dtype = DTYPES[cfg.precision]
@@ -196,16 +305,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
     adapter: Backbone = _build(cfg.backbone.adapter)
     pool: TaskPool = _build(cfg.backbone.taskpool)
 
-    meta = {
-        "backbone": _label("backbone", cfg.backbone, choices),
-        "merge": _label("merge", cfg.merge, choices),
-        "calibration": _label("calibration", cfg.calibration, choices),
-        "budget": cfg.budget.per_task if cfg.budget.per_task == "all" else int(cfg.budget.per_task),
-        "split": str(cfg.budget.split),
-        "seed": int(cfg.seed),
-    }
-    # a calibrator that picks its result by test-split scores is labelled so in every table
-    meta["calibration"] += getattr(calibrator, "selection_label", "")
+    meta = _meta(cfg, choices, calibrator)
     log.info("run %s on %s", meta, device)
     logger = _start_logger(_build(cfg.logger), cfg, out_dir, meta, choices)  # by _target_ (featcal.loggers); None: none
 
@@ -230,11 +330,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
 
     # ---- merge ----------------------------------------------------------------
     with timer.stage("merge"):
-        data = {}
-        if merge_needs_data:
-            data = dict(backbone=adapter, base_model=base, expert_models=experts, calib=calib, device=device)
-            data.update(_merge_heads(merge, pool))
-        merged = adapter.merge(merge, base, experts, **data)
+        merged = adapter.merge(merge, base, experts, **_merge_inputs(merge, adapter, pool, base, experts, calib, device))
     if dtype != torch.float32:
         base, merged = base.to(dtype), merged.to(dtype)
         experts = [e.to(dtype) for e in experts]
@@ -249,42 +345,15 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         finally:
             model.to("cpu")
 
-    metrics: dict[str, Metrics] = {}
-    # experts and base: stored once per model x task x eval settings, reused by later jobs
     refs = ReferenceCache.for_run(cfg, device, pool, adapter)
-    if cfg.evaluate_experts:
-        with timer.stage("evaluate_experts"):
-            metrics["experts"] = refs.experts(experts, tasks, lambda i: evaluate(
-                experts[i], lambda _i, e=experts[i]: e, only=[i], desc=f"expert {tasks[i]}"))
-    if cfg.evaluate_base:
-        with timer.stage("evaluate_base"):
-            metrics["base"] = refs.base(base, tasks, lambda only: evaluate(base, lambda _i: base, only=only, desc="base"))
-    with timer.stage("evaluate_merged"):
-        metrics["merged"] = evaluate(merged, lambda _i: merged, desc="merged")
+    metrics = _evaluate_references(cfg, timer, refs, evaluate, tasks, base, experts, merged)
 
     # ---- calibrate --------------------------------------------------------------
     rss_before = current_rss_mib()
     repeats = max(1, int(cfg.get("calibrate_repeats", 1) or 1))
-    repeat_seconds: list[float] = []
-    rng = _rng_state()
-    calib_in = calib
     if getattr(calibrator, "needs_test_scorer", False):  # best-of-rounds on the test split
         calibrator.round_scorer = lambda cal: scores(evaluate(cal.model, cal.model_for_task, desc="round"), pool)["average"]
-    for k in range(repeats):  # benchmark-grade timing: k identical calibrations, the median reported
-        _set_rng_state(rng)
-        target = copy.deepcopy(merged) if k < repeats - 1 else merged
-        before = timer.seconds.get("calibrate", 0.0)
-        with timer.stage("calibrate"):
-            calib = calib_in
-            if calib is not None:
-                calib = adapter.prepare_calibration(target, base, experts, calib, device)
-            calibrated: CalibratedModel = calibrator.calibrate(adapter, target, base, experts, calib, device)
-        repeat_seconds.append(timer.seconds["calibrate"] - before)
-        if k < repeats - 1:
-            del calibrated, target
-    if repeats > 1:
-        timer.seconds["calibrate"] = statistics.median(repeat_seconds)
-        timer.cpu_seconds["calibrate"] /= repeats
+    calibrated, repeat_seconds = _calibrate(timer, repeats, calibrator, adapter, merged, base, experts, calib, device)
     report = calibrated.report
     report.extra.setdefault("rss_increase_mib", current_rss_mib() - rss_before)
     if cfg.get("save_calibrated", False):
@@ -305,44 +374,13 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
     primary = {t: pool.primary_metric(t) for t in tasks}
     score = {stage: scores(m, pool) for stage, m in metrics.items()}
     table = per_task_table(tasks, score, primary)
-    report_dict = report.to_dict()
-    results = {
-        **meta,
-        "tasks": tasks,
-        "device": str(device),
-        "primary_metric": primary,
-        "score": score,
-        "metrics": metrics,
-        "table": table,
-        "timings": dict(timer.seconds),
-        "timing": {"cpu_seconds": dict(timer.cpu_seconds), "context": timer.context, "at_end": timing_context(),
-                   "calibrate_repeats": repeat_seconds, "calibrate_is": "median of the repeats" if repeats > 1 else "one measurement"},
-        "memory": memory,
-        "prepared": fetched,  # where each hub model / dataset came from (downloaded in prepare, or cached)
-        "drift": report_dict.pop("drift"),
-        "loss_curve": report_dict.pop("loss_curve"),
-        "calibration_report": report_dict,
-        "reference_cache": refs.status,
-        "wall_clock_seconds": time.time() - started,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "config_hash": config_hash(cfg),
-        **({"code_execution": pool.code_execution} if getattr(pool, "code_execution", None) else {}),  # opt-in + fence
-        "suite": suite,
-    }
+    results = _results_record(cfg, meta, tasks, device, primary, score, metrics, table, timer, repeat_seconds, memory,
+                              fetched, report, refs, started, pool, suite)
     if logger is not None:
         results[logger.record_key] = {**logger.record(), "status": "pending"}  # "logged" once W&B has it
     long = long_rows({"run_dir": str(out_dir), **meta}, metrics, score, primary)
 
-    # printed before anything is written: a full disk cannot hide the numbers
-    print(f"\n{meta['backbone']} | merge={meta['merge']} | calibration={meta['calibration']} | budget={meta['budget']} ({meta['split']})")
-    print(format_table(table))
-    t = timer.seconds
-    print("wall-clock (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
-    ctx = timer.context.get("calibrate") or timing_context()
-    print(f"  ({ctx['torch_threads']} torch threads, load average {ctx['loadavg']}"
-          + (f"; calibrate: median of {repeats} repeats {', '.join(f'{x:.1f}' for x in repeat_seconds)}" if repeats > 1 else "") + ")")
-    print(f"peak host RSS of this run {memory['peak_rss_mib']:.0f} MiB ({memory['peak_rss_above_baseline_mib']:+.0f} MiB over its start)"
-          + (f", CUDA peak {memory['cuda_peak_mib']:.0f} MiB" if memory["cuda_peak_mib"] else ""))
+    _print_summary(meta, table, timer, repeat_seconds, memory)
     errors.keep_results(out_dir, results, lambda: write_results(out_dir, results, long))  # OSError: failed.json / stderr
     print(f"results: {out_dir / 'results.json'}")
 
