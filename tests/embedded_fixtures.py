@@ -1,6 +1,7 @@
 """Tiny specs of the two embedded suites, shared by their own test modules
 (``test_embedded.py``, ``test_embedded_t5.py``) and the cache tests of both
-(``test_suite_cache.py``)."""
+(``test_suite_cache.py``); the build-as-a-user and portability checks of every embedded
+suite (``test_embedded*.py``)."""
 
 # the vision suite (featcal.tasks.embedded_build), a tiny build (~1-2 s): 2 tasks, a
 # 1-block width-16 tower, a few steps
@@ -49,3 +50,30 @@ def lower_isa_env() -> dict:
     if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
     return {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "DNNL_MAX_CPU_ISA": "SSE41"}
+
+
+def build_as_a_user(ensure_built, *args, **kwargs):
+    """``ensure_built(*args, **kwargs)`` as a user's machine builds a suite: this CPU's own
+    kernel settings in the environment, the experts trained by 2 pinned workers."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ISA_VARS:
+            mp.delenv(var, raising=False)
+        mp.setenv("FEATCAL_BUILD_WORKERS", "2")
+        return ensure_built(*args, **kwargs)
+
+
+def assert_same_files_on_a_lower_isa(first: dict, rebuild, monkeypatch) -> dict:
+    """Issue 27: ``rebuild(workers)`` (a fresh build of the spec whose manifest is ``first``,
+    returning its manifest) under the kernel environment of a CPU with a lower instruction
+    set (``lower_isa_env``) and 1 worker gives every file the same sha256, the same content
+    hash and scores, and both builds are marked portable. Returns the second manifest."""
+    for var, value in lower_isa_env().items():
+        monkeypatch.setenv(var, value)
+    second = rebuild(1)
+    assert second["build_workers"] == 1
+    assert {k: v["sha256"] for k, v in second["files"].items()} == {k: v["sha256"] for k, v in first["files"].items()}
+    assert second["content_hash"] == first["content_hash"] and second["metrics"] == first["metrics"]
+    assert first["portable"] is True and second["portable"] is True
+    return second

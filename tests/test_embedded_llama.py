@@ -20,7 +20,7 @@ import yaml
 from featcal.tasks import embedded_llama as el
 from featcal.tasks import embedded_llama_data as data
 
-from embedded_fixtures import ISA_VARS, lower_isa_env
+from embedded_fixtures import ISA_VARS, assert_same_files_on_a_lower_isa, build_as_a_user, lower_isa_env
 
 ROOT = Path(__file__).resolve().parent.parent
 #: a tiny build (seconds): the layout, loaders, lm-eval plumbing; not the regime
@@ -313,11 +313,7 @@ def small():
     docs of each lm-eval task."""
     cfg = _yaml("embedded_llama_small")
     spec = el.EmbeddedLlamaSpec.from_config(cfg["spec"])
-    with pytest.MonkeyPatch.context() as mp:  # as a user's machine builds it (pinned children, 2 workers)
-        for var in ISA_VARS:
-            mp.delenv(var, raising=False)
-        mp.setenv("FEATCAL_BUILD_WORKERS", "2")
-        folder = el.ensure_built(spec, None, progress=False)
+    folder = build_as_a_user(el.ensure_built, spec, None, progress=False)  # pinned children, 2 workers
     return spec, folder
 
 
@@ -327,14 +323,8 @@ def test_small_build_is_the_same_on_a_lower_instruction_set_and_one_worker(small
     the small spec under the kernel environment of a CPU with a lower instruction set, with
     1 worker, gives every file the same sha256 as the cached 2-worker build."""
     spec, folder = small
-    first = el.read_manifest(folder)
-    for var, value in lower_isa_env().items():
-        monkeypatch.setenv(var, value)
-    second = el.build(spec, tmp_path / "again", progress=False, workers=1)
-    assert second["build_workers"] == 1
-    assert {k: v["sha256"] for k, v in second["files"].items()} == {k: v["sha256"] for k, v in first["files"].items()}
-    assert second["content_hash"] == first["content_hash"] and second["metrics"] == first["metrics"]
-    assert first["portable"] is True and second["portable"] is True
+    assert_same_files_on_a_lower_isa(
+        el.read_manifest(folder), lambda workers: el.build(spec, tmp_path / "again", progress=False, workers=workers), monkeypatch)
 
 
 def _ta_scores(spec, folder):

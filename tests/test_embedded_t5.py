@@ -27,7 +27,7 @@ from featcal.tasks.embedded_t5 import (
 from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
 
 from embedded_fixtures import EMBEDDED_T5_TINY as TINY  # a tiny build (a few seconds)
-from embedded_fixtures import ISA_VARS, lower_isa_env
+from embedded_fixtures import assert_same_files_on_a_lower_isa, build_as_a_user
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
@@ -191,11 +191,7 @@ def small_build(tmp_path_factory):
     environment, the experts trained by 2 pinned workers."""
     tmp_path = tmp_path_factory.mktemp("small-t5")
     spec = EmbeddedT5Spec.from_config(OmegaConf.to_container(_yaml("embedded_t5_small").backbone.spec, resolve=True))
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ISA_VARS:
-            mp.delenv(var, raising=False)
-        mp.setenv("FEATCAL_BUILD_WORKERS", "2")
-        ensure_built(spec, tmp_path, device="cpu", progress=False)
+    build_as_a_user(ensure_built, spec, tmp_path, device="cpu", progress=False)
     return spec, tmp_path
 
 
@@ -205,13 +201,9 @@ def test_small_build_is_the_same_on_a_lower_instruction_set_and_one_worker(small
     a CPU with a lower instruction set, with 1 worker, gives every file the same sha256."""
     spec, cache = small_build
     first = read_manifest(cache_path(spec, cache))
-    for var, value in lower_isa_env().items():
-        monkeypatch.setenv(var, value)
-    second = build(spec, tmp_path / "again", device="cpu", progress=False, workers=1)
-    assert first["build_workers"] == 2 and second["build_workers"] == 1
-    assert {k: v["sha256"] for k, v in second["files"].items()} == {k: v["sha256"] for k, v in first["files"].items()}
-    assert second["content_hash"] == first["content_hash"] and second["metrics"] == first["metrics"]
-    assert first["portable"] is True
+    assert first["build_workers"] == 2
+    assert_same_files_on_a_lower_isa(
+        first, lambda workers: build(spec, tmp_path / "again", device="cpu", progress=False, workers=workers), monkeypatch)
 
 
 @pytest.mark.slow
