@@ -198,6 +198,27 @@ class Backbone(abc.ABC):
         model.load_state_dict(dict(state_dict), strict=True)
         return model.eval()
 
+    # ---- storage (the model layer's business alone) ----------------------
+    def is_on_disk(self, model: Any) -> bool:
+        """True when ``model`` is a handle on weights kept on disk (read block by block),
+        not a loaded ``nn.Module``. Default: every model is loaded."""
+        return False
+
+    def materialize(self, model: Any) -> nn.Module:
+        """A loaded module for ``model`` (the model itself when it is already loaded)."""
+        return model
+
+    def block_source(self, model: Any):
+        """Block-by-block access to ``model``, loaded or on disk (``acquire`` / ``release``)."""
+        from featcal.backbone.lazy import BlockSource
+
+        return BlockSource(self, model)
+
+    def open_saved(self, folder: Any, like: Any) -> Any:
+        """A handle on a model saved in ``folder`` by a streamed calibrator, with the storage
+        settings (dtype, attention) of ``like``. Families without on-disk models raise."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no models on disk")
+
     # ---- structure -----------------------------------------------------
     @abc.abstractmethod
     def blocks(self, model: nn.Module) -> list[nn.Module]:

@@ -282,6 +282,16 @@ class LlamaBackbone(Backbone):
 
         return model.materialize() if is_lazy(model) else model
 
+    def is_on_disk(self, model) -> bool:
+        from featcal.backbone.lazy import is_lazy
+
+        return is_lazy(model)
+
+    def open_saved(self, folder, like):
+        from featcal.backbone.lazy import LazyCausalLM
+
+        return LazyCausalLM(folder, like.dtype, like.attn_implementation)
+
     def _merge_folder(self, merge_fn, sources: list[str]) -> "Path":
         import hashlib
         import json
