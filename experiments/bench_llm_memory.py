@@ -77,6 +77,7 @@ def measure(folder: Path, mode: str, tasks: int, n: int, seq: int, batch: int) -
     from featcal.backbone.llama import LlamaBackbone
     from featcal.calibration.featcal import FeatCal
     from featcal.merge import task_arithmetic
+    from featcal.merge.streaming import merge_models
 
     torch.set_num_threads(1)
     names = [f"t{t}" for t in range(tasks)]
@@ -87,7 +88,7 @@ def measure(folder: Path, mode: str, tasks: int, n: int, seq: int, batch: int) -
     ]
     ta = functools.partial(task_arithmetic, scaling_factor=0.3)
     # warm-up: the imports and kernels every mode needs, so the baseline holds them
-    import featcal.backbone.lazy  # noqa: F401
+    import featcal.io.lazy  # noqa: F401
     import featcal.calibration.featcal.streamed  # noqa: F401
     import featcal.merge.streaming  # noqa: F401
     from transformers import LlamaForCausalLM
@@ -106,7 +107,7 @@ def measure(folder: Path, mode: str, tasks: int, n: int, seq: int, batch: int) -
                            merge_dir=str(folder / "merged"))
     base = bb.load_base()
     exs = bb.load_experts()
-    merged = bb.merge(ta, base, exs)
+    merged = merge_models(ta, bb, base, exs)
     t_merge = time.perf_counter() - start
     fc = FeatCal(progress=False, drift_examples=0, pass_tokens=0, output_dir=str(folder / "calibrated"),
                  prefetch=mode != "streaming-seq")

@@ -41,6 +41,7 @@ def compose(backbone: str, merge: str = "task_arithmetic", calibration: str = "n
 def main() -> None:
     import torch
 
+    from featcal.merge.streaming import merge_models
     from featcal.run import _build
     from featcal.tasks import embedded_llama as el
 
@@ -79,7 +80,7 @@ def main() -> None:
         ad = _build(c.backbone.adapter)
         ad.merge_dir = str(merge_root / merge)
         base, experts = ad.load_base(), ad.load_experts()
-        return ad, ad.merge(_build(c.merge), base, experts), base, experts
+        return ad, merge_models(_build(c.merge), ad, base, experts), base, experts
 
     def write() -> list[str]:
         """The table so far (printed by the caller) and the JSON, rewritten atomically after

@@ -2,18 +2,18 @@
 into the local Hugging Face caches in the run's ``prepare`` stage, so that ``load`` (and the
 stages after it) measure reading from the local cache, not a download.
 
-- Models: each hub id the backbone adapter and task pool declare (``featcal.hub.
+- Models: each hub id the backbone adapter and task pool declare (``featcal.io.hub.
   required_sources``) that is not a local folder is fetched, when the hub is on, with
   ``huggingface_hub.snapshot_download`` -- configs, tokenizer files and one weights format
   (safetensors when the repo has them, else ``*.bin`` / ``*.pt``), as ``hf download`` would
   leave them; files the cache holds already are not fetched again -- and remembered
-  (``featcal.hub.remember_snapshot``): the loaders' ``resolve_model_dir`` then answers
+  (``featcal.io.hub.remember_snapshot``): the loaders' ``resolve_model_dir`` then answers
   from that folder without asking the hub again. Offline (``HF_HUB_OFFLINE=1``) nothing is
   asked: the loaders read the cache's snapshots as before.
 - Datasets: each hub dataset not in the hub or prepared datasets cache is fetched as a hub
   snapshot (``snapshot_download(repo_type="dataset")``): only the README and the data files
   of the configs the run uses when the README lists them, else the whole repo. The dataset
-  resolver (``featcal.datasets_io``) then reads the snapshot offline.
+  resolver (``featcal.io.datasets``) then reads the snapshot offline.
 
 Offline, or with everything cached, this costs next to nothing. Datasets that other
 libraries download themselves (lm-eval's task datasets) are not covered.
@@ -38,7 +38,7 @@ def _files(folder: Path | None) -> set[str]:
 def _dataset_patterns(folder: Path, configs: set[str | None]) -> list[str] | None:
     """The README and the data files of ``configs`` (from the README's ``configs:``), or
     None (the whole repo) when the README does not list them all."""
-    from featcal.datasets_io import card_configs
+    from featcal.io.datasets import card_configs
 
     listed = card_configs(folder)
     if not listed or None in configs or not configs <= set(listed):
@@ -59,9 +59,10 @@ def prefetch_sources(cfg) -> dict[str, Any]:
     local / cached (nothing fetched) / downloaded (files fetched now)."""
     import huggingface_hub
 
-    from featcal.datasets_io import dataset_location, download_command, hub_offline, looks_like_path, snapshot_dir
     from featcal.errors import SourceUnavailable
-    from featcal.hub import hub_failure_reason, model_location, offline_advice, remember_snapshot, required_sources
+    from featcal.io.datasets import (dataset_location, download_command, hub_failure_reason, hub_offline, looks_like_path,
+                                     snapshot_dir)
+    from featcal.io.hub import model_location, offline_advice, remember_snapshot, required_sources
 
     models, data = required_sources(cfg)
     done: dict[str, Any] = {"models": {}, "datasets": {}}

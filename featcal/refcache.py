@@ -144,7 +144,7 @@ def folder_fingerprint(folder: Path) -> str:
 
 def model_identity(model: Any) -> str | None:
     """The identity a reference score is stored under (None: not cacheable)."""
-    from featcal.backbone.lazy import is_lazy
+    from featcal.io.lazy import is_lazy
 
     try:
         if is_lazy(model):

@@ -37,6 +37,7 @@ from featcal.prefetch import prefetch_sources
 from featcal.envcheck import check_environment
 from featcal.lock import job_slot
 from featcal.merge.registry import as_merge, build_merge
+from featcal.merge.streaming import merge_models
 from featcal.refcache import ReferenceCache
 from featcal.resume import config_hash, interrupted, previous_results
 from featcal.strict import hydra_errors
@@ -127,7 +128,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         _backfill_logger(cfg, out_dir, done, choices)  # its W&B logging failed before: log it now
         return done
     check_environment(cfg, out_dir)  # the device exists; cache and run folders are writable
-    from featcal.hub import check_sources_available
+    from featcal.io.hub import check_sources_available
 
     check_sources_available(cfg)  # every model and dataset findable, before anything loads
     started = time.time()
@@ -330,7 +331,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
 
     # ---- merge ----------------------------------------------------------------
     with timer.stage("merge"):
-        merged = adapter.merge(merge, base, experts, **_merge_inputs(merge, adapter, pool, base, experts, calib, device))
+        merged = merge_models(merge, adapter, base, experts, **_merge_inputs(merge, adapter, pool, base, experts, calib, device))
     if dtype != torch.float32:
         base, merged = base.to(dtype), merged.to(dtype)
         experts = [e.to(dtype) for e in experts]

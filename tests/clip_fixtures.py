@@ -115,7 +115,7 @@ def make_tiny_expert(base_folder: Path, folder: Path, seed: int, scale: float = 
     """A perturbed base vision tower saved as a 4.x ``CLIPVisionModel`` (``vision_model.*`` keys)."""
     from safetensors.torch import save_file
 
-    from featcal.hub import load_raw_state_dict
+    from featcal.io.hub import load_raw_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from featcal.errors import CheckpointMismatch, SourceUnavailable
-from featcal.merge.streaming import CheckpointReader, stream_merge
+from featcal.io.safetensors import CheckpointReader
+from featcal.merge.streaming import stream_merge
 from featcal.merge.task_arithmetic import task_arithmetic
 
 EMB = "model.embed_tokens.weight"
@@ -112,6 +113,6 @@ def test_bin_only_folder_is_one_clear_message(tied, tmp_path):
     with pytest.raises(SourceUnavailable, match="pytorch_model.bin") as err:
         CheckpointReader(folder)
     assert "backbone.adapter.streaming=false" in str(err.value)
-    from featcal.hub import load_raw_state_dict  # the in-memory loaders read .bin
+    from featcal.io.hub import load_raw_state_dict  # the in-memory loaders read .bin
 
     assert torch.equal(load_raw_state_dict(folder)[EMB], CheckpointReader(root / "base").get(EMB))

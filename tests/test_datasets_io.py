@@ -1,4 +1,4 @@
-"""The one dataset resolver (featcal.datasets_io) and the availability check before loading.
+"""The one dataset resolver (featcal.io.datasets) and the availability check before loading.
 
 Offline throughout (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, HF_HOME in tmp): a dataset
 that exists only as a hub snapshot in the hub cache (what `hf download --repo-type dataset`
@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from featcal.datasets_io import card_configs, dataset_location, load_dataset_split, snapshot_dir
+from featcal.io.datasets import card_configs, dataset_location, load_dataset_split, snapshot_dir
 from featcal.errors import ConfigError, SourceUnavailable
 from tests.standin_hub import put_dataset_snapshot, put_repo, write_dataset_repo
 
@@ -156,7 +156,7 @@ def _compose(overrides):
 
 
 def test_precheck_lists_everything_missing_with_commands(hub, tmp_path):
-    from featcal.hub import check_sources_available, required_sources
+    from featcal.io.hub import check_sources_available, required_sources
 
     cfg = _compose(["backbone=flan_t5_base_glue", "logger=none"])
     models, data = required_sources(cfg)
@@ -204,7 +204,7 @@ def test_precheck_runs_before_any_model_loads(hub, tmp_path, monkeypatch):
 
 
 def test_precheck_only_checks_the_tasks_the_run_uses(hub, tmp_path):
-    from featcal.hub import required_sources
+    from featcal.io.hub import required_sources
 
     cfg = _compose(["backbone=mergebench_llama32_3b", "logger=none", "backbone.adapter.tasks=[instruction,math]"])
     models, data = required_sources(cfg)

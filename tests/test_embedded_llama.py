@@ -202,8 +202,8 @@ def test_block_state_take_cuts_the_extras_when_the_hidden_states_are_already_cut
 
 # ---- the build ----------------------------------------------------------------------
 def test_build_is_sharded_checksummed_and_loads_through_the_llama_loaders(built):
-    from featcal.backbone.lazy import LazyCausalLM
-    from featcal.backbone.llama import load_causal_lm
+    from featcal.io.lazy import LazyCausalLM
+    from featcal.io.lazy import load_causal_lm
     from tests.llm_fixtures import is_sharded
 
     spec, folder, _ = built
@@ -271,7 +271,7 @@ def test_hydra_config_instantiates_and_validates(built):
     lines = "\n".join(f"{rel}\t{meta['sha256']}" for rel, meta in sorted(manifest["files"].items()))
     assert ident["content_hash"] == hashlib.sha256(lines.encode()).hexdigest()[:16]  # one hash over every file
     assert ident["portable"] is True and ident["note"] == manifest["portability_note"]  # pinned CPU build
-    from featcal.backbone.lazy import is_lazy
+    from featcal.io.lazy import is_lazy
 
     assert is_lazy(adapter.load_base()) and is_lazy(adapter.load_expert("safety"))
     # calibration rows: MergeBench's Alpaca text of the suite's train rows
@@ -345,7 +345,7 @@ def test_small_build_is_in_the_real_merge_regime(small):
     (raw) on its category, Task Arithmetic (λ = 0.3) above the base and at least 10 points
     below the experts on the mean category score; every expert beats the base on its own
     category. (TA >= base + 8: test_task_arithmetic_is_8_points_above_the_base, not met.)"""
-    from featcal.backbone.llama import load_causal_lm
+    from featcal.io.lazy import load_causal_lm
 
     spec, folder = small
     m = el.read_manifest(folder)["metrics"]

@@ -123,7 +123,8 @@ def test_expert_of_another_shape_is_a_checkpoint_mismatch(tmp_path):
 
 
 def test_llm_loader_errors(tmp_path):
-    from featcal.backbone.llama import LlamaBackbone, load_causal_lm
+    from featcal.backbone.llama import LlamaBackbone
+    from featcal.io.lazy import load_causal_lm
 
     make_tiny_clip(tmp_path / "clip")
     with pytest.raises(CheckpointMismatch, match="'clip' checkpoint, which is not a causal language model"):
@@ -152,7 +153,8 @@ def test_missing_local_folder_and_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(SourceUnavailable, match="does not exist"):
         load_clip_vision(str(tmp_path / "nope"))
-    from featcal.hub import hub_failure_reason, offline_advice, offline_hint
+    from featcal.io.datasets import hub_failure_reason
+    from featcal.io.hub import offline_advice, offline_hint
 
     msg = hub_failure_reason("model", "owner/model") + ". " + offline_advice("model", "owner/model")
     assert "owner/model" in msg and "HF_HUB_OFFLINE=1" in msg and "hf download owner/model" in msg

@@ -9,10 +9,11 @@ import functools
 import pytest
 import torch
 
-from featcal.backbone.lazy import LazyCausalLM, is_lazy
+from featcal.io.lazy import LazyCausalLM, is_lazy
 from featcal.backbone.llama import LlamaBackbone
 from featcal.calibration.featcal import FeatCal
 from featcal.merge import task_arithmetic
+from featcal.merge.streaming import merge_models
 from test_featcal_driver import _final_drift
 from tests.llm_fixtures import TASKS, build_world, task_batch
 
@@ -43,7 +44,7 @@ def _streamed(streaming, calib, **kw):
     base = streaming.load_base()
     experts = streaming.load_experts()
     assert is_lazy(base) and all(isinstance(e, LazyCausalLM) for e in experts)
-    merged = streaming.merge(TA, base, experts)  # streamed to disk, loaded back
+    merged = merge_models(TA, streaming, base, experts)  # streamed to disk, loaded back
     assert not is_lazy(merged)
     return FeatCal(progress=False, **kw).calibrate(streaming, merged, base, experts, calib)
 
@@ -125,7 +126,7 @@ def test_merged_on_disk_gives_the_same_calibration_as_a_folder(world, tmp_path):
     disk_bb.merged_on_disk = True
     base = disk_bb.load_base()
     experts = disk_bb.load_experts()
-    merged = disk_bb.merge(TA, base, experts)
+    merged = merge_models(TA, disk_bb, base, experts)
     assert is_lazy(merged)
     out = FeatCal(progress=False, drift_examples=0, output_dir=str(tmp_path / "cal")).calibrate(disk_bb, merged, base, experts, calib)
     assert out.report.extra["calibrated_folder"] == str(tmp_path / "cal")
@@ -144,7 +145,7 @@ def _on_disk(streaming, calib, out, **kw):
     disk_bb = copy.copy(streaming)
     disk_bb.merged_on_disk = True
     base, experts = disk_bb.load_base(), disk_bb.load_experts()
-    merged = disk_bb.merge(TA, base, experts)
+    merged = merge_models(TA, disk_bb, base, experts)
     res = FeatCal(progress=False, output_dir=str(out), **kw).calibrate(disk_bb, merged, base, experts, calib)
     return res, res.model_for_task(0).state_dict()
 

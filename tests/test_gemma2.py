@@ -11,6 +11,7 @@ from featcal.calibration.featcal import FeatCal
 from featcal.calibration.featcal.solver import anchor, solve_rmsnorm
 from featcal.calibration.featcal.stats import normalise_without_affine
 from featcal.merge import task_arithmetic
+from featcal.merge.streaming import merge_models
 from test_featcal_driver import _final_drift
 from tests.llm_fixtures import TASKS, build_world, is_sharded, task_batch
 
@@ -131,7 +132,7 @@ def test_gemma_layer_streamed_equals_in_memory(gemma_world):
     ref = FeatCal(progress=False, pass_tokens=0, drift_examples=0).calibrate(backbone, merged, base, experts, calib)
     st = Gemma2Backbone(TASKS, base=base_dir, experts=expert_dirs, streaming=True, merge_dir=str(base_dir) + "-merged")
     lb, le = st.load_base(), st.load_experts()
-    m = st.merge(functools.partial(task_arithmetic, scaling_factor=0.3), lb, le)
+    m = merge_models(functools.partial(task_arithmetic, scaling_factor=0.3), st, lb, le)
     got = FeatCal(progress=False, drift_examples=0).calibrate(st, m, lb, le, calib)
     assert got.report.settings["streamed"] is True
     for (n, a), b in zip(ref.model.state_dict().items(), got.model.state_dict().values()):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from featcal.backbone.gemma2 import Gemma2Backbone
-from featcal.backbone.lazy import LazyCausalLM
-from featcal.backbone.llama import LlamaBackbone, load_causal_lm
+from featcal.io.lazy import LazyCausalLM
+from featcal.backbone.llama import LlamaBackbone
+from featcal.io.lazy import load_causal_lm
 
 FAMILIES = {"llama": LlamaBackbone, "gemma2": Gemma2Backbone}
 

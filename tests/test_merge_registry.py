@@ -208,7 +208,7 @@ def test_as_merge_binds_functions_partials_and_user_merges():
 def test_streamed_merge_cache_key_is_unchanged():
     """A streamed merge's folder is keyed by ``merge_recipe``: the same dict as before the
     registry, so merged folders already on disk are reused."""
-    from featcal.backbone.llama import merge_recipe
+    from featcal.merge.streaming import merge_recipe
     from featcal.merge import task_arithmetic
 
     want = {"sources": ["b", "e"], "merge": "featcal.merge.task_arithmetic.task_arithmetic",

@@ -33,7 +33,7 @@ def _pool(root, tasks, lm_tasks, **kw):
 
 
 def test_one_materialised_model_alive_at_a_time(tiny, monkeypatch):
-    from featcal.backbone.lazy import LazyCausalLM
+    from featcal.io.lazy import LazyCausalLM
 
     tasks = ["instruction", "math", "coding", "safety"]
     pool = _pool(tiny, tasks, {t: ["tiny_mc"] for t in tasks}, max_length=1024)

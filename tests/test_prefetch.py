@@ -84,7 +84,7 @@ def hub(remote, tmp_path, monkeypatch):
     import huggingface_hub
     import huggingface_hub.constants as hc
 
-    from featcal import hub as hub_mod
+    from featcal.io import hub as hub_mod
     from featcal.utils import StageTimer
 
     home = tmp_path / "hf"
@@ -172,7 +172,7 @@ def test_no_network_or_offline_with_everything_cached(hub, monkeypatch):
     import huggingface_hub
     import huggingface_hub.constants as hc
 
-    from featcal import hub as hub_mod
+    from featcal.io import hub as hub_mod
 
     server = hub["server"]
     _run(hub["tmp"] / "fill")  # fills the local cache online

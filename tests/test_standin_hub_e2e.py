@@ -88,7 +88,7 @@ def _sizes(tasks, n=8) -> str:
 
 def test_no_prepared_dataset_cache_is_used(standin):
     """Snapshot-only: every dataset resolves to the hub cache, none to a prepared cache."""
-    from featcal.datasets_io import dataset_location
+    from featcal.io.datasets import dataset_location
 
     for repo, config in (("nyu-mll/glue", "mnli"), ("ufldl-stanford/svhn", "cropped_digits"), ("ylecun/mnist", None),
                          ("tanganke/sun397", None), ("MergeBench/math_val", None)):
@@ -216,7 +216,7 @@ def test_code_standins_reference_solutions_pass_and_word_salad_fails(standin):
     """The stand-in problems are sound: every reference solution passes its tests in the fence,
     and the kind of text the tiny word-level model writes passes exactly the humaneval_plus
     problems whose prompt ends inside a comment (the ones the run above counts as passed)."""
-    from featcal.datasets_io import load_dataset_split
+    from featcal.io.datasets import load_dataset_split
     from featcal.tasks.code_exec import FencedCodeEval
 
     scorer = FencedCodeEval()
@@ -257,13 +257,14 @@ def test_mergebench_lm_eval_needs_reported_before_any_model_loads(standin, monke
     import nltk
 
     import featcal.backbone.llama
-    import featcal.hub
+    import featcal.io.hub
+    import featcal.io.lazy
     from featcal.errors import SourceUnavailable
 
     def no_load(*a, **k):
         raise AssertionError("a model or tokenizer was loaded before the check")
 
-    for module in (featcal.backbone.llama, featcal.hub):  # every model / tokenizer folder is resolved through it
+    for module in (featcal.backbone.llama, featcal.io.hub, featcal.io.lazy):  # every model / tokenizer folder is resolved through it
         monkeypatch.setattr(module, "resolve_model_dir", no_load)
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty_nltk_data")])
     base = [*_default_task_overrides(1), "merge=task_arithmetic", "calibration=featcal", *CALIBRATORS["featcal"]]

@@ -11,7 +11,8 @@ import torch
 
 from featcal.backbone.llama import LlamaBackbone
 from featcal.merge import dare, task_arithmetic, ties, weight_average
-from featcal.merge.streaming import CheckpointReader, GlobalTies, ShardWriter, stream_merge
+from featcal.io.safetensors import CheckpointReader, ShardWriter
+from featcal.merge.streaming import GlobalTies, stream_merge
 from tests.llm_fixtures import TASKS, build_world, is_sharded
 
 pytestmark = pytest.mark.usefixtures("one_thread")

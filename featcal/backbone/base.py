@@ -210,7 +210,7 @@ class Backbone(abc.ABC):
 
     def block_source(self, model: Any):
         """Block-by-block access to ``model``, loaded or on disk (``acquire`` / ``release``)."""
-        from featcal.backbone.lazy import BlockSource
+        from featcal.io.lazy import BlockSource
 
         return BlockSource(self, model)
 
@@ -218,6 +218,17 @@ class Backbone(abc.ABC):
         """A handle on a model saved in ``folder`` by a streamed calibrator, with the storage
         settings (dtype, attention) of ``like``. Families without on-disk models raise."""
         raise NotImplementedError(f"{type(self).__name__} keeps no models on disk")
+
+    def saved_folder(self, model: Any) -> Any:
+        """The folder holding the weights of a model kept on disk (``is_on_disk``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no models on disk")
+
+    #: streamed merges of models kept on disk (``featcal.merge.streaming.merge_on_disk``): the
+    #: merged folder (None: a cache folder named by the merge and its inputs), where the
+    #: per-tensor arithmetic runs, and whether the merged model stays on disk too
+    merge_dir: str | None = None
+    merge_device: str = "cpu"
+    merged_on_disk: bool = False
 
     # ---- structure -----------------------------------------------------
     @abc.abstractmethod

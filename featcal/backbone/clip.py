@@ -24,7 +24,7 @@ from torch import nn
 
 from featcal.backbone.base import Backbone, BlockState, Inputs
 from featcal.errors import CheckpointMismatch, loading
-from featcal.hub import load_raw_state_dict, resolve_model_dir
+from featcal.io.hub import load_raw_state_dict, resolve_model_dir
 from featcal.errors import SourceUnavailable
 
 #: per tower: (model prefix, projection prefix, bare root prefixes of a tower saved alone)

@@ -23,7 +23,6 @@ optional).
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -32,112 +31,11 @@ import torch
 from torch import nn
 
 from featcal.backbone.base import Backbone, BlockState, Inputs
-from featcal.errors import CheckpointMismatch, loading
-from featcal.hub import resolve_model_dir
-from featcal.errors import SourceUnavailable
-from featcal.utils import as_torch_dtype
+from featcal.errors import SourceUnavailable, loading
+from featcal.io.hub import resolve_model_dir
+from featcal.io.lazy import LLM_FILES, is_lazy, lazy_causal_lm, load_causal_lm
 
 log = logging.getLogger(__name__)
-
-_LLM_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.tiktoken"]
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _bad_weights_file(folder: Path) -> Path | None:
-    """The first ``*.safetensors`` file in ``folder`` whose header cannot be read."""
-    from safetensors import safe_open
-
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except Exception:
-            return f
-    return None
-
-
-def _llm_load_error(source: str, folder: Path, err: BaseException) -> SourceUnavailable:
-    """The project's error for a failed ``from_pretrained`` of a causal LM."""
-    text = str(err)
-    name = type(err).__name__
-    if "Unrecognized configuration class" in text or "Unrecognized model" in text:
-        try:
-            data = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            data = {}
-        mt = data.get("model_type")
-        if mt is None:
-            return CheckpointMismatch(
-                f"config.json of '{source}' has no model_type, so its architecture is unknown",
-                "Save the checkpoint with save_pretrained (which writes model_type) or add it to config.json.",
-            )
-        return CheckpointMismatch(
-            f"'{source}' is a '{mt}' checkpoint, which is not a causal language model (AutoModelForCausalLM cannot load it)",
-            "Point the LLM backbone at a decoder-only causal LM (Llama, Mistral, Qwen2, ...).",
-        )
-    if "safetensor" in name.lower() or "safetensor" in text.lower() or "deserializ" in text.lower():
-        bad = _bad_weights_file(folder)
-        where = f"weights file '{bad}'" if bad else f"a weights file in '{folder}'"
-        return SourceUnavailable(
-            f"{where} of model '{source}' cannot be read: it is truncated or corrupt ({name})",
-            "Delete it and download or save the checkpoint again (an interrupted download or copy leaves a short file).",
-        )
-    if "mismatched_sizes" in text or "size mismatch" in text:
-        return CheckpointMismatch(
-            f"the weights of '{source}' do not fit the architecture in its config.json (tensor shapes differ)",
-            "The weights and config.json come from different models; save or download them together.",
-        )
-    if isinstance(err, OSError) and ("does not appear to have" in text or "no file named" in text):
-        return SourceUnavailable(
-            f"model folder '{folder}' of '{source}' holds no weights (*.safetensors or pytorch_model*.bin)",
-            "Point the config at the folder holding the checkpoint's weights and config.json.",
-        )
-    return SourceUnavailable(
-        f"could not load causal LM '{source}' ({name}: {_first_line(err)})",
-        "Check that the folder holds a complete transformers checkpoint (config.json, weights, tokenizer).",
-    )
-
-
-def load_causal_lm(source: str, dtype: str | torch.dtype = "float32", attn_implementation: str | None = "sdpa") -> nn.Module:
-    """A causal LM from a hub id or a local folder (eval mode, on CPU).
-
-    A missing or unreadable checkpoint raises ``SourceUnavailable`` (with the offline
-    hint for hub ids); one of another architecture, or whose weights do not cover the
-    model, raises ``CheckpointMismatch``. The library's exception is chained.
-    """
-    from transformers import AutoModelForCausalLM
-
-    folder = resolve_model_dir(source, allow_patterns=_LLM_FILES)
-    if not (folder / "config.json").exists():
-        raise SourceUnavailable(
-            f"no config.json in model folder '{folder}'" + (f" for '{source}'" if str(source) != str(folder) else ""),
-            "A transformers checkpoint folder holds config.json next to its weights (save it with save_pretrained).",
-        )
-    kwargs = {"dtype": as_torch_dtype(dtype), "output_loading_info": True}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-        except TypeError:  # transformers 4.x spells it torch_dtype
-            kwargs["torch_dtype"] = kwargs.pop("dtype")
-            model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except Exception as err:  # OSError, ValueError (bad config), safetensors errors, ...
-        raise _llm_load_error(str(source), folder, err) from err
-    missing = sorted(info.get("missing_keys") or [])
-    if getattr(model.config, "tie_word_embeddings", False):
-        missing = [k for k in missing if not k.startswith("lm_head")]
-    mismatched = list(info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        detail = f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else f"mismatched {mismatched[:4]}"
-        raise CheckpointMismatch(
-            f"the weights of '{source}' do not cover the model its config.json describes ({detail})",
-            "The weights and config.json come from different models (e.g. num_hidden_layers); save or download them together.",
-        )
-    return model.eval()
 
 
 def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, position_ids):
@@ -159,14 +57,6 @@ def _causal_mask(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask, 
     return create_causal_mask(**kwargs)
 
 
-def merge_recipe(merge_fn, sources: list[str]) -> dict:
-    """What a streamed merge result depends on: sources, the merge method's function and
-    the parameters it was given (its record's ``identity``, ``featcal.merge.registry``)."""
-    from featcal.merge.registry import as_merge
-
-    return {"sources": list(sources), **as_merge(merge_fn).identity()}
-
-
 class LlamaBackbone(Backbone):
     """Adapter for decoder-only transformers LLMs (Llama, Mistral, Qwen2-style layouts).
 
@@ -178,14 +68,15 @@ class LlamaBackbone(Backbone):
         dtype: model dtype (``bfloat16`` for real LLMs; FeatCal statistics stay float32).
         attn_implementation: passed to ``from_pretrained`` (``sdpa`` or ``eager``).
         streaming: bounded-memory mode. ``load_base``/``load_expert`` return
-            ``LazyCausalLM`` handles (safetensors folders read block by block), ``merge``
-            streams tensor by tensor into ``merge_dir`` (``featcal.merge.streaming``) and
-            returns the merged model loaded in memory; FeatCal then runs layer-streamed.
+            ``LazyCausalLM`` handles (safetensors folders read block by block); the run's
+            merge (``featcal.merge.streaming.merge_models``) streams them tensor by tensor
+            into ``merge_dir`` and returns the merged model loaded in memory; FeatCal then
+            runs layer-streamed.
         merge_dir: where the streamed merged model is written (a normal HF folder);
             null: ``$FEATCAL_CACHE/merged/<hash of sources and merge>`` (or
             ``~/.cache/featcal/merged/...``).
         merge_device: where the streaming merge's per-tensor arithmetic runs.
-        merged_on_disk: streaming mode only: ``merge`` returns the merged model as a
+        merged_on_disk: streaming mode only: the merge returns the merged model as a
             ``LazyCausalLM`` (not loaded): evaluation loads it when it runs, FeatCal reads
             it block by block and writes the calibrated model to disk. Host memory then
             stays flat in model depth (``experiments/bench_llm_memory.py``).
@@ -254,15 +145,7 @@ class LlamaBackbone(Backbone):
 
     # ---- loading -------------------------------------------------------
     def _lazy(self, source: str):
-        from featcal.backbone.lazy import LazyCausalLM
-
-        folder = resolve_model_dir(source, allow_patterns=_LLM_FILES)
-        try:
-            return LazyCausalLM(folder, self.dtype, self.attn_implementation, name=source)
-        except SourceUnavailable:
-            raise
-        except Exception as err:
-            raise _llm_load_error(str(source), folder, err) from err
+        return lazy_causal_lm(source, self.dtype, self.attn_implementation)
 
     def load_base(self) -> nn.Module:
         with loading("the base model, set by backbone.adapter.base"):
@@ -276,69 +159,36 @@ class LlamaBackbone(Backbone):
                 return self._lazy(self.expert_sources[task])
             return load_causal_lm(self.expert_sources[task], self.dtype, self.attn_implementation)
 
+    # ---- storage: streaming mode keeps models on disk (``featcal.io.lazy``) ----
     def materialize(self, model) -> nn.Module:
         """A loaded model for a lazy handle (the model itself otherwise)."""
-        from featcal.backbone.lazy import is_lazy
-
         return model.materialize() if is_lazy(model) else model
 
     def is_on_disk(self, model) -> bool:
-        from featcal.backbone.lazy import is_lazy
-
         return is_lazy(model)
 
+    def saved_folder(self, model) -> Path:
+        if not is_lazy(model):
+            raise ValueError(f"{type(model).__name__} is a loaded model, not one kept on disk")
+        return model.folder
+
     def open_saved(self, folder, like):
-        from featcal.backbone.lazy import LazyCausalLM
-
-        return LazyCausalLM(folder, like.dtype, like.attn_implementation)
-
-    def _merge_folder(self, merge_fn, sources: list[str]) -> "Path":
-        import hashlib
-        import json
-        import os
-        from pathlib import Path
-
-        if self.merge_dir:
-            return Path(self.merge_dir)
-        key = json.dumps(merge_recipe(merge_fn, sources), sort_keys=True, default=str)
-        root = Path(os.environ.get("FEATCAL_CACHE", Path.home() / ".cache" / "featcal"))
-        return root / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
+        return lazy_causal_lm(folder, like.dtype, like.attn_implementation, name=str(folder))
 
     def merge(self, merge_fn, base, experts, **data) -> nn.Module:
-        """Streaming mode: tensor-by-tensor merge of the safetensors folders into a HF
-        folder, then that folder loaded as the merged model. Otherwise in memory."""
-        from featcal.backbone.lazy import is_lazy
-
-        if not (is_lazy(base) or any(is_lazy(e) for e in experts)):
-            return super().merge(merge_fn, base, experts, **data)
-        from featcal.merge.streaming import stream_merge
-
-        if data:
-            raise ValueError(f"streaming merges take no calibration data (got {sorted(data)})")
-        folder = self._merge_folder(merge_fn, [str(base.folder)] + [str(e.folder) for e in experts])
-        marker = folder / "featcal_merge.json"
-        recipe = merge_recipe(merge_fn, [str(base.folder)] + [str(e.folder) for e in experts])
-        import json
-
-        if marker.is_file() and json.loads(marker.read_text()) == recipe:
-            log.info("streamed merge: reusing %s", folder)
-        else:
-            marker.unlink(missing_ok=True)
-            stream_merge(
-                merge_fn, base.folder, [e.folder for e in experts], folder,
-                exclude=self.merge_excluded, device=self.merge_device,
-            )
-            marker.write_text(json.dumps(recipe, indent=2))
-        self.merged_folder = folder
-        if self.merged_on_disk:
-            return self._lazy(str(folder))
-        return load_causal_lm(str(folder), self.dtype, self.attn_implementation)
+        """In memory (``Backbone.merge``); models kept on disk (``streaming=true``) are merged
+        tensor by tensor by the merge layer (``featcal.merge.streaming.merge_models``)."""
+        if is_lazy(base) or any(is_lazy(e) for e in experts):
+            raise TypeError("featcal: models kept on disk (backbone.adapter.streaming=true) are merged tensor by "
+                            "tensor by featcal.merge.streaming.merge_models(merge, adapter, base, experts), "
+                            "not in memory by adapter.merge")
+        return super().merge(merge_fn, base, experts, **data)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
         with loading("the tokenizer of the base model, set by backbone.adapter.base"):
-            folder = resolve_model_dir(self.base_source, allow_patterns=_LLM_FILES)
+            folder = resolve_model_dir(self.base_source, allow_patterns=LLM_FILES)
             try:
                 return AutoTokenizer.from_pretrained(str(folder))
             except Exception as err:
@@ -401,15 +251,11 @@ class LlamaBackbone(Backbone):
 
     def representation_site(self, model: nn.Module) -> tuple[nn.Module, str]:
         """The final hidden state before ``lm_head``, per token (Surgery / ProbSurgery hook it)."""
-        from featcal.backbone.lazy import is_lazy
-
         if is_lazy(model):
             raise ValueError("a model kept on disk (merged_on_disk) has no module to hook: load it first")
         return model.lm_head, "input"
 
     def device_of(self, model) -> torch.device:
-        from featcal.backbone.lazy import is_lazy
-
         return torch.device("cpu") if is_lazy(model) else super().device_of(model)
 
     @torch.no_grad()
@@ -417,8 +263,6 @@ class LlamaBackbone(Backbone):
         """The final representation (see ``readout``); a lazy (on-disk) model is run by a
         streamed forward: its shell embeds and reads out, each block is loaded on the inputs'
         device, run and dropped (one block in memory at a time)."""
-        from featcal.backbone.lazy import is_lazy
-
         if not is_lazy(model):
             return super().represent(model, inputs)
         ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs

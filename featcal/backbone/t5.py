@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from featcal.backbone.base import Backbone, BlockState, Inputs
-from featcal.hub import offline_hint, resolve_model_dir
+from featcal.io.hub import offline_hint, resolve_model_dir
 from featcal.errors import SourceUnavailable
 from featcal.utils import as_torch_dtype
 

@@ -3,11 +3,11 @@ shards, the merged model written shard by shard.
 
 Host memory is about one tensor × (experts + 2) (the base tensor, each expert's
 tensor, the merged result), never a whole model: the merged shards are written in the
-safetensors format directly (header first, computed from the base's shapes and dtypes,
-then each tensor's bytes as soon as it is merged), so not even a shard is buffered.
-The output is a normal Hugging Face folder (the base's shard layout and index json,
-its config, generation config and tokenizer files) that transformers, lm-eval and vLLM
-load as is.
+safetensors format directly (``featcal.io.safetensors``: header first, computed from the
+base's shapes and dtypes, then each tensor's bytes as soon as it is merged), so not even
+a shard is buffered. The output is a normal Hugging Face folder (the base's shard layout
+and index json, its config, generation config and tokenizer files) that transformers,
+lm-eval and vLLM load as is.
 
 Every method is the same arithmetic as its in-memory version in ``featcal.merge``
 (weight average, task arithmetic and DARE call it on one tensor at a time; TIES needs
@@ -16,18 +16,25 @@ histogram passes over the float32 bit patterns of the magnitudes, then the major
 sign by a third pass, then the merge pass: ``featcal.merge.streaming_methods``, named
 by each method's record in ``featcal.merge.registry``). Keys for which ``exclude(key)`` holds and
 non-floating tensors keep the base value (LLMs: token embeddings and ``lm_head``).
+
+``merge_models`` is the merge stage of a run: models the adapter keeps on disk
+(``adapter.is_on_disk``) are merged here into a folder (``merge_on_disk``: cached under a
+name made of the merge and its inputs) that the adapter then opens (``adapter.open_saved``);
+loaded models are merged in memory by the adapter (``adapter.merge``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
-import struct
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+
+from featcal.io.safetensors import INDEX_NAME, CheckpointReader, ShardWriter, copy_model_files, write_index
+from featcal.merge.registry import as_merge
 
 # the streaming forms of the methods (re-exported here: ``featcal.merge.streaming.GlobalTies``)
 from featcal.merge.streaming_methods import GlobalTies, PerTensor, StreamingMethod  # noqa: F401
@@ -36,210 +43,12 @@ log = logging.getLogger(__name__)
 
 Exclude = Callable[[str], bool] | None
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
-# safetensors dtype names <-> torch dtypes
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-# ============================================================================ reading
-
-
-class CheckpointReader:
-    """Tensor-by-tensor access to a folder of safetensors shards, without memory maps.
-
-    ``keys()`` in file order (the index's shard order, then each file's order), ``get(key)``
-    reads one tensor with a positioned read straight into a fresh tensor, ``meta(key)``
-    its dtype and shape from the header. Nothing stays mapped or cached between calls:
-    reading through a held ``safe_open`` handle keeps every touched page of the file
-    resident in the process (its RSS grows to the whole checkpoint), which is what
-    streaming must avoid.
-    """
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = list(dict.fromkeys(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
-            if not files:
-                from featcal.errors import SourceUnavailable
-
-                bins = sorted(p.name for p in self.folder.glob("*.bin"))
-                raise SourceUnavailable(
-                    f"no *.safetensors weights in model folder '{self.folder}'" + (f" (it has PyTorch {bins[0]}...)" if bins else "")
-                    + ": streaming reads safetensors only",
-                    "Set backbone.adapter.streaming=false (loads .bin checkpoints in memory), or convert the folder once: "
-                    "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR2)` writes safetensors.")
-        self.files = files
-        self._headers: dict[str, tuple[int, dict]] = {}
-        self._meta: dict[str, dict] = {}
-        for f in files:
-            start, header, meta = _read_header(self.folder / f)
-            self._headers[f] = (start, header)
-            self._meta[f] = meta
-        self._where: dict[str, str] = {}
-        self._alias: dict[str, str] = {}
-        for f in files:
-            for k in self._headers[f][1]:
-                self._where[k] = f
-
-    def keys(self) -> list[str]:
-        return list(self._where) + [k for k in self._alias if k not in self._where]
-
-    def drop(self, key: str) -> None:
-        """Hide ``key`` (a redundant tensor, e.g. the copy of a tied head)."""
-        self._where.pop(key, None)
-
-    def alias(self, key: str, target: str) -> None:
-        """Read ``target`` when ``key`` is asked for (a tied head saved only as the embedding)."""
-        self._alias[key] = target
-
-    def file_of(self, key: str) -> str:
-        return self._where[key if key in self._where else self._alias[key]]
-
-    def keys_of(self, file: str) -> list[str]:
-        return [k for k, f in self._where.items() if f == file]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where or key in self._alias
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self._where and key in self._alias:
-            key = self._alias[key]
-        file = self._where[key]
-        start, header = self._headers[file]
-        info = header[key]
-        dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        out = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            with open(self.folder / file, "rb") as fh:
-                fh.seek(start + begin)
-                got = fh.readinto(view)
-            if got != end - begin:
-                raise OSError(f"{self.folder / file}: short read for {key} ({got} of {end - begin} bytes)")
-        return out
-
-    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        if key not in self._where and key in self._alias:
-            key = self._alias[key]
-        info = self._headers[self._where[key]][1][key]
-        return _ST_DTYPES[info["dtype"]], tuple(info["shape"])
-
-    def metadata(self, file: str) -> dict:
-        """The file's ``__metadata__`` (string pairs)."""
-        return dict(self._meta.get(file, {}))
-
-    def state_dict(self, prefix: str = "", strip: bool = True) -> dict[str, torch.Tensor]:
-        """The tensors whose key starts with ``prefix`` (prefix removed if ``strip``)."""
-        out = {}
-        for k in self._where:
-            if k.startswith(prefix):
-                out[k[len(prefix):] if strip else k] = self.get(k)
-        return out
-
-    def close(self) -> None:
-        pass
-
-
-def _read_header(path: Path) -> tuple[int, dict, dict]:
-    """(data start offset, {key: {dtype, shape, data_offsets}}, __metadata__) of a
-    safetensors file."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    meta = header.pop("__metadata__", None) or {}
-    return 8 + n, header, meta
-
-
-# ============================================================================ writing
-
-
-class ShardWriter:
-    """Writes one safetensors file tensor by tensor: the header (offsets from the
-    announced shapes/dtypes) first, then each tensor's bytes in the announced order."""
-
-    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-        offset = 0
-        for key, dtype, shape in layout:
-            size = _numel(shape) * _itemsize(dtype)
-            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.expected = [(k, d, tuple(s)) for k, d, s in layout]
-        self.position = 0
-        self.total_bytes = offset
-        self.fh = open(self.tmp, "wb")
-        self.fh.write(struct.pack("<Q", len(raw)))
-        self.fh.write(raw)
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        want_key, dtype, shape = self.expected[self.position]
-        if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"shard {self.path.name}: expected {want_key} {dtype} {shape}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
-            )
-        t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            self.fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        self.position += 1
-
-    def close(self) -> None:
-        self.fh.close()
-        if self.position != len(self.expected):
-            raise ValueError(f"shard {self.path.name}: {self.position} of {len(self.expected)} tensors written")
-        self.tmp.replace(self.path)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-#: non-weight files copied from the source folder (config, generation config, tokenizer)
-COPY_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja")
-
-
-def copy_model_files(source: Path, dest: Path) -> list[str]:
-    """Copy config / tokenizer files (not weights, not the weight index)."""
-    copied = []
-    for pattern in COPY_PATTERNS:
-        for p in sorted(Path(source).glob(pattern)):
-            if p.name == INDEX_NAME or not p.is_file():
-                continue
-            shutil.copy2(p, dest / p.name)
-            copied.append(p.name)
-    return copied
-
-
 # ============================================================================ streaming forms
 
 
 def streaming_method(merge_fn) -> StreamingMethod:
     """The streaming form of a merge (``featcal.merge.registry.as_merge`` takes what the
     config builds, a registered function or its partial): the method's record says it."""
-    from featcal.merge.registry import as_merge
-
     return as_merge(merge_fn).streaming()
 
 
@@ -349,12 +158,57 @@ def stream_merge(
         total += writer.total_bytes
     copy_model_files(Path(files_from) if files_from else Path(base), out)
     if len(rb.files) > 1 or (Path(base) / INDEX_NAME).is_file():
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        tmp = out / (INDEX_NAME + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2))
-        tmp.replace(out / INDEX_NAME)
+        write_index(out, weight_map, total)
     return out
 
 
-def iter_block_keys(keys: Iterable[str], prefix: str) -> list[str]:
-    return [k for k in keys if k.startswith(prefix)]
+# ============================================================================ the run's merge stage
+
+
+def merge_recipe(merge_fn, sources: list[str]) -> dict:
+    """What a streamed merge result depends on: sources, the merge method's function and
+    the parameters it was given (its record's ``identity``, ``featcal.merge.registry``)."""
+    return {"sources": list(sources), **as_merge(merge_fn).identity()}
+
+
+def merged_folder(merge_fn, sources: list[str], merge_dir: str | os.PathLike | None = None) -> Path:
+    """Where the streamed merge of ``sources`` goes: ``merge_dir`` when given, else
+    ``$FEATCAL_CACHE/merged/<hash of the recipe>`` (``~/.cache/featcal/merged/...``)."""
+    if merge_dir:
+        return Path(merge_dir)
+    key = json.dumps(merge_recipe(merge_fn, sources), sort_keys=True, default=str)
+    root = Path(os.environ.get("FEATCAL_CACHE", Path.home() / ".cache" / "featcal"))
+    return root / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def merge_on_disk(merge_fn, adapter, base: Any, experts: Sequence[Any], **data: Any) -> Any:
+    """The streamed merge of models kept on disk (``adapter.is_on_disk``): their folders
+    (``adapter.saved_folder``) merged tensor by tensor into ``merged_folder`` (reused when its
+    ``featcal_merge.json`` holds the same recipe), on ``adapter.merge_device``, keeping
+    ``adapter.merge_excluded`` keys at the base value; the result opened by the adapter
+    (``open_saved``, with the base's storage settings) and loaded unless
+    ``adapter.merged_on_disk``."""
+    if data:
+        raise ValueError(f"streaming merges take no calibration data (got {sorted(data)})")
+    folders = [Path(adapter.saved_folder(m)) for m in (base, *experts)]
+    sources = [str(f) for f in folders]
+    folder = merged_folder(merge_fn, sources, adapter.merge_dir)
+    marker = folder / "featcal_merge.json"
+    recipe = merge_recipe(merge_fn, sources)
+    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+        log.info("streamed merge: reusing %s", folder)
+    else:
+        marker.unlink(missing_ok=True)
+        stream_merge(merge_fn, folders[0], folders[1:], folder, exclude=adapter.merge_excluded, device=adapter.merge_device)
+        marker.write_text(json.dumps(recipe, indent=2))
+    merged = adapter.open_saved(folder, like=base)
+    return merged if adapter.merged_on_disk else adapter.materialize(merged)
+
+
+def merge_models(merge_fn, adapter, base: Any, experts: Sequence[Any], **data: Any) -> Any:
+    """The merged model: streamed (``merge_on_disk``) when the adapter keeps the models on
+    disk, else ``adapter.merge`` (state-dict arithmetic in memory; ``data``: what merges with
+    ``needs_calibration_data`` read)."""
+    if adapter.is_on_disk(base) or any(adapter.is_on_disk(e) for e in experts):
+        return merge_on_disk(merge_fn, adapter, base, experts, **data)
+    return adapter.merge(merge_fn, base, experts, **data)

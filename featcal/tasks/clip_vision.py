@@ -7,7 +7,7 @@ dataset ids, split/column names, class names and prompt templates are data in
 - Data: ``datasets.load_dataset(<hub id or local folder>)``, or
   ``datasets.load_from_disk`` for a folder written by ``save_to_disk``. Hub access
   honours ``HF_HOME`` / ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` natively; a dataset
-  that cannot be found raises :class:`~featcal.hub.SourceUnavailable` naming it and
+  that cannot be found raises :class:`~featcal.io.hub.SourceUnavailable` naming it and
   saying how to pre-download it.
 - Preprocessing: the base model's ``CLIPImageProcessor`` (resize, centre crop,
   normalise); without a ``preprocessor_config.json`` the standard CLIP recipe
@@ -37,7 +37,7 @@ from torch import nn
 
 from featcal.errors import CheckpointMismatch, ConfigError, CorruptCache, loading
 from featcal.backbone.clip import canonical_clip_keys, read_model_config
-from featcal.hub import load_raw_state_dict, resolve_model_dir
+from featcal.io.hub import load_raw_state_dict, resolve_model_dir
 from featcal.errors import SourceUnavailable
 from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
 from featcal.utils import cache_root
@@ -261,8 +261,8 @@ def _pre_download_hint(source: str, config: str | None, task: str) -> str:
 
 def load_task_split(source: str, split: str, config: str | None = None, task: str = "?"):
     """One split of a dataset: a local path, the prepared datasets cache, the hub snapshot
-    in the hub cache or the hub (``featcal.datasets_io``)."""
-    from featcal.datasets_io import load_dataset_split
+    in the hub cache or the hub (``featcal.io.datasets``)."""
+    from featcal.io.datasets import load_dataset_split
 
     return load_dataset_split(str(source), split, config, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
 

@@ -1,7 +1,7 @@
 """GLUE as text-to-text tasks for the FLAN-T5 experts (FusionBench's protocol).
 
 * Data: ``nyu-mll/glue`` with the task as config name, resolved by
-  ``featcal.datasets_io`` (a local ``save_to_disk`` folder of one task's DatasetDict, a
+  ``featcal.io.datasets`` (a local ``save_to_disk`` folder of one task's DatasetDict, a
   folder holding one such folder per task, a data/snapshot folder with README configs,
   the prepared datasets cache, the hub snapshot in the hub cache, then the hub).
   Test = ``validation`` (MNLI: ``validation_matched``); calibration = unlabeled inputs
@@ -133,7 +133,7 @@ class GLUETaskPool(TextToTextTaskPool):
         key = (task, split)
         if key in self._raw:
             return self._raw[key]
-        from featcal.datasets_io import load_dataset_split
+        from featcal.io.datasets import load_dataset_split
 
         source, name = self.sources[task], self.split_name(task, split)
         config = self.templates[task].get("config", task)
@@ -147,7 +147,7 @@ class GLUETaskPool(TextToTextTaskPool):
         return ds
 
     def source_identity(self, task: str, split: str) -> Any:
-        from featcal.datasets_io import dataset_location
+        from featcal.io.datasets import dataset_location
 
         source = self.sources[task]
         loc = dataset_location(source, self.templates[task].get("config", task))

@@ -72,7 +72,7 @@ def alpaca_text(instruction: str, response: str, input_text: str = "") -> str:
 def load_rows(source: str, split: str, task: str):
     """A dataset split from a local path (save_to_disk folder, data file or folder, snapshot
     folder), the prepared datasets cache, the hub snapshot in the hub cache or the hub."""
-    from featcal.datasets_io import load_dataset_split
+    from featcal.io.datasets import load_dataset_split
 
     return load_dataset_split(str(source), split, None, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
 
@@ -356,7 +356,7 @@ class MergeBenchTaskPool(TaskPool):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from featcal.hub import offline_hint, resolve_model_dir
+            from featcal.io.hub import offline_hint, resolve_model_dir
 
             folder = resolve_model_dir(self.tokenizer_source, allow_patterns=["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"])
             try:
@@ -435,7 +435,7 @@ class MergeBenchTaskPool(TaskPool):
             self._task_manager = task_manager(self.lm_eval_include, self.lm_eval_defaults,
                                               [x for names in self.lm_eval_tasks.values() for x in names])
         tm = self._task_manager
-        from featcal.datasets_io import hub_cache_aware_load_dataset
+        from featcal.io.datasets import hub_cache_aware_load_dataset
 
         with hub_cache_aware_load_dataset():  # lm-eval's task datasets from `hf download` snapshots too
             res = self._simple_evaluate(lm_eval, lm, lm_tasks, tm)
@@ -468,7 +468,7 @@ class MergeBenchTaskPool(TaskPool):
 
         A lazy (on-disk) model is materialised once for all the categories it serves and freed
         (host and device) before the next one is: at most one full model is alive at a time."""
-        from featcal.backbone.lazy import is_lazy
+        from featcal.io.lazy import is_lazy
 
         todo_tasks = [(i, t) for i, t in enumerate(self.tasks) if (only is None or i in only) and self.lm_eval_tasks[t]]
         sources = {i: model_for_task(i) for i, _ in todo_tasks}

@@ -248,7 +248,7 @@ class FeatCal(Calibrator):
         calibration: list[list[Inputs]],
         device: torch.device | str = "cpu",
     ) -> CalibratedModel:
-        from featcal.backbone.lazy import is_lazy
+        from featcal.io.lazy import is_lazy
 
         if self.streaming is True or (self.streaming == "auto" and any(is_lazy(m) for m in (merged, base, *experts))):
             from featcal.calibration.featcal.streamed import calibrate_streamed

@@ -4,7 +4,7 @@ The same closed forms and statistics as the in-memory driver (it reuses the Feat
 object's planning, accumulation and solve methods), walked differently:
 
 - **Models, block by block.** Block l of the merged model, of the base and of each
-  expert is acquired when its turn comes through ``featcal.backbone.lazy.BlockSource``:
+  expert is acquired when its turn comes through ``featcal.io.lazy.BlockSource``:
   a model on disk (``LazyCausalLM``) has only that block's tensors read from its
   safetensors shards, then dropped; an in-memory model has the block moved to the device
   and back. An in-memory merged model (the output) stays on the host and its block l
@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, BlockState, move_inputs
-from featcal.backbone.lazy import BlockSource, is_lazy
+from featcal.io.lazy import BlockSource, is_lazy
 from featcal.calibration.base import CalibratedModel, CalibrationReport, drift_rows
 from featcal.calibration.featcal.capture import capture_inputs
 from featcal.calibration.featcal.drift import token_drift
@@ -471,7 +471,7 @@ class _BlockFolderWriter:
         self.total = 0
 
     def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        from featcal.merge.streaming import ShardWriter
+        from featcal.io.safetensors import ShardWriter
 
         layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
         w = ShardWriter(self.folder / name, layout)
@@ -490,7 +490,7 @@ class _BlockFolderWriter:
     def finish(self) -> Path:
         import json
 
-        from featcal.merge.streaming import INDEX_NAME, copy_model_files
+        from featcal.io.safetensors import INDEX_NAME, copy_model_files
 
         rest = [k for k in self.merged.reader.keys() if not k.startswith(tuple(self.prefixes))]
         self._write("model-rest.safetensors", {k: self.merged.reader.get(k) for k in rest})
@@ -512,7 +512,7 @@ class DiskCalibratedModel(CalibratedModel):
 
     def model_for_task(self, task_index: int) -> nn.Module:
         if self._loaded is None:
-            from featcal.backbone.lazy import LazyCausalLM
+            from featcal.io.lazy import LazyCausalLM
 
             lazy = LazyCausalLM(self.folder, self._lazy.dtype, self._lazy.attn_implementation)
             self._loaded = lazy.materialize().to(self._device)

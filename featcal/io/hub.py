@@ -10,35 +10,16 @@ import os
 from pathlib import Path
 
 from featcal.errors import CheckpointMismatch, SourceUnavailable  # noqa: F401
-
-
-def _hf_home() -> str:
-    return os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-
-
-def _offline() -> bool:
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return True
-    try:
-        import huggingface_hub.constants as c
-
-        return bool(getattr(c, "HF_HUB_OFFLINE", False))
-    except ImportError:  # pragma: no cover
-        return False
-
-
-def hub_failure_reason(kind: str, name: str, err: BaseException | None = None) -> str:
-    """Why a hub id could not be loaded, in words (the hub's own exception stays chained)."""
-    cause = type(err).__name__ if err is not None else ""
-    where = f"HF_HOME={_hf_home()}"
-    if _offline():
-        return f"{kind} '{name}' is not in the local Hugging Face cache ({where}) and hub access is off (HF_HUB_OFFLINE=1)"
-    if cause in ("RepositoryNotFoundError", "GatedRepoError", "DisabledRepoError", "RevisionNotFoundError", "DatasetNotFoundError"):
-        what = {"GatedRepoError": "is gated (accept its terms on the hub and log in with `hf auth login`)",
-                "DisabledRepoError": "is disabled on the hub",
-                "RevisionNotFoundError": "has no such revision on the hub"}.get(cause, "does not exist on the Hugging Face hub (check the spelling)")
-        return f"{kind} '{name}' {what}"
-    return f"{kind} '{name}' is neither a local folder nor in the Hugging Face cache ({where}), and the hub could not be reached"
+from featcal.io.datasets import (
+    dataset_location,
+    download_command,
+    hub_cache_dir,
+    hub_failure_reason,
+    hub_offline,
+    looks_like_path,
+    offline_env_hint,
+    snapshot_dir,
+)
 
 
 def offline_hint(kind: str, name: str) -> str:
@@ -56,12 +37,6 @@ def offline_advice(kind: str, name: str) -> str:
         f"$HF_HOME), copy that cache here and set HF_HOME to it with HF_HUB_OFFLINE=1; or pass a "
         f"local folder path instead of the hub id."
     )
-
-
-def _looks_like_path(source: str) -> bool:
-    from featcal.datasets_io import looks_like_path
-
-    return looks_like_path(source)
 
 
 #: hub id -> its snapshot folder, fetched in the run's prepare stage (featcal.prefetch)
@@ -84,14 +59,12 @@ def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | Non
         return fetched
     if path.exists():
         raise SourceUnavailable(f"model source '{source}' is a file, not a folder", "Pass the folder holding config.json and the weights.")
-    if _looks_like_path(str(source)):
+    if looks_like_path(str(source)):
         raise SourceUnavailable(
             f"model folder '{source}' does not exist",
             "Check the path (relative paths are resolved from the current directory), or give a hub id like owner/name.",
         )
-    if _offline():  # the snapshot `hf download` left in the hub cache ($HF_HUB_CACHE read now, not at import)
-        from featcal.datasets_io import snapshot_dir
-
+    if hub_offline():  # the snapshot `hf download` left in the hub cache ($HF_HUB_CACHE read now, not at import)
         snap = snapshot_dir(str(source), "model")
         if snap is not None:
             return snap
@@ -115,7 +88,7 @@ def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | Non
 
 def _unreadable(file: Path, source: str | None, err: BaseException) -> SourceUnavailable:
     name = f" of model '{source}'" if source and str(source) != str(file.parent) else ""
-    hub = source and not _looks_like_path(str(source)) and not Path(str(source)).exists()
+    hub = source and not looks_like_path(str(source)) and not Path(str(source)).exists()
     redo = (f"Delete it and download it again (`hf download {source}`)" if hub
             else "Save or copy the checkpoint again (an interrupted download or copy leaves a short file)")
     return SourceUnavailable(
@@ -163,18 +136,16 @@ def load_raw_state_dict(folder: Path, source: str | None = None) -> dict:
 
 def model_location(source: str) -> tuple[str, str]:
     """(kind, problem) for a model source: kind local | snapshot | hub | missing."""
-    from featcal.datasets_io import hub_cache_dir, snapshot_dir
-
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
         return "local", ""
     if path.exists():
         return "missing", f"model source '{source}' is a file, not a folder"
-    if _looks_like_path(str(source)):
+    if looks_like_path(str(source)):
         return "missing", f"model folder '{source}' does not exist"
     if snapshot_dir(str(source), "model") is not None:
         return "snapshot", ""
-    if _offline():
+    if hub_offline():
         return "missing", f"model '{source}' is not in the hub cache ({hub_cache_dir()}) and hub access is off"
     return "hub", ""
 
@@ -247,8 +218,6 @@ def check_sources_available(cfg) -> None:
     """Raise one ``SourceUnavailable`` listing every model and dataset of ``cfg`` that cannot
     be found (offline: neither a local folder nor in the caches), with the commands that
     fetch them. Nothing is loaded. Online, sources not found locally are left to the hub."""
-    from featcal.datasets_io import dataset_location, download_command, offline_env_hint
-
     models, data = required_sources(cfg)
     for hook in class_hooks(cfg, "evaluation_dataset_sources"):  # e.g. lm-eval tasks' datasets
         data += list(hook())
@@ -260,13 +229,13 @@ def check_sources_available(cfg) -> None:
         kind, problem = model_location(source)
         if kind == "missing":
             lines.append(f"{problem} ({', '.join(keys)})")
-            if not _looks_like_path(source) and not Path(os.path.expanduser(source)).exists():
+            if not looks_like_path(source) and not Path(os.path.expanduser(source)).exists():
                 commands.append(download_command(source, "model"))
     for source, config, key in dict.fromkeys(data):
         loc = dataset_location(source, config)
         if not loc.available:
             lines.append(f"{loc.problem} ({key})")
-            if not _looks_like_path(source) and not Path(os.path.expanduser(source)).exists():
+            if not looks_like_path(source) and not Path(os.path.expanduser(source)).exists():
                 commands.append(download_command(source, "dataset"))
     if not lines:
         for check in class_hooks(cfg, "check_resources"):  # e.g. lm-eval task names, nltk data: one message each

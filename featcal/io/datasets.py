@@ -66,6 +66,25 @@ def hub_offline() -> bool:
         return False
 
 
+def _hf_home_text() -> str:
+    """``$HF_HOME`` as set (not expanded), for messages."""
+    return os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+
+
+def hub_failure_reason(kind: str, name: str, err: BaseException | None = None) -> str:
+    """Why a hub id could not be loaded, in words (the hub's own exception stays chained)."""
+    cause = type(err).__name__ if err is not None else ""
+    where = f"HF_HOME={_hf_home_text()}"
+    if hub_offline():
+        return f"{kind} '{name}' is not in the local Hugging Face cache ({where}) and hub access is off (HF_HUB_OFFLINE=1)"
+    if cause in ("RepositoryNotFoundError", "GatedRepoError", "DisabledRepoError", "RevisionNotFoundError", "DatasetNotFoundError"):
+        what = {"GatedRepoError": "is gated (accept its terms on the hub and log in with `hf auth login`)",
+                "DisabledRepoError": "is disabled on the hub",
+                "RevisionNotFoundError": "has no such revision on the hub"}.get(cause, "does not exist on the Hugging Face hub (check the spelling)")
+        return f"{kind} '{name}' {what}"
+    return f"{kind} '{name}' is neither a local folder nor in the Hugging Face cache ({where}), and the hub could not be reached"
+
+
 def looks_like_path(source: str) -> bool:
     s = str(source)
     return os.path.isabs(os.path.expanduser(s)) or s.startswith((".", "~")) or s.count("/") > 1 or "\\" in s or s.endswith("/")
@@ -285,8 +304,6 @@ def load_dataset_split(source: str, split: str, config: str | None = None, where
                                 "The files are incomplete or in another layout: download or save them again.") from err
     except Exception as err:  # noqa: BLE001 - hub, connection, corrupt files
         if loc.kind == "hub":
-            from featcal.hub import hub_failure_reason
-
             raise SourceUnavailable(hub_failure_reason("dataset", src, err) + f" ({ctx})",
                                     f"Run `{download_command(src)}` {offline_env_hint()}.") from err
         raise SourceUnavailable(f"could not read dataset '{src}' from {loc.kind} {loc.path} ({type(err).__name__}: {err}; {ctx})",

@@ -1,4 +1,5 @@
-"""Models that stay on disk: a transformers checkpoint folder read block by block.
+"""Causal LM checkpoints: loaded whole (``load_causal_lm``) or kept on disk and read
+block by block (``LazyCausalLM``, opened by ``lazy_causal_lm``).
 
 ``LazyCausalLM`` is what an LLM backbone hands out in streaming mode instead of a loaded
 model: a safetensors folder plus its config. It never holds more than what is asked of it:
@@ -19,6 +20,7 @@ in-memory ``nn.Module`` (block l moved to the device and back) or a ``LazyCausal
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,113 @@ from typing import Any
 import torch
 from torch import nn
 
+from featcal.errors import CheckpointMismatch, SourceUnavailable
+from featcal.io.hub import resolve_model_dir
+from featcal.io.safetensors import CheckpointReader
 from featcal.utils import as_torch_dtype
+
+#: the files of a causal LM checkpoint (what a hub download fetches)
+LLM_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.tiktoken"]
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bad_weights_file(folder: Path) -> Path | None:
+    """The first ``*.safetensors`` file in ``folder`` whose header cannot be read."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:
+            return f
+    return None
+
+
+def _llm_load_error(source: str, folder: Path, err: BaseException) -> SourceUnavailable:
+    """The project's error for a failed ``from_pretrained`` of a causal LM."""
+    text = str(err)
+    name = type(err).__name__
+    if "Unrecognized configuration class" in text or "Unrecognized model" in text:
+        try:
+            data = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            data = {}
+        mt = data.get("model_type")
+        if mt is None:
+            return CheckpointMismatch(
+                f"config.json of '{source}' has no model_type, so its architecture is unknown",
+                "Save the checkpoint with save_pretrained (which writes model_type) or add it to config.json.",
+            )
+        return CheckpointMismatch(
+            f"'{source}' is a '{mt}' checkpoint, which is not a causal language model (AutoModelForCausalLM cannot load it)",
+            "Point the LLM backbone at a decoder-only causal LM (Llama, Mistral, Qwen2, ...).",
+        )
+    if "safetensor" in name.lower() or "safetensor" in text.lower() or "deserializ" in text.lower():
+        bad = _bad_weights_file(folder)
+        where = f"weights file '{bad}'" if bad else f"a weights file in '{folder}'"
+        return SourceUnavailable(
+            f"{where} of model '{source}' cannot be read: it is truncated or corrupt ({name})",
+            "Delete it and download or save the checkpoint again (an interrupted download or copy leaves a short file).",
+        )
+    if "mismatched_sizes" in text or "size mismatch" in text:
+        return CheckpointMismatch(
+            f"the weights of '{source}' do not fit the architecture in its config.json (tensor shapes differ)",
+            "The weights and config.json come from different models; save or download them together.",
+        )
+    if isinstance(err, OSError) and ("does not appear to have" in text or "no file named" in text):
+        return SourceUnavailable(
+            f"model folder '{folder}' of '{source}' holds no weights (*.safetensors or pytorch_model*.bin)",
+            "Point the config at the folder holding the checkpoint's weights and config.json.",
+        )
+    return SourceUnavailable(
+        f"could not load causal LM '{source}' ({name}: {_first_line(err)})",
+        "Check that the folder holds a complete transformers checkpoint (config.json, weights, tokenizer).",
+    )
+
+
+def load_causal_lm(source: str, dtype: str | torch.dtype = "float32", attn_implementation: str | None = "sdpa") -> nn.Module:
+    """A causal LM from a hub id or a local folder (eval mode, on CPU).
+
+    A missing or unreadable checkpoint raises ``SourceUnavailable`` (with the offline
+    hint for hub ids); one of another architecture, or whose weights do not cover the
+    model, raises ``CheckpointMismatch``. The library's exception is chained.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_dir(source, allow_patterns=LLM_FILES)
+    if not (folder / "config.json").exists():
+        raise SourceUnavailable(
+            f"no config.json in model folder '{folder}'" + (f" for '{source}'" if str(source) != str(folder) else ""),
+            "A transformers checkpoint folder holds config.json next to its weights (save it with save_pretrained).",
+        )
+    kwargs = {"dtype": as_torch_dtype(dtype), "output_loading_info": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        except TypeError:  # transformers 4.x spells it torch_dtype
+            kwargs["torch_dtype"] = kwargs.pop("dtype")
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except Exception as err:  # OSError, ValueError (bad config), safetensors errors, ...
+        raise _llm_load_error(str(source), folder, err) from err
+    missing = sorted(info.get("missing_keys") or [])
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [k for k in missing if not k.startswith("lm_head")]
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        detail = f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else f"mismatched {mismatched[:4]}"
+        raise CheckpointMismatch(
+            f"the weights of '{source}' do not cover the model its config.json describes ({detail})",
+            "The weights and config.json come from different models (e.g. num_hidden_layers); save or download them together.",
+        )
+    return model.eval()
+
 
 
 class LazyCausalLM:
@@ -34,8 +142,6 @@ class LazyCausalLM:
 
     def __init__(self, folder: str | os.PathLike, dtype: str | torch.dtype = "float32", attn_implementation: str | None = None, name: str | None = None):
         from transformers import AutoConfig
-
-        from featcal.merge.streaming import CheckpointReader
 
         self.folder = Path(folder)
         self.name = name or str(folder)
@@ -124,9 +230,21 @@ class LazyCausalLM:
 
     def materialize(self) -> nn.Module:
         """The whole model in memory (eval mode, CPU)."""
-        from featcal.backbone.llama import load_causal_lm
-
         return load_causal_lm(str(self.folder), self.dtype, self.attn_implementation)
+
+
+def lazy_causal_lm(source: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                   attn_implementation: str | None = None, name: str | None = None) -> LazyCausalLM:
+    """A ``LazyCausalLM`` on the folder of ``source`` (a folder or a hub id, resolved like
+    ``load_causal_lm``), named ``name`` (default: ``source``); a folder it cannot open raises
+    the project's error, the library's exception chained."""
+    folder = resolve_model_dir(source, allow_patterns=LLM_FILES)
+    try:
+        return LazyCausalLM(folder, dtype, attn_implementation, name=str(source) if name is None else name)
+    except SourceUnavailable:
+        raise
+    except Exception as err:
+        raise _llm_load_error(str(source), folder, err) from err
 
 
 def is_lazy(model: Any) -> bool:
