@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from featcal.backbone.llama import LlamaBackbone
-from featcal.merge import dare, task_arithmetic, ties, weight_average
 from featcal.io.safetensors import CheckpointReader, ShardWriter
-from featcal.merge.streaming import GlobalTies, stream_merge
+from featcal.merge import dare, task_arithmetic, ties, weight_average
+from featcal.merge.streaming import GlobalTies, merge_models, merge_recipe, merged_folder, stream_merge
 from tests.llm_fixtures import TASKS, build_world, is_sharded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,3 +165,30 @@ def test_unknown_and_data_needing_merges_are_refused(world, tmp_path):
     regmean.needs_calibration_data = True
     with pytest.raises(ValueError, match="no streaming version"):
         stream_merge(regmean, base, [experts[t] for t in TASKS], tmp_path / "x", progress=False)
+
+
+def test_the_run_streams_models_kept_on_disk_into_a_reused_cache_folder(world, tmp_path, monkeypatch):
+    """``merge_models`` (the run's merge stage) merges an adapter's on-disk models tensor by
+    tensor into ``$FEATCAL_CACHE/merged/<recipe hash>`` (the in-memory result, bitwise), opens
+    it through the adapter, and reuses the folder for the same recipe; loaded models are
+    merged by the adapter in memory, which refuses on-disk ones."""
+    _, backbone, base, experts = world
+    monkeypatch.setenv("FEATCAL_CACHE", str(tmp_path / "cache"))
+    ta = functools.partial(task_arithmetic, scaling_factor=0.3)
+    st = LlamaBackbone(TASKS, base=base, experts=experts, streaming=True)
+    b, es = st.load_base(), st.load_experts()
+    with pytest.raises(TypeError, match="merge_models"):
+        st.merge(ta, b, es)
+    merged = merge_models(ta, st, b, es)
+    assert not st.is_on_disk(merged)
+    ref = merge_models(ta, backbone, backbone.load_base(), backbone.load_experts())  # loaded: in memory
+    got_sd, ref_sd = merged.state_dict(), ref.state_dict()
+    assert got_sd.keys() == ref_sd.keys() and all(torch.equal(got_sd[k], ref_sd[k]) for k in ref_sd)
+    folder = merged_folder(ta, [str(base)] + [experts[t] for t in TASKS])
+    assert folder.parent == tmp_path / "cache" / "merged"
+    assert json.loads((folder / "featcal_merge.json").read_text()) == merge_recipe(ta, [str(base)] + [experts[t] for t in TASKS])
+    written = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+    st.merged_on_disk = True
+    lazy = merge_models(ta, st, b, es)
+    assert st.is_on_disk(lazy) and st.saved_folder(lazy) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")} == written  # reused, not rewritten
