@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featcal.errors import CheckpointMismatch, SourceUnavailable  # noqa: F401
+from featcal.errors import SourceUnavailable
 from featcal.io.datasets import (
     dataset_location,
     download_command,

@@ -7,7 +7,7 @@ dataset ids, split/column names, class names and prompt templates are data in
 - Data: ``datasets.load_dataset(<hub id or local folder>)``, or
   ``datasets.load_from_disk`` for a folder written by ``save_to_disk``. Hub access
   honours ``HF_HOME`` / ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` natively; a dataset
-  that cannot be found raises :class:`~featcal.io.hub.SourceUnavailable` naming it and
+  that cannot be found raises :class:`~featcal.errors.SourceUnavailable` naming it and
   saying how to pre-download it.
 - Preprocessing: the base model's ``CLIPImageProcessor`` (resize, centre crop,
   normalise); without a ``preprocessor_config.json`` the standard CLIP recipe
