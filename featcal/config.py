@@ -226,3 +226,17 @@ def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The run config composed from the shipped configs (``featcal.paths.conf_dir``) with
+    Hydra's compose API: what ``featcal-run <overrides> --cfg job`` prints, unresolved. For
+    tools and tests outside a running Hydra app (e.g. ``compose(["backbone=embedded_small"])``
+    gives a preset with its model and task pool filled in)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from featcal.paths import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))

@@ -138,12 +138,40 @@ def _conf_dir() -> Path:
     return conf_dir()
 
 
+def _group_file(conf: Path, group: str, name: str) -> DictConfig:
+    """The config file ``<group>/<name>.yaml`` with the files its ``defaults:`` list names merged
+    in at their packages, in order (a backbone preset: its model at ``adapter``, its task pool
+    ``@_here_``); interpolations are left as they are."""
+    node = OmegaConf.load(conf / group / f"{name}.yaml")
+    defaults = node.pop("defaults", None) or ["_self_"]
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    out = OmegaConf.create({})
+    for entry in defaults:
+        if entry == "_self_":
+            out = OmegaConf.merge(out, node)
+            continue
+        if isinstance(entry, str):  # another file of the same group, at the same package
+            out = OmegaConf.merge(out, _group_file(conf, group, entry))
+            continue
+        ((where, choice),) = entry.items()
+        path, _, package = str(where).partition("@")
+        sub = path.lstrip("/") if path.startswith("/") else f"{group}/{path}"
+        child = _group_file(conf, sub, str(choice))
+        package = sub.split("/")[-1] if not package else "" if package == "_here_" else package
+        for part in reversed(package.split(".") if package else []):
+            child = OmegaConf.create({part: child})
+        out = OmegaConf.merge(out, child)
+    return out
+
+
 def _in_config_files(key: str, choices: dict[str, str]) -> bool:
-    """Whether dotted ``key`` is set in conf/config.yaml or its group's chosen file (``++``)."""
+    """Whether dotted ``key`` is set in conf/config.yaml or its group's chosen file (``++``),
+    the files that file's ``defaults:`` names included."""
     parts = key.split(".")
     try:
         if parts[0] in choices and len(parts) > 1:
-            ref = OmegaConf.load(_conf_dir() / parts[0] / f"{choices[parts[0]]}.yaml")
+            ref = _group_file(_conf_dir(), parts[0], choices[parts[0]])
             rest = ".".join(parts[1:])
         else:
             ref = OmegaConf.load(_conf_dir() / "config.yaml")

@@ -26,7 +26,6 @@ from featcal.tasks.embedded_build import (
 from embedded_fixtures import EMBEDDED_TINY as TINY  # a tiny build (~1-2 s)
 from embedded_fixtures import ISA_VARS, assert_same_files_on_a_lower_isa, build_as_a_user, lower_isa_env
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,9 @@ def built(tmp_path_factory):
 
 
 def _yaml(name: str):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    return OmegaConf.create({"backbone": cfg})
+    from featcal.config import compose
+
+    return compose([f"backbone={name}"])  # the preset with its model and task pool (conf/model, conf/taskpool)
 
 
 # ---- config ---------------------------------------------------------------------------

@@ -43,7 +43,11 @@ def built(tmp_path_factory):
 
 
 def _yaml(name: str) -> dict:
-    return yaml.safe_load((ROOT / "conf" / "backbone" / f"{name}.yaml").read_text())
+    from omegaconf import OmegaConf
+
+    from featcal.config import compose
+
+    return OmegaConf.to_container(compose([f"backbone={name}"]).backbone)  # the preset with its model and task pool
 
 
 def _rows(n: int = 200, seed: int = 0):

@@ -29,7 +29,6 @@ from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocab
 from embedded_fixtures import EMBEDDED_T5_TINY as TINY  # a tiny build (a few seconds)
 from embedded_fixtures import assert_same_files_on_a_lower_isa, build_as_a_user
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,9 @@ def built(tmp_path_factory, one_thread):
 
 
 def _yaml(name: str):
-    return OmegaConf.create({"backbone": OmegaConf.load(CONF / f"{name}.yaml")})
+    from featcal.config import compose
+
+    return compose([f"backbone={name}"])  # the preset with its model and task pool (conf/model, conf/taskpool)
 
 
 # ---- tasks and tokenizer ------------------------------------------------------------------

@@ -198,7 +198,7 @@ def test_default_lm_eval_tasks_index_only_their_folders_and_name_their_hub_datas
     from featcal.tasks.mergebench import task_manager
     from tests.standin_hub import LM_EVAL_DATASETS
 
-    preset = yaml.safe_load((Path(CONF_DIR) / "backbone" / "mergebench_llama32_3b.yaml").read_text())["taskpool"]
+    preset = yaml.safe_load((Path(CONF_DIR) / "taskpool" / "mergebench.yaml").read_text())["taskpool"]
     names = [t for ts in preset["lm_eval_tasks"].values() for t in ts]
     assert sorted(names) == sorted(LM_EVAL_DATASETS)
     tm = task_manager((), True, names)

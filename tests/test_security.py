@@ -453,13 +453,13 @@ def test_code_tasks_skipped_without_the_opt_in(caplog):
 
 
 def test_mergebench_configs_default_to_no_code_execution():
-    import yaml
+    from featcal.config import compose
 
     files = sorted((ROOT / "conf" / "backbone").glob("mergebench*.yaml"))
     assert files
     for f in files:
-        node = yaml.safe_load(f.read_text())["taskpool"]
-        assert node["allow_code_execution"] is False, f
+        node = compose([f"backbone={f.stem}"]).backbone.taskpool  # the preset's task pool (conf/taskpool)
+        assert node.allow_code_execution is False, f
 
 
 @pytest.mark.slow

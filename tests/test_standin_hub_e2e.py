@@ -152,7 +152,7 @@ def test_mergebench_llm_in_memory_surgery(standin, calibration):
 
 
 # ---------------------------------------------------------------------------
-# MergeBench's DEFAULT lm-eval tasks (conf/backbone/mergebench_llama32_3b.yaml) over the
+# MergeBench's DEFAULT lm-eval tasks (conf/taskpool/mergebench.yaml) over the
 # stand-ins of their hub datasets (tests/standin_hub.py LM_EVAL_DATASETS, real ids/configs/splits)
 
 
@@ -161,7 +161,7 @@ def _default_lm_tasks() -> dict[str, list[str]]:
 
     from featcal.run import CONF_DIR
 
-    node = yaml.safe_load((Path(CONF_DIR) / "backbone" / "mergebench_llama32_3b.yaml").read_text())
+    node = yaml.safe_load((Path(CONF_DIR) / "taskpool" / "mergebench.yaml").read_text())
     return node["taskpool"]["lm_eval_tasks"]
 
 

@@ -156,8 +156,8 @@ def is_rms_norm(module: nn.Module) -> bool:
 class Backbone(abc.ABC):
     """A model-family adapter.
 
-    Subclasses are instantiated from ``conf/backbone/*.yaml``; ``tasks`` is the
-    ordered list of task names, one expert per task.
+    Subclasses are instantiated from ``conf/model/*.yaml`` (at ``backbone.adapter`` of a
+    ``conf/backbone`` preset); ``tasks`` is the ordered list of task names, one expert per task.
     """
 
     #: name patterns (substrings of the module's qualified name inside a block)
