@@ -1,4 +1,4 @@
-"""Where FeatCal's in-memory walk keeps the models (featcal.calibration.featcal.driver):
+"""Where FeatCal's in-memory walk keeps the models (featcal.calibration.feature_calibration.driver):
 the decision with mocked free device memory, and the CPU walk under every placement."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from featcal.calibration.featcal import driver
-from featcal.calibration.featcal.driver import FeatCal, choose_placement, models_bytes
+from featcal.calibration.feature_calibration import driver
+from featcal.calibration.feature_calibration.driver import FeatCal, choose_placement, models_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 

@@ -49,8 +49,8 @@ from tqdm.auto import tqdm
 from featcal.backbone.base import Backbone, BlockState, move_inputs
 from featcal.backbone.lazy import BlockSource, is_lazy
 from featcal.calibration.base import CalibratedModel, CalibrationReport, drift_rows
-from featcal.calibration.featcal.capture import capture_inputs
-from featcal.calibration.featcal.drift import token_drift
+from featcal.calibration.feature_calibration.capture import capture_inputs
+from featcal.calibration.feature_calibration.drift import token_drift
 from featcal.utils import current_rss_mib, peak_rss_mib
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, BlockState, Inputs, is_norm, is_rms_norm, join_states, move_inputs
 from featcal.calibration.base import CalibratedModel, CalibrationReport, Calibrator, drift_rows
-from featcal.calibration.featcal.capture import capture_inputs
-from featcal.calibration.featcal.drift import token_drift
-from featcal.calibration.featcal.solver import (
+from featcal.calibration.feature_calibration.capture import capture_inputs
+from featcal.calibration.feature_calibration.drift import token_drift
+from featcal.calibration.feature_calibration.solver import (
     SolveInfo,
     anchor,
     as_dtype,
@@ -28,9 +28,9 @@ from featcal.calibration.featcal.solver import (
     solve_rmsnorm,
     solve_weight_from_sums,
 )
-from featcal.calibration.featcal.tf32 import tf32_context
+from featcal.calibration.feature_calibration.tf32 import tf32_context
 from featcal.utils import as_torch_dtype
-from featcal.calibration.featcal.stats import MomentAccumulator, add_upper_, normalise_without_affine, finish_gram
+from featcal.calibration.feature_calibration.stats import MomentAccumulator, add_upper_, normalise_without_affine, finish_gram
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class FeatCal(Calibrator):
             products and solves stay float32 or wider): None / "fp32" (default: the
             model's own dtype), "tf32" (CUDA: TensorFloat-32 matmuls inside the block
             passes; on the CPU nothing, unless emulated for measurement: see
-            ``featcal.calibration.featcal.tf32``) or "bf16" (the passes under bf16
+            ``featcal.calibration.feature_calibration.tf32``) or "bf16" (the passes under bf16
             autocast; works on CPU too). A GPU speed option:
             experiments/bench_calibration.py reports the parameter difference to the
             fp32 result.
@@ -108,7 +108,7 @@ class FeatCal(Calibrator):
             difference to full fp32. Off by default.
         inplace: write into ``merged`` (default, saves a model copy) or into a deep copy.
         progress: tqdm bar over blocks.
-        streaming: layer-streamed calibration (``featcal.calibration.featcal.streamed``):
+        streaming: layer-streamed calibration (``featcal.calibration.feature_calibration.streamed``):
             "auto" (when the backbone hands out models on disk, e.g. LLM backbones with
             ``streaming: true``), true or false.
         offload: where the streamed run keeps activations: "host" (pinned on CUDA) or
@@ -251,7 +251,7 @@ class FeatCal(Calibrator):
         from featcal.backbone.lazy import is_lazy
 
         if self.streaming is True or (self.streaming == "auto" and any(is_lazy(m) for m in (merged, base, *experts))):
-            from featcal.calibration.featcal.streamed import calibrate_streamed
+            from featcal.calibration.feature_calibration.streamed import calibrate_streamed
 
             return calibrate_streamed(self, backbone, merged, base, experts, calibration, device)
         start = time.perf_counter()

@@ -56,10 +56,10 @@ for speed; both are off by default.
 """
 from __future__ import annotations
 
-from featcal.calibration.featcal.capture import capture_inputs
-from featcal.calibration.featcal.drift import token_drift
-from featcal.calibration.featcal.driver import FeatCal, backbone_batch, pack_passes
-from featcal.calibration.featcal.solver import (
+from featcal.calibration.feature_calibration.capture import capture_inputs
+from featcal.calibration.feature_calibration.drift import token_drift
+from featcal.calibration.feature_calibration.driver import FeatCal, backbone_batch, pack_passes
+from featcal.calibration.feature_calibration.solver import (
     SolveInfo,
     anchor,
     as_dtype,
@@ -75,7 +75,7 @@ from featcal.calibration.featcal.solver import (
     stat_dtype,
     task_scale,
 )
-from featcal.calibration.featcal.stats import GRAM_CHUNK, MomentAccumulator, finish_gram, gram_norm, normalise_without_affine
+from featcal.calibration.feature_calibration.stats import GRAM_CHUNK, MomentAccumulator, finish_gram, gram_norm, normalise_without_affine
 
 __all__ = [
     "FeatCal", "GRAM_CHUNK", "MomentAccumulator", "SolveInfo", "anchor", "as_dtype", "backbone_batch",
