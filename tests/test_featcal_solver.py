@@ -282,7 +282,7 @@ def test_bf16_statistics_accumulate_in_float32():
         for pm, *pe in zip(merged.parameters(), *[e.parameters() for e in experts]):
             pm.copy_(sum(p.float() for p in pe) / len(pe))
     before = {k: v.clone() for k, v in merged.state_dict().items()}
-    import featcal.calibration.feature_calibration.driver as fc
+    import featcal.calibration.feature_calibration.walk as fc
 
     captured, accumulators = [], []
     orig_capture, orig_add = fc.capture_inputs, MomentAccumulator.add
