@@ -96,6 +96,8 @@ class _SurgeryBase(Calibrator):
 
     kind: str = "surgery"
     name: str = "surgery"
+    #: training minibatch rows (the cached features are per calibration example)
+    memory_knobs = {"batch_size": "half"}
 
     def __init__(
         self,

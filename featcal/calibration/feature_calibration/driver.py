@@ -84,6 +84,8 @@ class FeatCal(Calibrator):
     """
 
     name = "featcal"
+    #: activations of one block pass grow with pass_tokens; the drift chain with drift_examples
+    memory_knobs = {"pass_tokens": "half", "drift_examples": "half"}
 
     def __init__(
         self,
