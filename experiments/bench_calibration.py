@@ -227,7 +227,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument(
         "--emulate-tf32", action="store_true",
-        help="CPU only: emulate TF32 matrix products (featcal.calibration.featcal.tf32) so that the "
+        help="CPU only: emulate TF32 matrix products (featcal.calibration.feature_calibration.tf32) so that the "
              "parameter difference of block_dtype=tf32 / gram_tf32=true variants can be measured "
              "without a GPU (slower than plain fp32; its timings are not TF32 timings)",
     )

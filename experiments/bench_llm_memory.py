@@ -75,7 +75,7 @@ def measure(folder: Path, mode: str, tasks: int, n: int, seq: int, batch: int) -
     import torch
 
     from featcal.backbone.llama import LlamaBackbone
-    from featcal.calibration.featcal import FeatCal
+    from featcal.calibration.feature_calibration import FeatCal
     from featcal.merge import task_arithmetic
     from featcal.merge.streaming import merge_models
 
@@ -89,7 +89,7 @@ def measure(folder: Path, mode: str, tasks: int, n: int, seq: int, batch: int) -
     ta = functools.partial(task_arithmetic, scaling_factor=0.3)
     # warm-up: the imports and kernels every mode needs, so the baseline holds them
     import featcal.io.lazy  # noqa: F401
-    import featcal.calibration.featcal.streamed  # noqa: F401
+    import featcal.calibration.feature_calibration.streamed  # noqa: F401
     import featcal.merge.streaming  # noqa: F401
     from transformers import LlamaForCausalLM
 

@@ -64,7 +64,7 @@ def measure(spec: EmbeddedSpec, cache_dir: str | None, device: str, featcal_budg
         acc[name] = evaluate(lambda i, m=models[name]: m, desc=name)
     featcal = {}
     if featcal_budgets:
-        from featcal.calibration.featcal import FeatCal
+        from featcal.calibration.feature_calibration import FeatCal
 
         ta = models["task arithmetic (λ=0.3)"]
         for n in featcal_budgets:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true", help="build into a fresh temporary cache and time it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", nargs="*", default=[], help="spec overrides key=value")
-    ap.add_argument("--featcal", nargs="*", type=int, default=[], help="FeatCal budgets to try (needs featcal.calibration.featcal)")
+    ap.add_argument("--featcal", nargs="*", type=int, default=[], help="FeatCal budgets to try (needs featcal.calibration.feature_calibration)")
     ap.add_argument("--out", default=str(ROOT / "results" / "embedded_benchmark.md"))
     ap.add_argument("--json", default=None, help="also dump the raw figures here")
     ap.add_argument("--from-json", default=None, help="only re-render the Markdown from a --json dump")

@@ -223,17 +223,15 @@ def is_out_of_memory(err: BaseException) -> bool:
     return bool(kinds) and isinstance(err, kinds)
 
 
-# stage (as named by StageTimer in run.py) -> config keys that lower memory there
+# stage (as named by StageTimer in run.py) -> run-level config keys that lower memory there;
+# the configured calibrator adds its own keys for the calibrate stage (``memory_knobs``)
 _MEMORY_KNOBS: dict[str, list[tuple[str, str]]] = {
     "load": [("precision", "bf16")],
     "merge": [("precision", "bf16")],
     "evaluate": [("eval_batch_size", "half"), ("precision", "bf16")],
-    "calibration_data": [("budget.batch_size", "half"), ("calibration.batch_size", "half")],
+    "calibration_data": [("budget.batch_size", "half")],
     "calibrate": [
-        ("calibration.pass_tokens", "half"),
         ("budget.batch_size", "half"),
-        ("calibration.batch_size", "half"),
-        ("calibration.drift_examples", "half"),
         ("budget.per_task", "half"),
         ("precision", "bf16"),
     ],
@@ -248,12 +246,28 @@ def _stage_key(stage: str | None) -> str | None:
     return stage if stage in _MEMORY_KNOBS else None
 
 
+def _calibrator_knobs(cfg: Any) -> list[tuple[str, str]]:
+    """``calibration.<key>`` knobs the configured calibrator class declares (``memory_knobs``)."""
+    if cfg is None:
+        return []
+    with contextlib.suppress(Exception):
+        from hydra.utils import get_class
+        from omegaconf import OmegaConf
+
+        target = OmegaConf.select(cfg, "calibration._target_", default=None)
+        knobs = getattr(get_class(str(target)), "memory_knobs", None) if target else None
+        return [(f"calibration.{key}", how) for key, how in (knobs or {}).items()]
+    return []
+
+
 def memory_advice(stage: str | None, cfg: Any = None) -> str:
     """Which settings lower memory in ``stage``, with their current values from ``cfg``."""
     from omegaconf import OmegaConf
 
     key = _stage_key(stage)
     knobs = _MEMORY_KNOBS[key] if key else [k for v in _MEMORY_KNOBS.values() for k in v]
+    if key in ("calibrate", None):
+        knobs = _calibrator_knobs(cfg) + knobs
     out, seen = [], set()
     for name, how in knobs:
         if name in seen:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from device_audit import FactoryAudit, foreign_home
-from featcal.calibration.featcal import FeatCal, solve_layernorm, solve_rmsnorm
+from featcal.calibration.feature_calibration import FeatCal, solve_layernorm, solve_rmsnorm
 from test_featcal_driver import clip_world, llama_world  # noqa: F401  (module fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,17 +133,17 @@ def test_block_dtype_is_validated():
 def test_featcal_refuses_a_budget_whose_activations_cannot_fit(clip_world, monkeypatch):
     """Any budget (budget.per_task=all included) is fine while one block's activations of
     all examples fit on the device; otherwise a clear error before any block runs."""
-    from featcal.calibration.featcal import driver
+    from featcal.calibration.feature_calibration import in_memory
     from featcal.errors import ConfigError
 
     backbone, base, experts, merged_sd, calib = _world_parts(clip_world)
-    monkeypatch.setattr(driver, "available_bytes", lambda device: 10_000)
+    monkeypatch.setattr(in_memory, "available_bytes", lambda device: 10_000)
     merged = backbone.with_state_dict(base, merged_sd)
     with pytest.raises(ConfigError, match=r"FeatCal: 96 calibration examples need about .* GiB .* smaller budget"):
         FeatCal(progress=False).calibrate(backbone, merged, base, experts, calib)
     for p, q in zip(merged.parameters(), backbone.with_state_dict(base, merged_sd).parameters()):
         assert torch.equal(p, q)  # nothing was written
-    monkeypatch.setattr(driver, "available_bytes", lambda device: None)  # unknown: no check
+    monkeypatch.setattr(in_memory, "available_bytes", lambda device: None)  # unknown: no check
     FeatCal(progress=False, drift_examples=0).calibrate(backbone, merged, base, experts, calib)
 
 

@@ -166,7 +166,8 @@ def test_missing_local_folder_and_hub_id_offline(tmp_path, monkeypatch):
 
 def _cfg(**over):
     base = {"precision": "fp32", "eval_batch_size": 256, "debug": False,
-            "calibration": {"pass_tokens": 4096, "batch_size": 16}, "budget": {"per_task": 64}}
+            "calibration": {"_target_": "featcal.calibration.feature_calibration.FeatCal", "pass_tokens": 4096, "batch_size": 16},
+            "budget": {"per_task": 64}}
     base.update(over)
     return OmegaConf.create(base)
 
@@ -256,6 +257,33 @@ def test_out_of_memory_names_the_stage_and_its_knobs(tmp_path, capsys, monkeypat
     assert json.loads((tmp_path / "failed.json").read_text())["kind"] == "out_of_memory"
     assert errors.guard(oom("calibrate"), _cfg(), tmp_path, multirun=True) is None  # a sweep goes on
     assert errors.sweep_exit_code([{"exit_code": 3}]) == 3 and errors.sweep_exit_code([{"exit_code": 3}, {"exit_code": 2}]) == 2
+
+
+def test_out_of_memory_advice_lists_the_configured_calibrators_own_knobs():
+    """The calibrate-stage knobs under ``calibration.`` come from the calibrator class's
+    ``memory_knobs`` declaration, not from a list in errors.py."""
+    from featcal.calibration.base import NoCalibration
+    from featcal.calibration.feature_calibration import FeatCal
+    from featcal.calibration.surgery import ProbSurgery, Surgery
+
+    assert FeatCal.memory_knobs == {"pass_tokens": "half", "drift_examples": "half"}
+    assert Surgery.memory_knobs == ProbSurgery.memory_knobs == {"batch_size": "half"}
+    assert NoCalibration.memory_knobs == {}
+
+    def advice(target, stage="calibrate"):
+        cfg = _cfg(calibration={"_target_": target, "pass_tokens": 4096, "drift_examples": 8, "batch_size": 16},
+                   budget={"per_task": 64, "batch_size": 32})
+        return errors.memory_advice(stage, cfg)
+
+    fc = advice("featcal.calibration.feature_calibration.FeatCal")
+    assert "calibration.pass_tokens=2048 (now 4096)" in fc and "calibration.drift_examples=4 (now 8)" in fc
+    assert "calibration.batch_size" not in fc and "budget.batch_size=16 (now 32)" in fc and "budget.per_task=32 (now 64)" in fc
+    sg = advice("featcal.calibration.surgery.Surgery")
+    assert "calibration.batch_size=8 (now 16)" in sg and "pass_tokens" not in sg and "drift_examples" not in sg
+    none = advice("featcal.calibration.base.NoCalibration")
+    assert "calibration." not in none and "budget.per_task=32 (now 64)" in none
+    # loading the calibration data: the run's batch size, whatever the calibrator
+    assert advice("featcal.calibration.surgery.Surgery", "calibration_data") == "budget.batch_size=16 (now 32); or device=cpu"
 
 
 def test_collect_lists_failed_jobs(tmp_path, capsys):

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from featcal.calibration.featcal import FeatCal
+from featcal.calibration.feature_calibration import FeatCal
 from featcal.merge import task_arithmetic
 
 T = 3
@@ -363,7 +363,7 @@ def test_joined_llama_batches_run_like_separate_ones(llama_world):
     """Joining padded batches (attention masks per example, rotary tables shared) gives the
     same block outputs; batches of another length are left as they are."""
     from featcal.backbone.base import join_states
-    from featcal.calibration.featcal import pack_passes
+    from featcal.calibration.feature_calibration import pack_passes
 
     backbone, base, *_, calib, _ = llama_world
     a, b = (backbone.embed(base, batch) for batch in calib[0])

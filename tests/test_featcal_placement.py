@@ -1,4 +1,4 @@
-"""Where FeatCal's in-memory walk keeps the models (featcal.calibration.featcal.driver):
+"""Where FeatCal's in-memory walk keeps the models (featcal.calibration.feature_calibration.driver):
 the decision with mocked free device memory, and the CPU walk under every placement."""
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from featcal.calibration.featcal import driver
-from featcal.calibration.featcal.driver import FeatCal, choose_placement, models_bytes
+from featcal.calibration.feature_calibration import driver
+from featcal.calibration.feature_calibration.driver import FeatCal
+from featcal.calibration.feature_calibration.in_memory import choose_placement, models_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
@@ -69,12 +70,12 @@ def test_cpu_walk_is_the_host_placement_and_resident_gives_the_same_bits(workloa
 def test_resident_models_go_back_home_on_error(workload, monkeypatch):
     moved = []
 
-    class Spy(driver._Resident):
+    class Spy(driver.Resident):
         def restore(self):
             moved.append(len(self.moves))
             super().restore()
 
-    monkeypatch.setattr(driver, "_Resident", Spy)
+    monkeypatch.setattr(driver, "Resident", Spy)
     monkeypatch.setattr(FeatCal, "_calibrate_in_memory", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         _run(workload, monkeypatch, "resident")

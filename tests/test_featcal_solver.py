@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from featcal.calibration.featcal.stats import add_upper_, gram_norm
+from featcal.calibration.feature_calibration.stats import add_upper_, gram_norm
 
-from featcal.calibration.featcal import (
+from featcal.calibration.feature_calibration import (
     FeatCal,
     MomentAccumulator,
     SolveInfo,
@@ -282,7 +282,7 @@ def test_bf16_statistics_accumulate_in_float32():
         for pm, *pe in zip(merged.parameters(), *[e.parameters() for e in experts]):
             pm.copy_(sum(p.float() for p in pe) / len(pe))
     before = {k: v.clone() for k, v in merged.state_dict().items()}
-    import featcal.calibration.featcal.driver as fc
+    import featcal.calibration.feature_calibration.walk as fc
 
     captured, accumulators = [], []
     orig_capture, orig_add = fc.capture_inputs, MomentAccumulator.add
@@ -363,7 +363,7 @@ def test_gram_norm_zero_below_add_upper_and_premultiplied_weights():
 def _plain_featcal(backbone, merged, base, experts, calib, lam, rho, alpha, eps):
     """FeatCal on the tiny stack written out per module with the plain formulas (no shared
     statistics, no cross-term routes, no joined passes, float64), for the driver to match."""
-    from featcal.calibration.featcal import anchor
+    from featcal.calibration.feature_calibration import anchor
 
     model = copy.deepcopy(merged).double()
     base64 = copy.deepcopy(base).double()
@@ -409,7 +409,7 @@ def _plain_featcal(backbone, merged, base, experts, calib, lam, rho, alpha, eps)
 def test_driver_matches_plain_per_module_formulas(route, pass_tokens, chunk, monkeypatch):
     """The driver's fast paths (shared statistics, cross-term routes, joined passes,
     upper-triangle Gram products, accumulators reused across tasks) give the plain result."""
-    import featcal.calibration.featcal.stats as fc
+    import featcal.calibration.feature_calibration.stats as fc
 
     if chunk:
         monkeypatch.setattr(fc, "GRAM_CHUNK", chunk)  # 8-wide inputs in panels: the wide-input path

@@ -11,7 +11,7 @@ import torch
 
 from featcal.io.lazy import LazyCausalLM, is_lazy
 from featcal.backbone.llama import LlamaBackbone
-from featcal.calibration.featcal import FeatCal
+from featcal.calibration.feature_calibration import FeatCal
 from featcal.merge import task_arithmetic
 from featcal.merge.streaming import merge_models
 from test_featcal_driver import _final_drift
@@ -196,7 +196,7 @@ class _Source:
 
 
 def test_prefetcher_loads_one_block_ahead_in_a_thread():
-    from featcal.calibration.featcal.streamed import BlockPrefetcher
+    from featcal.calibration.feature_calibration.streamed import BlockPrefetcher
 
     srcs = [_Source(), _Source()]
     pf = BlockPrefetcher(srcs, torch.device("cpu"), num_blocks=4)
@@ -219,7 +219,7 @@ def test_prefetcher_loads_one_block_ahead_in_a_thread():
 def test_an_aborted_walk_gives_the_prefetched_blocks_back():
     import threading
 
-    from featcal.calibration.featcal.streamed import BlockPrefetcher
+    from featcal.calibration.feature_calibration.streamed import BlockPrefetcher
 
     gate = threading.Event()
     src = _Source(gate)

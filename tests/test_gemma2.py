@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from featcal.backbone.gemma2 import Gemma2Backbone
-from featcal.calibration.featcal import FeatCal
-from featcal.calibration.featcal.solver import anchor, solve_rmsnorm
-from featcal.calibration.featcal.stats import normalise_without_affine
+from featcal.calibration.feature_calibration import FeatCal
+from featcal.calibration.feature_calibration.solver import anchor, solve_rmsnorm
+from featcal.calibration.feature_calibration.stats import normalise_without_affine
 from featcal.merge import task_arithmetic
 from featcal.merge.streaming import merge_models
 from test_featcal_driver import _final_drift

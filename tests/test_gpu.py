@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from featcal.calibration.featcal import FeatCal
-from featcal.calibration.surgery import ProbSurgery, Surgery, load_surgery
+from featcal.calibration.feature_calibration import FeatCal
+from featcal.calibration.surgery import ProbSurgery, Surgery
+from featcal.calibration.surgery_model import load_surgery
 from featcal.merge import dare, task_arithmetic, ties, weight_average
 from test_featcal_driver import _final_drift, clip_world, llama_world  # noqa: F401  (module fixtures)
 

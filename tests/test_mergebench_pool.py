@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from featcal.backbone.llama import LlamaBackbone
-from featcal.calibration.featcal import FeatCal
+from featcal.calibration.feature_calibration import FeatCal
 from featcal.merge import task_arithmetic
 from featcal.tasks.mergebench import MergeBenchTaskPool, alpaca_text
 from tests.llm_fixtures import TASKS, build_world, task_batch

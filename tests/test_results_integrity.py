@@ -26,7 +26,7 @@ from featcal.utils import MemorySampler, atomic_write_json, atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["inverted", "rot90"]
 
-FEATCAL = {"_target_": "featcal.calibration.featcal.FeatCal", "rho": 0.5, "alpha": 0.001}
+FEATCAL = {"_target_": "featcal.calibration.feature_calibration.FeatCal", "rho": 0.5, "alpha": 0.001}
 SURGERY = {"_target_": "featcal.calibration.surgery.Surgery", "steps": 100, "lr": 0.001}
 
 

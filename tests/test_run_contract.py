@@ -111,7 +111,7 @@ def test_surgery_is_a_hook_on_the_merged_model_and_saves_modules(bench, tmp_path
     extra = res["calibration_report"]["extra"]
     assert extra["l1_after_mean"] < extra["l1_before_mean"]
     assert res["loss_curve"][-1]["loss"] < res["loss_curve"][0]["loss"]
-    from featcal.calibration.surgery import load_surgery
+    from featcal.calibration.surgery_model import load_surgery
 
     adapter, base, experts = family(cfg)
     merged = adapter.with_state_dict(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], scaling_factor=0.3))

@@ -13,14 +13,8 @@ import torch
 from torch import nn
 
 from featcal.backbone.clip import CLIPVisionBackbone
-from featcal.calibration.surgery import (
-    ProbSurgery,
-    ProbSurgeryModule,
-    Surgery,
-    SurgeryBank,
-    SurgeryModule,
-    load_surgery,
-)
+from featcal.calibration.surgery import ProbSurgery, Surgery
+from featcal.calibration.surgery_model import ProbSurgeryModule, SurgeryBank, SurgeryModule, load_surgery
 from featcal.merge import task_arithmetic
 
 TASKS = ["a", "b", "c"]
@@ -247,7 +241,7 @@ def test_model_for_task_hooks_the_family_model(setup):
 
 
 def test_input_site_hook_corrects_the_first_input():
-    from featcal.calibration.surgery import attach_correction
+    from featcal.calibration.surgery_model import attach_correction
 
     lin = nn.Linear(4, 3)
     x = torch.randn(2, 4)

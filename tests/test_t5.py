@@ -348,7 +348,7 @@ def test_merge_with_calibration_data_gets_decoder_targets(w, models, tmp_path):
 
 
 def test_featcal_lowers_final_decoder_drift_to_every_expert(w, models, tmp_path):
-    from featcal.calibration.featcal import FeatCal
+    from featcal.calibration.feature_calibration import FeatCal
     from featcal.merge import task_arithmetic
 
     bb, base, experts = models
@@ -412,7 +412,7 @@ def test_featcal_lowers_final_decoder_drift_to_every_expert(w, models, tmp_path)
 def test_featcal_ignores_encoder_padding_everywhere(w, models, tmp_path):
     """Extra encoder padding changes no calibrated weight: padded encoder rows weigh 0 in the
     encoder blocks and in the decoder's cross-attention k/v (``module_masks``)."""
-    from featcal.calibration.featcal import FeatCal
+    from featcal.calibration.feature_calibration import FeatCal
     from featcal.merge import task_arithmetic
 
     bb, base, experts = models
@@ -579,7 +579,7 @@ def test_t5_calibrators_and_scoring_on_the_gpu(w, models, tmp_path):
     """Device-clean T5 path: answers, FeatCal (fp32: equal to the CPU result; bf16: finite
     and lowering the final drift), Surgery and the GLUE scorer on the work device while the
     models live on the CPU."""
-    from featcal.calibration.featcal import FeatCal
+    from featcal.calibration.feature_calibration import FeatCal
     from featcal.calibration.surgery import Surgery
     from featcal.merge import task_arithmetic
 

@@ -91,7 +91,7 @@ def _drift(model, expert, batches, n_enc):
 
 
 def test_featcal_t5_lowers_held_out_drift_in_every_block_and_moves_every_block_parameter(random_t5):
-    from featcal.calibration.featcal import FeatCal
+    from featcal.calibration.feature_calibration import FeatCal
     from featcal.merge import task_arithmetic
 
     bb, base, experts = random_t5

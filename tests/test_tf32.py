@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featcal.calibration.featcal import FeatCal
-from featcal.calibration.featcal.tf32 import EMULATE_ENV, EmulatedTF32, round_to_tf32, tf32_context
+from featcal.calibration.feature_calibration import FeatCal
+from featcal.calibration.feature_calibration.tf32 import EMULATE_ENV, EmulatedTF32, round_to_tf32, tf32_context
 from test_featcal_driver import clip_world  # noqa: F401  (module fixture)
 
 

@@ -132,7 +132,7 @@ def _job(root: Path, run_file: Path | None, cut: int | None) -> Path:
     res = results_dict()
     config = {"seed": 0, "budget": {"per_task": 8, "split": "train", "batch_size": 16}, "logger": {"name": "wandb"},
               "backbone": {"tasks": TASKS}, "merge": {"_target_": "featcal.merge.task_arithmetic"},
-              "calibration": {"_target_": "featcal.calibration.featcal.FeatCal"}}
+              "calibration": {"_target_": "featcal.calibration.feature_calibration.FeatCal"}}
     res.update(config=config, config_hash="0" * 16)
     root.mkdir(parents=True)
     (root / ".hydra").mkdir()

@@ -129,6 +129,11 @@ class Calibrator(abc.ABC):
 
     name: str = "calibrator"
 
+    #: this calibrator's own config keys (under ``calibration.``) that lower its memory use
+    #: in the calibrate stage, key -> advice ("half": suggest half the current value); the
+    #: out-of-memory message of ``featcal-run`` lists them (``featcal.errors.memory_advice``)
+    memory_knobs: dict[str, str] = {}
+
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
         """Problems with a config node for this class (``key=value: what is allowed``)."""

@@ -22,8 +22,10 @@ This package has these parts:
    brute-force least squares in ``tests/test_featcal_solver.py``);
 2. statistics accumulation (w-weighted token averages, float32 or wider whatever the
    model dtype; a non-finite statistic is an error naming the module);
-3. the forward-order driver ``FeatCal`` that walks ``backbone.blocks(...)`` and knows
-   nothing about any model family.
+3. one block's systems (``systems.py``: grouping, per-task accumulation, the solve) and
+   the one forward-order block loop (``walk.py``) that knows nothing about any model
+   family; it walks models and activations in memory (``in_memory.py``) or layer-streamed
+   (``streamed.py``), and ``FeatCal`` (``driver.py``) picks the walk.
 
 Efficiency choices (the results are those of the plain formulas):
 
@@ -56,10 +58,11 @@ for speed; both are off by default.
 """
 from __future__ import annotations
 
-from featcal.calibration.featcal.capture import capture_inputs
-from featcal.calibration.featcal.drift import token_drift
-from featcal.calibration.featcal.driver import FeatCal, backbone_batch, pack_passes
-from featcal.calibration.featcal.solver import (
+from featcal.calibration.feature_calibration.capture import capture_inputs
+from featcal.calibration.feature_calibration.drift import token_drift
+from featcal.calibration.feature_calibration.driver import FeatCal
+from featcal.calibration.feature_calibration.in_memory import backbone_batch, pack_passes
+from featcal.calibration.feature_calibration.solver import (
     SolveInfo,
     anchor,
     as_dtype,
@@ -75,7 +78,7 @@ from featcal.calibration.featcal.solver import (
     stat_dtype,
     task_scale,
 )
-from featcal.calibration.featcal.stats import GRAM_CHUNK, MomentAccumulator, finish_gram, gram_norm, normalise_without_affine
+from featcal.calibration.feature_calibration.stats import GRAM_CHUNK, MomentAccumulator, finish_gram, gram_norm, normalise_without_affine
 
 __all__ = [
     "FeatCal", "GRAM_CHUNK", "MomentAccumulator", "SolveInfo", "anchor", "as_dtype", "backbone_batch",

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from featcal.calibration.featcal.solver import stat_dtype
+from featcal.calibration.feature_calibration.solver import stat_dtype
 
 
 

@@ -1,14 +1,14 @@
 """Layer-streamed FeatCal: bounded device and host memory for LLM-sized models.
 
-The same closed forms and statistics as the in-memory driver (it reuses the FeatCal
-object's planning, accumulation and solve methods), walked differently:
+The same block loop as the in-memory driver (``walk.py``: the same closed forms,
+statistics and drift chains), over other places for the models and the activations:
 
 - **Models, block by block.** Block l of the merged model, of the base and of each
-  expert is acquired when its turn comes through ``featcal.io.lazy.BlockSource``:
-  a model on disk (``LazyCausalLM``) has only that block's tensors read from its
+  expert is acquired when its turn comes through the backbone's ``block_source(model)``:
+  a model on disk (``backbone.is_on_disk``) has only that block's tensors read from its
   safetensors shards, then dropped; an in-memory model has the block moved to the device
   and back. An in-memory merged model (the output) stays on the host and its block l
-  is written in place; a merged model on disk (``LazyCausalLM``) is read block by block
+  is written in place; a merged model on disk is read block by block
   too and the calibrated blocks are written, one safetensors shard per block, into a new
   HF folder (``<merged folder>.featcal`` or ``fc.output_dir``) whose model is loaded
   only when a task asks for it (``DiskCalibratedModel``): host memory then stays flat in
@@ -34,8 +34,10 @@ Both are printed at the end and returned in ``report["memory"]``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,13 +46,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from featcal.backbone.base import Backbone, BlockState, move_inputs
-from featcal.io.lazy import BlockSource, is_lazy
-from featcal.calibration.base import CalibratedModel, CalibrationReport, drift_rows
-from featcal.calibration.featcal.capture import capture_inputs
-from featcal.calibration.featcal.drift import token_drift
+from featcal.calibration.base import CalibratedModel, CalibrationReport
+from featcal.calibration.feature_calibration.walk import walk
 from featcal.utils import current_rss_mib, peak_rss_mib
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ def _tensors(block: nn.Module) -> list[torch.Tensor]:
     return [t for t in (*block.parameters(), *block.buffers())]
 
 
-def _acquire_pinned(src: BlockSource, index: int, device: torch.device, stream) -> tuple[nn.Module, Any]:
+def _acquire_pinned(src, index: int, device: torch.device, stream) -> tuple[nn.Module, Any]:
     """Block ``index`` of a model on disk, read into pinned host memory and copied to the
     CUDA ``device`` on ``stream`` without blocking: (block, event recorded after the copy)."""
     blk = src.acquire(index, torch.device("cpu"))
@@ -148,7 +147,7 @@ class BlockPrefetcher:
     disk are read into pinned memory and copied on a side stream; the caller's stream
     waits for the copy before the blocks are returned."""
 
-    def __init__(self, sources: list[BlockSource], device: torch.device, num_blocks: int, enabled: bool = True):
+    def __init__(self, sources: list, device: torch.device, num_blocks: int, enabled: bool = True):
         self.sources = sources
         self.device = device
         self.num_blocks = num_blocks
@@ -205,6 +204,134 @@ def _cuda_peak(device: torch.device) -> float | None:
     return None
 
 
+class StreamedStates:
+    """The walk's block states in a host :class:`ActivationStore` (see ``walk.StateAccess``):
+    only hidden states are stored (one slot per role, task and batch, overwritten in place
+    block after block); masks and extras are the first block's (``_Slot``), which suits
+    families whose blocks keep them (decoder LLMs). One batch at a time visits the device."""
+
+    def __init__(self, store: ActivationStore, slots: list[list[_Slot]], device: torch.device, compute_dtype: torch.dtype):
+        self.store = store
+        self.slots = slots
+        self.device = device
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def embed(cls, backbone: Backbone, store: ActivationStore, merged_source, expert_sources: list,
+              calibration: list[list[Any]], num_tasks: int, device: torch.device) -> "StreamedStates":
+        """First-block inputs of every calibration batch of the merged model and of each
+        task's expert (a model on disk: its shell, the model without its blocks)."""
+        dtypes: list[torch.dtype] = []
+
+        def embed_all(model: nn.Module, role: str, t: int) -> list[_Slot]:
+            out = []
+            home = backbone.device_of(model)
+            for b, batch in enumerate(calibration[t]):
+                st = backbone.embed(model, move_inputs(batch, home))
+                dtypes.append(st.hidden.dtype)
+                store.put((role, t, b), st.hidden)
+                out.append(_Slot(st))
+            return out
+
+        shell = merged_source.embedder()
+        slots = [embed_all(shell, "s", t) for t in range(num_tasks)]
+        del shell
+        for t in range(num_tasks):
+            shell = expert_sources[t].embedder()
+            embed_all(shell, "e", t)  # same masks as the student's: only the hidden states are kept
+            del shell
+        return cls(store, slots, device, dtypes[0])
+
+    def num_batches(self, task: int) -> int:
+        return len(self.slots[task])
+
+    def batch_sizes(self, task: int) -> list[int]:
+        return [s.batch for s in self.slots[task]]
+
+    def tokens(self, task: int) -> int:
+        return sum(s.token_mask.numel() for s in self.slots[task])
+
+    def get(self, role: str, task: int, batch: int, cut: int | None = None) -> BlockState:
+        st = self.slots[task][batch].state(self.store.get((role, task, batch), self.device, self.compute_dtype), self.device)
+        return st.take(cut) if cut is not None else st
+
+    def put(self, role: str, task: int, batch: int, state: BlockState) -> None:
+        """Store the hidden states; fewer rows than the slot holds (the last block's drift
+        examples) overwrite the slot's first rows."""
+        slot = self.store.slots.get((role, task, batch))
+        hidden = state.hidden
+        if slot is not None and hidden.shape[1:] == slot.shape[1:] and hidden.shape[0] < slot.shape[0]:
+            slot[: hidden.shape[0]].copy_(hidden)
+        else:
+            self.store.put((role, task, batch), hidden)
+
+    def start_chain(self, plan: list[list[int]]) -> None:
+        for t, counts in enumerate(plan):
+            for b, c in enumerate(counts):
+                self.store.put(("u", t, b), self.store.slots[("s", t, b)][:c])
+
+    def postfix(self) -> dict[str, str]:
+        return {"rss": f"{current_rss_mib() / 1024:.1f}G"}
+
+
+class StreamedBlocks:
+    """The walk's block access for the streamed run (see ``walk.BlockAccess``): block l of
+    every model from its block source through a :class:`BlockPrefetcher` (block l + 1
+    loading meanwhile), each given back when its part is done; calibrated blocks of a
+    merged model on disk are written by ``writer`` (from a thread when ``overlap``)."""
+
+    def __init__(self, merged_source, base_source, expert_sources: list, device: torch.device, overlap: bool, writer=None):
+        self.src_m, self.src_0, self.src_e = merged_source, base_source, expert_sources
+        self.num_blocks = len(merged_source)
+        if len(base_source) != self.num_blocks or any(len(s) != self.num_blocks for s in expert_sources):
+            raise ValueError("base, merged and experts must have the same number of blocks")
+        self.prefetch = BlockPrefetcher([merged_source, base_source, *expert_sources], device, self.num_blocks, enabled=overlap)
+        self.prefetch.schedule(0)
+        self.writer = writer
+        # calibrated blocks of a merged model on disk: written by a thread (one write in flight)
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="featcal-write") if writer is not None and overlap else None
+        self.writing: Future | None = None
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def take(self, index: int) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
+        blk, base_blk, *expert_blocks = self.prefetch.take(index)
+        return blk, base_blk, expert_blocks
+
+    def enter_expert(self, task: int, index: int, block: nn.Module) -> nn.Module:
+        return block
+
+    def leave_expert(self, task: int, index: int, block: nn.Module) -> None:
+        self.src_e[task].release(index, block)
+
+    def solved(self, index: int, base_block: nn.Module) -> None:
+        self.src_0.release(index, base_block)
+
+    def _write_and_release(self, index: int, block: nn.Module) -> None:
+        self.writer.write_block(index, block)
+        self.src_m.release(index, block)
+
+    def done(self, index: int, block: nn.Module) -> None:
+        if self.write_pool is not None:
+            if self.writing is not None:
+                self.writing.result()  # at most one block waits to be written
+            self.writing = self.write_pool.submit(self._write_and_release, index, block)
+        else:
+            if self.writer is not None:
+                self.writer.write_block(index, block)
+            self.src_m.release(index, block)
+
+    def finish(self) -> None:
+        if self.writing is not None:
+            self.writing.result()
+
+    def close(self) -> None:
+        self.prefetch.close()
+        if self.write_pool is not None:
+            self.write_pool.shutdown(wait=True)
+
+
 @torch.no_grad()
 def calibrate_streamed(
     fc,
@@ -221,179 +348,21 @@ def calibrate_streamed(
     if not fc.forward_order:
         raise ValueError("layer-streamed FeatCal runs in forward order only (forward_order=false needs the in-memory driver)")
     num_tasks = fc.check_inputs(experts, calibration)
-    on_disk = is_lazy(merged)
+    on_disk = backbone.is_on_disk(merged)
     if not on_disk:
         merged.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_start = current_rss_mib()
+    # a model on disk names its modules through its skeleton (the architecture on ``meta``)
     qualified = {id(m): n for n, m in (merged.skeleton() if on_disk else merged).named_modules()}
-    src_m = BlockSource(backbone, merged)
-    src_0 = BlockSource(backbone, base)
-    src_e = [BlockSource(backbone, e) for e in experts]
-    num_blocks = len(src_m)
-    if len(src_0) != num_blocks or any(len(s) != num_blocks for s in src_e):
-        raise ValueError("base, merged and experts must have the same number of blocks")
-
+    src_m, src_0 = backbone.block_source(merged), backbone.block_source(base)
+    src_e = [backbone.block_source(e) for e in experts]
     store = ActivationStore(fc.offload, fc.offload_dir, fc.activation_dtype, pin=device.type == "cuda")
-    slots: list[list[_Slot]] = []
-    compute_dtype: torch.dtype | None = None
-
-    def embed_all(model: nn.Module, role: str, t: int) -> list[_Slot]:
-        nonlocal compute_dtype
-        out = []
-        home = backbone.device_of(model)
-        for b, batch in enumerate(calibration[t]):
-            st = backbone.embed(model, move_inputs(batch, home))
-            compute_dtype = compute_dtype or st.hidden.dtype
-            store.put((role, t, b), st.hidden)
-            out.append(_Slot(st))
-        return out
-
-    shell = src_m.embedder()
-    for t in range(num_tasks):
-        slots.append(embed_all(shell, "s", t))
-    del shell
+    states = StreamedStates.embed(backbone, store, src_m, src_e, calibration, num_tasks, device)
     writer = _BlockFolderWriter(merged, backbone, fc.output_dir) if on_disk else None
-    for t in range(num_tasks):
-        shell = src_e[t].embedder()  # a lazy expert: the model without its blocks
-        embed_all(shell, "e", t)  # same masks as the student's: only the hidden states are kept
-        del shell
-
-    # drift diagnostics: the first k examples per task, an uncalibrated chain beside
-    k = fc.drift_examples
-    track = k is None or k > 0
-    plan: list[list[int]] = []
-    for t in range(num_tasks):
-        counts, left = [], float("inf") if k is None else k
-        for s in slots[t]:
-            if left <= 0:
-                break
-            c = int(min(s.batch, left))
-            counts.append(c)
-            left -= c
-        plan.append(counts if track else [])
-    if track:
-        for t in range(num_tasks):
-            for b, c in enumerate(plan[t]):
-                store.put(("u", t, b), store.slots[("s", t, b)][:c])
-    drift_before: dict[int, list[float]] = {t: [] for t in range(num_tasks)}
-    drift_after: dict[int, list[float]] = {t: [] for t in range(num_tasks)}
-    fallbacks: list[str] = []
-    routes: dict[str, str] = {}
-
-    def state(role: str, t: int, b: int, cut: int | None = None) -> BlockState:
-        st = slots[t][b].state(store.get((role, t, b), device, compute_dtype), device)
-        return st.take(cut) if cut is not None else st
-
-    steps_per_block = sum(len(c) for c in calibration)
-    overlap = bool(getattr(fc, "prefetch", True))
-    prefetch = BlockPrefetcher([src_m, src_0, *src_e], device, num_blocks, enabled=overlap)
-    prefetch.schedule(0)
-    # calibrated blocks of a merged model on disk: written by a thread (one write in flight)
-    write_pool = ThreadPoolExecutor(1, thread_name_prefix="featcal-write") if writer is not None and overlap else None
-    writing: Future | None = None
-
-    def write_and_release(index: int, block: nn.Module) -> None:
-        writer.write_block(index, block)
-        src_m.release(index, block)
-
-    bar = tqdm(range(num_blocks), desc="featcal (streamed)", disable=not fc.progress)
-    try:
-        for l in bar:
-            last = l == num_blocks - 1
-            blk, base_blk, *eblks = prefetch.take(l)
-            mods = backbone.calibratable_modules(blk)
-            qual = {n: qualified.get(id(m), n) for n, m in mods.items()}
-            groups = None
-            norms: dict = {}
-            stop_after: str | None = None
-            block_acc = None
-            inner = tqdm(total=steps_per_block, desc=f"block {l + 1}/{num_blocks}", leave=False, disable=not fc.progress)
-            for t in range(num_tasks):
-                eblk = eblks[t]
-                emods = backbone.calibratable_modules(eblk)
-                if set(emods) != set(mods):
-                    raise ValueError(f"expert {t} block {l} has different calibratable modules")
-                tokens = sum(s.token_mask.numel() for s in slots[t])
-                if block_acc is not None:
-                    fc._reset_task_acc(block_acc)
-                for b in range(len(slots[t])):
-                    s_state = state("s", t, b)
-                    e_state = state("e", t, b)
-                    with fc._pass_context(device):
-                        xs, order, _ = capture_inputs(backbone, blk, mods, s_state, stop_after=stop_after)
-                        xe, _, e_out = capture_inputs(backbone, eblk, emods, e_state)
-                    store.put(("e", t, b), e_out.hidden)
-                    if groups is None:
-                        groups, norms = fc._plan(backbone, mods, xs, order, last, tokens)
-                        for g in groups:
-                            routes[f"{qual[g.leader]}" + ("[readout-weighted]" if g.weighted else "")] = g.route
-                    if stop_after is None:
-                        stop_after = order[-1]
-                    if block_acc is None:
-                        block_acc = fc._new_block_acc(groups, norms, device)
-                    with fc._gram_context(device):
-                        fc._accumulate(block_acc, groups, norms, mods, emods, xs, xe, s_state, backbone)
-                    del xs, xe, e_out, s_state, e_state
-                    inner.update(1)
-                fc._finish_task(block_acc, groups, norms, mods, emods, qual)
-                src_e[t].release(l, eblk)
-                eblks[t] = None
-                del eblk, emods
-            inner.close()
-
-            if track:  # the uncalibrated chain, through the block before it is solved
-                for t in range(num_tasks):
-                    for b, c in enumerate(plan[t]):
-                        with fc._pass_context(device):
-                            store.put(("u", t, b), backbone.run_block(blk, state("u", t, b, c)).hidden)
-
-            new_params = fc._solve_block(groups or [], norms, mods, backbone.calibratable_modules(base_blk), qual, device, fallbacks)
-            for param, value in new_params:
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
-            src_0.release(l, base_blk)
-            del new_params, groups, norms, block_acc
-
-            # next student inputs from the calibrated block (last block: the drift examples only)
-            for t in range(num_tasks):
-                for b in range(len(slots[t])):
-                    if last and (not track or b >= len(plan[t])):
-                        continue
-                    cut = plan[t][b] if last else None
-                    with fc._pass_context(device):
-                        out = backbone.run_block(blk, state("s", t, b, cut)).hidden
-                    if cut is not None:
-                        store.slots[("s", t, b)][:cut].copy_(out)
-                    else:
-                        store.put(("s", t, b), out)
-            if track:
-                for t in range(num_tasks):
-                    before = [state("u", t, b, c) for b, c in enumerate(plan[t])]
-                    after = [state("s", t, b, c) for b, c in enumerate(plan[t])]
-                    ref = [state("e", t, b, c) for b, c in enumerate(plan[t])]
-                    drift_before[t].append(token_drift(before, ref))
-                    drift_after[t].append(token_drift(after, ref))
-                bar.set_postfix(
-                    drift=f"{sum(v[-1] for v in drift_before.values()) / num_tasks:.3f}"
-                    f"->{sum(v[-1] for v in drift_after.values()) / num_tasks:.3f}",
-                    rss=f"{current_rss_mib() / 1024:.1f}G",
-                )
-            if write_pool is not None:
-                if writing is not None:
-                    writing.result()  # at most one block waits to be written
-                writing = write_pool.submit(write_and_release, l, blk)
-            else:
-                if writer is not None:
-                    writer.write_block(l, blk)
-                src_m.release(l, blk)
-            del blk, base_blk, eblks
-        if writing is not None:
-            writing.result()
-    finally:
-        prefetch.close()
-        if write_pool is not None:
-            write_pool.shutdown(wait=True)
+    blocks = StreamedBlocks(src_m, src_0, src_e, device, fc.prefetch, writer)
+    result = walk(fc, backbone, blocks, states, num_tasks, device, qualified, desc="featcal (streamed)")
 
     act_bytes = store.nbytes()
     store.close()
@@ -405,7 +374,7 @@ def calibrate_streamed(
         "cuda_peak_mib": _cuda_peak(device),
     }
     msg = (
-        f"featcal (streamed): {num_blocks} blocks, {num_tasks} tasks; activations {memory['activation_mib']:.0f} MiB "
+        f"featcal (streamed): {len(blocks)} blocks, {num_tasks} tasks; activations {memory['activation_mib']:.0f} MiB "
         f"({fc.offload}); peak host RSS {memory['peak_rss_mib']:.0f} MiB"
     )
     if memory["cuda_peak_mib"] is not None:
@@ -413,46 +382,12 @@ def calibrate_streamed(
     if fc.progress:
         print(msg)
     log.info(msg)
-    tasks = list(backbone.tasks) if len(backbone.tasks) == num_tasks else [str(t) for t in range(num_tasks)]
-    report = CalibrationReport(
-        method="featcal",
-        drift=drift_rows({"before": drift_before, "after": drift_after}, tasks) if track else [],
-        fallbacks=fallbacks,
-        settings=_settings(fc),
-        timings={"total": time.perf_counter() - start},
-        extra={
-            "drift_examples_per_task": {tasks[t]: sum(plan[t]) for t in range(num_tasks)} if track else {},
-            "cross_routes": routes,
-            "memory": memory,
-        },
-    )
+    report = result.report(backbone.tasks, fc.settings(streamed=True), start, {"memory": memory})
     if writer is not None:
         folder = writer.finish()
         report.extra["calibrated_folder"] = str(folder)
-        out = DiskCalibratedModel(backbone, folder, merged, device, report)
-    else:
-        out = CalibratedModel(backbone, merged, report)
-    return out
-
-
-def _settings(fc) -> dict:
-    return {
-        "lambda_ratio": fc.lam,
-        "rho": fc.rho,
-        "alpha": fc.alpha,
-        "eps": fc.eps,
-        "calibrate_bias": fc.calibrate_bias,
-        "calibrate_norm": fc.calibrate_norm,
-        "token_weighting": fc.token_weighting,
-        "last_block_patch_weight": fc.last_block_patch_weight,
-        "forward_order": fc.forward_order,
-        "dtype": str(fc.dtype).replace("torch.", ""),
-        "cross_route": fc.cross_route,
-        "drift_examples": fc.drift_examples,
-        "streamed": True,
-        "offload": fc.offload,
-        "activation_dtype": str(fc.activation_dtype).replace("torch.", "") if fc.activation_dtype else None,
-    }
+        return DiskCalibratedModel(backbone, folder, merged, device, report)
+    return CalibratedModel(backbone, merged, report)
 
 
 class _BlockFolderWriter:
@@ -488,8 +423,6 @@ class _BlockFolderWriter:
         self._write(f"model-block-{index:05d}.safetensors", sd)
 
     def finish(self) -> Path:
-        import json
-
         from featcal.io.safetensors import INDEX_NAME, copy_model_files
 
         rest = [k for k in self.merged.reader.keys() if not k.startswith(tuple(self.prefixes))]
@@ -503,27 +436,23 @@ class DiskCalibratedModel(CalibratedModel):
     """A calibrated model written to disk by the layer-streamed FeatCal; loaded (once, onto
     the calibration device) when a task first asks for it."""
 
-    def __init__(self, backbone, folder: Path, merged_lazy, device: torch.device, report: CalibrationReport):
+    def __init__(self, backbone, folder: Path, merged_on_disk, device: torch.device, report: CalibrationReport):
         super().__init__(backbone, None, report)
         self.folder = Path(folder)
-        self._lazy = merged_lazy
+        self._merged_on_disk = merged_on_disk
         self._device = device
         self._loaded: nn.Module | None = None
 
     def model_for_task(self, task_index: int) -> nn.Module:
         if self._loaded is None:
-            from featcal.io.lazy import LazyCausalLM
-
-            lazy = LazyCausalLM(self.folder, self._lazy.dtype, self._lazy.attn_implementation)
-            self._loaded = lazy.materialize().to(self._device)
+            saved = self.backbone.open_saved(self.folder, like=self._merged_on_disk)
+            self._loaded = self.backbone.materialize(saved).to(self._device)
         return self._loaded
 
     def save(self, folder):
-        import shutil
-
         folder = Path(folder)
         if folder.exists():
             shutil.rmtree(folder)
         shutil.copytree(self.folder, folder)
-        (folder / "calibration_report.json").write_text(__import__("json").dumps(self.report.to_dict(), indent=2, default=str) + "\n")
+        (folder / "calibration_report.json").write_text(json.dumps(self.report.to_dict(), indent=2, default=str) + "\n")
         return folder
