@@ -59,8 +59,9 @@ from featcal.utils import train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
 # 2: pinned portable builds (featcal.suite_build), experts from the saved base; the
-#    instruction category on two-word inputs and not in the pre-training mix, experts 300 steps
-#    at 3e-3 (issue 25's regime: every expert >= 90 %, TA >= base + 8 and <= experts - 10)
+#    instruction category on two-word inputs and not in the pre-training mix; the experts'
+#    steps and learning rate are spec fields (issue 25's regime: every expert >= 90 %,
+#    TA >= base + 8 and <= experts - 10)
 BUILD_VERSION = 2
 BUILD_THREADS = 1
 IGNORE = -100
@@ -98,10 +99,11 @@ class EmbeddedLlamaSpec(SuiteSpec):
     # format constraints the base then meets first in its expert (with them the base already
     # scored 76.5 % there and Task Arithmetic fell to 23.5 %, 7.8 points above the base in all)
     pretrain_tasks: tuple[str, ...] = ("math", "coding", "safety", "multilingual")
-    # expert fine-tuning (blocks + final norm, gentle)
-    finetune_steps: int = 300
+    # expert fine-tuning (blocks + final norm, gentle: 150 steps at 2e-3; with 300 steps at
+    # 3e-3 every expert also passed but Task Arithmetic was only 5.3 points above the base)
+    finetune_steps: int = 150
     finetune_batch: int = 32
-    finetune_lr: float = 3e-3
+    finetune_lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     shard_size: str = "100KB"
