@@ -22,9 +22,10 @@ Classes (import them from here, the one path for every featcal error)::
 Exit codes of ``featcal-run`` (see README): 0 success, 1 crash (a bug: Hydra's
 traceback), 2 user-fixable error (:class:`FeatcalError`), 3 out of GPU memory.
 
-The run-time half of this module (``guard``, ``SweepReport``) is used by
-``featcal/run.py``: it turns these errors into one ``featcal: ...`` paragraph on
-stderr, writes ``failed.json`` into the run folder, and keeps multirun sweeps going.
+The run-time half of this module (``guard``; the end-of-multirun list of failed jobs is
+``featcal.sweep_callbacks.FailedJobsReport``) is used by ``featcal/run.py``: it turns these
+errors into one ``featcal: ...`` paragraph on stderr, writes ``failed.json`` into the run
+folder, and keeps multirun sweeps going.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import datetime as _dt
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -460,41 +460,12 @@ def sweep_exit_code(failures: list[dict]) -> int:
 _sweep_exit: list[int] = []
 
 
+def request_sweep_exit(code: int) -> None:
+    """A finished multirun asks ``featcal-run`` to exit with ``code`` (the failed-jobs report,
+    ``featcal.sweep_callbacks.FailedJobsReport``)."""
+    _sweep_exit.append(code)
+
+
 def pending_exit_code() -> int:
     """The exit code a finished multirun asked for (0: none); read by ``featcal.run.main``."""
     return max(_sweep_exit, default=EXIT_OK)
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover
-    _HydraCallback = object  # type: ignore[misc,assignment]
-
-
-class SweepReport(_HydraCallback):  # type: ignore[misc]
-    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): at the end of a multirun it
-    lists the jobs that failed with a user error (from their ``failed.json``, whichever
-    launcher ran them) and makes ``featcal-run`` exit with code 2 (3: out of memory only)."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        self.started = time.time() - 1.0
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        try:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
-        except Exception:  # pragma: no cover
-            return
-        failures = failed_runs(sweep_dir, since=self.started) if sweep_dir.is_dir() else []
-        if not failures:
-            return
-        lines = [f"featcal: {len(failures)} job(s) of the sweep in {sweep_dir} failed; the others finished:"]
-        varying = varying_overrides(sweep_dir)
-        for f in failures:
-            shown = [o for o in f.get("overrides") or [] if o.split("=", 1)[0] in varying] if varying else f.get("overrides") or []
-            lines.append(f"  - #{Path(f['run_dir']).name} [{' '.join(shown)}]: {f.get('error')}: {f.get('reason')}")
-        lines.append(f"Details in each job's {FAILED_FILE}; `featcal-collect {sweep_dir}` lists them with the results.")
-        sys.stderr.write("\n".join(lines) + "\n")
-        _sweep_exit.append(sweep_exit_code(failures))

@@ -2,7 +2,7 @@
 
 While a job runs it holds ``<job dir>/.featcal.lock``: a JSON object
 ``{"pid": int, "host": str, "started": float}`` (``time.time()``), created exclusively
-and removed when the job ends. ``featcal-collect`` / ``featcal-report`` read it to mark a
+and removed when the job ends. ``featcal-report`` (and its ``collect``) reads it to mark a
 job ``running``. A second launcher whose job finds the lock held by a live process
 skips the job and says so; a lock whose process is gone (same host, dead pid) is stale
 and taken over.

@@ -1,6 +1,6 @@
 """Resumable runs and sweeps.
 
-A run writes ``results.json`` last and atomically (``featcal.report.write_results``), so
+A run writes ``results.json`` last and atomically (``featcal.report.run_tables.write_results``), so
 its presence marks a complete run; a crashed or killed job leaves none. Each
 ``results.json`` stores ``config_hash``: a hash of the resolved run config without the
 keys that do not change what is computed (``IGNORED_KEYS``: ``resume``, the whole

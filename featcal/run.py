@@ -41,7 +41,7 @@ from featcal.merge.streaming import merge_models
 from featcal.refcache import ReferenceCache
 from featcal.resume import config_hash, interrupted, previous_results
 from featcal.strict import hydra_errors
-from featcal.report import format_table, long_rows, per_task_table, write_results
+from featcal.report.run_tables import format_table, long_rows, per_task_table, write_results
 from featcal.tasks.base import Metrics, TaskPool, scores
 from featcal.utils import DTYPES, MemorySampler, StageTimer, atomic_write_json, current_rss_mib, resolve_device, seed_everything, timing_context
 

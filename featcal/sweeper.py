@@ -7,7 +7,7 @@ job's config (as Hydra's own batch validation does), and two jobs are the same w
 configs are equal once the ``budget`` node is left out of jobs that read no calibration
 data (neither the merge nor the calibrator declares ``needs_calibration_data``). Only the
 first of each group runs; the others are listed in the log. Reports already show a
-calibration-free row once (``featcal.sweep_report.method_rows``).
+calibration-free row once (``featcal.report.sweep_tables.method_rows``).
 
 Presets select it with ``hydra.sweeper._target_: hydra_plugins.featcal_sweeper.DedupSweeper``
 (Hydra instantiates sweepers from its ``hydra_plugins`` namespace only: the plugin is

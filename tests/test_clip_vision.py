@@ -405,13 +405,9 @@ def test_experiment_presets_sweep_overrides_compose():
 
 
 def test_compare_to_paper(tmp_path):
-    import importlib.util
-
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("compare_to_paper", ROOT / "experiments" / "compare_to_paper.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from featcal.report import paper as mod  # featcal-report paper
     tasks = list(cv.CLIP_TASKS)
     rows = []
     for seed, bump in ((0, 0.0), (1, 2.0)):

@@ -1,5 +1,5 @@
 """User-fixable failures (issue 15): one `featcal: ...` paragraph, no traceback, exit code 2;
-failed.json per run; a multirun sweep goes on past a failed job and featcal-collect lists it.
+failed.json per run; a multirun sweep goes on past a failed job and featcal-report collect lists it.
 
 The subprocess tests (marked ``slow``) run ``python -m featcal.run`` on tiny local models;
 the others check the loaders' exceptions and the report logic in-process.
@@ -287,7 +287,7 @@ def test_out_of_memory_advice_lists_the_configured_calibrators_own_knobs():
 
 
 def test_collect_lists_failed_jobs(tmp_path, capsys):
-    from featcal.collect import failed_table
+    from featcal.report.collect import failed_table
 
     for num, value in ((0, "8"), (1, "9999")):
         run = tmp_path / str(num)
@@ -412,7 +412,7 @@ def test_sweep_with_a_truncated_checkpoint_goes_on_and_collect_reports_both(tmp_
     assert (sweep / "0" / "failed.json").exists() and not (sweep / "0" / "results.json").exists()
     assert (sweep / "1" / "results.json").exists() and not (sweep / "1" / "failed.json").exists()
 
-    col = subprocess.run([sys.executable, "-m", "featcal.collect", str(sweep)], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    col = subprocess.run([sys.executable, "-m", "featcal.report", "collect", str(sweep)], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert col.returncode == 0, col.stderr
     assert "Failed jobs (1)" in col.stdout and "truncated or corrupt" in col.stdout and "1 runs, 1 failed" in col.stdout
     md = (sweep / "collected.md").read_text()

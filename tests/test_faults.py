@@ -138,7 +138,7 @@ def test_1_unknown_key_without_plus_gets_featcal_message_exit_2(tmp_path):
 # 2. a full or read-only disk at write time: table printed, scores kept, one paragraph
 
 
-def _enospc_on(name: str, monkeypatch, module: str = "featcal.report"):
+def _enospc_on(name: str, monkeypatch, module: str = "featcal.report.run_tables"):
     import featcal.utils as utils
 
     real = utils.atomic_write_text
@@ -181,7 +181,7 @@ def test_2_read_only_folder_prints_scores_as_json_on_stderr(bench, tmp_path, cap
     def read_only(path, text):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr("featcal.report.atomic_write_text", read_only)
+    monkeypatch.setattr("featcal.report.run_tables.atomic_write_text", read_only)
     monkeypatch.setattr(utils, "atomic_write_text", read_only)  # failed.json too
     monkeypatch.setattr("featcal.envcheck._writable_dir", lambda p: None)  # the folder got read-only mid-run
     code, out, err = guarded(cfg, tmp_path / "ro", capsys)

@@ -156,6 +156,6 @@ def test_test_selected_runs_are_labelled_in_results_and_tables(tmp_path):
     assert res["score"]["calibrated"]["average"] == pytest.approx(best, abs=1e-9)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["calibration"] == "probsurgery+test-selected"
-    long = pd.read_csv(tmp_path / "run" / "results.csv")  # what featcal-collect / featcal-report tabulate
+    long = pd.read_csv(tmp_path / "run" / "results.csv")  # what featcal-report (and its collect) tabulate
     assert set(long["calibration"]) == {"probsurgery+test-selected"}
     assert OmegaConf.select(cfg, "calibration.selection_split") == "test"

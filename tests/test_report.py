@@ -1,10 +1,10 @@
 """Metric names flow unchanged from a task pool's evaluate into the long CSV, the table
-and featcal-collect (a pool with a non-accuracy primary metric, as text-to-text tasks have)."""
+and featcal-report collect (a pool with a non-accuracy primary metric, as text-to-text tasks have)."""
 import pandas as pd
 import pytest
 
-from featcal.collect import metric_column, summary_table
-from featcal.report import long_rows, per_task_table, rows_to_csv
+from featcal.report.collect import metric_column, summary_table
+from featcal.report.run_tables import long_rows, per_task_table, rows_to_csv
 from featcal.tasks.base import scores
 
 
@@ -38,7 +38,7 @@ def test_long_rows_table_and_collect_keep_metric_names(tmp_path):
     # the table shows each task's primary metric and gains on it
     table = {r["task"]: r for r in per_task_table(["stsb", "rte"], score, primary)}
     assert table["stsb"]["metric"] == "spearman" and table["stsb"]["gain"] == pytest.approx(20.0)
-    # featcal-collect pivots the primary metric only
+    # featcal-report collect pivots the primary metric only
     wide = summary_table(df.assign(calibrate_seconds=1.0, peak_rss_mib=1.0))
     cal = wide[wide.stage == "calibrated"].iloc[0]
     assert cal["stsb"] == 60.0 and cal["rte"] == 65.0 and cal["average"] == pytest.approx(62.5)

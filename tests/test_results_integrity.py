@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featcal.collect import config_key, scan_sweep
-from featcal.report import long_rows, per_task_table, rows_to_csv
+from featcal.report.config_keys import config_key
+from featcal.report.run_tables import long_rows, per_task_table, rows_to_csv
+from featcal.report.scan import scan_sweep
 from featcal.utils import MemorySampler, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_scan_sweep_lists_incomplete_and_unreadable_jobs(messy_sweep):
 
 
 def test_featcal_collect_goes_on_past_unreadable_results_and_names_every_job(messy_sweep, capsys):
-    from featcal.collect import main
+    from featcal.report.collect import main
 
     assert main([str(messy_sweep)]) == 0
     out = capsys.readouterr().out
@@ -123,7 +124,7 @@ def test_featcal_collect_goes_on_past_unreadable_results_and_names_every_job(mes
 
 
 def test_featcal_report_lists_incomplete_jobs(messy_sweep, tmp_path, capsys):
-    from featcal.sweep_report import main
+    from featcal.report.sweep import main
 
     assert main([str(messy_sweep), "--no-wandb", "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
@@ -148,7 +149,7 @@ def ablation(tmp_path):
 
 
 def test_report_keys_rows_by_configuration_seeds_and_duplicates(ablation, tmp_path):
-    from featcal.sweep_report import report
+    from featcal.report.sweep import report
 
     out = tmp_path / "rep"
     written = report([ablation], out, use_wandb=False)
@@ -185,7 +186,7 @@ def test_report_shows_a_calibration_free_config_once_and_says_which_runs_it_stan
     """TA + none run at budgets 8 and 32 (identical scores: no calibration data used) is one
     row, with the mean of the two runs' costs, and the report lists both runs' own costs;
     runs whose scores differ are never collapsed."""
-    from featcal.sweep_report import report
+    from featcal.report.sweep import report
 
     root = tmp_path / "runs"
     write_run(root / "0", calibration="none", cal_cfg=NONE, budget=8, scores=(60.0, 65.0), peak=700.0)
@@ -206,7 +207,7 @@ def test_report_shows_a_calibration_free_config_once_and_says_which_runs_it_stan
 
 
 def test_report_build_column_keeps_suite_builds_apart(tmp_path):
-    from featcal.sweep_report import report
+    from featcal.report.sweep import report
 
     root = tmp_path / "runs"
     write_run(root / "0", scores=(80.0, 80.0), suite={"name": "embedded_small", "spec_hash": "s", "content_hash": "aaaa", "portable": True})
@@ -219,8 +220,8 @@ def test_report_build_column_keeps_suite_builds_apart(tmp_path):
 
 
 def test_collect_labels_configurations_and_report_from_its_csv(ablation, tmp_path):
-    from featcal.collect import main
-    from featcal.sweep_report import report
+    from featcal.report.collect import main
+    from featcal.report.sweep import report
 
     assert main([str(ablation / "a"), "--out", str(tmp_path)]) == 0
     md = (tmp_path / "collected.md").read_text()
@@ -243,7 +244,8 @@ def test_config_key_leaves_out_seed_and_presentation_keys():
 
 
 def test_figures_follow_configurations_with_seed_bands(ablation, tmp_path):
-    from featcal.sweep_report import _avg, load
+    from featcal.report.figures import _avg
+    from featcal.report.load import load
 
     long, runs, _drift, _info = load([ablation])
     avg = _avg(long, runs, "calibrated")
@@ -374,7 +376,8 @@ def test_wandb_disabled_writes_no_run(tmp_path):
 def test_wandb_run_as_dashboards_expect_and_rerun_replaces_it(tmp_path):
     from wandb_records import read_offline_run
 
-    from featcal.wandb_log import WandbLogger, check_offline_run, offline_runs
+    from featcal.wandb_log import WandbLogger
+    from featcal.wandb_runfile import check_offline_run, offline_runs
 
     res = _results(tmp_path)
     job = tmp_path / "job"
@@ -419,7 +422,7 @@ def test_finished_run_whose_wandb_failed_is_logged_on_the_next_invocation(tmp_pa
     from featcal import run as run_mod
     from featcal import wandb_log
     from featcal.resume import config_hash
-    from featcal.wandb_log import offline_runs
+    from featcal.wandb_runfile import offline_runs
 
     cfg = _compose(["backbone=embedded_small", "budget.per_task=8", "logger.mode=offline"], env={})
     out = tmp_path / "job"
@@ -467,8 +470,9 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
 def test_report_run_is_one_per_sweep_and_reads_the_group_from_results(tmp_path):
     from wandb_records import read_offline_run
 
-    from featcal.sweep_report import load, log_to_wandb, report_run_id
-    from featcal.wandb_log import offline_runs
+    from featcal.report.load import load
+    from featcal.report.wandb_report import log_to_wandb, report_run_id
+    from featcal.wandb_runfile import offline_runs
 
     root = tmp_path / "sweep"
     for n, cal in enumerate(("featcal", "surgery")):
@@ -506,3 +510,52 @@ def test_wandb_mode_disabled_from_the_environment_starts_no_wandb(tmp_path, monk
     monkeypatch.setattr(wandb, "init", lambda *a, **k: pytest.fail("wandb.init called"))
     assert run_mod.run(cfg, out)["score"] == res["score"]
     assert not (out / "wandb").exists()
+
+
+# ---- issue 22: one reporting tool, its commands ------------------------------------------------
+def test_featcal_report_commands_collect_table_paper_figures(tmp_path, monkeypatch, capsys):
+    from featcal.report.cli import main
+
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "0", budget=8, scores=(80.0, 70.0))
+    write_run(sweep / "1", budget=32, scores=(84.0, 76.0))
+    assert main(["collect", str(sweep), "--out", str(tmp_path / "c")]) == 0
+    collected = tmp_path / "c" / "collected.csv"
+    assert pd.read_csv(collected)["run_dir"].nunique() == 2
+    # table: TA vs TA + calibrator per budget; gap closed = (75 - 62.5) / (90.5 - 62.5) at budget 8
+    assert main(["table", str(collected), "--out", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "## budget 8 per task" in table and "## budget 32 per task" in table
+    assert "| 8      | 62.50 | 75.00      | 44.64" in table and "| 32     | 62.50 | 80.00      | 62.50" in table
+    # paper: no published numbers for this backbone, the comparison says so in its tables
+    assert main(["paper", str(collected), "--out", str(tmp_path / "p.md")]) == 0
+    assert (tmp_path / "p.md").read_text().startswith("# Our sweep vs the published numbers")
+    # figures: the same files as the full report, and nothing else
+    assert main(["figures", str(sweep), "--out", str(tmp_path / "f")]) == 0
+    assert main([str(sweep), "--no-wandb", "--out", str(tmp_path / "r")]) == 0
+    figs = sorted(p.name for p in (tmp_path / "f").iterdir())
+    assert figs == ["accuracy_vs_budget.png", "cost.png"]
+    for name in figs:
+        assert (tmp_path / "f" / name).read_bytes() == (tmp_path / "r" / name).read_bytes(), name
+    # `report` names the default command: a sweep folder called like a command
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep").rename(tmp_path / "collect")
+    assert main(["report", "collect", "--no-wandb", "--out", "r2"]) == 0
+    assert (tmp_path / "r2" / "table.md").read_text() == (tmp_path / "r" / "table.md").read_text().replace(str(sweep), "collect")
+    capsys.readouterr()
+    assert main(["collect", str(tmp_path / "missing")]) == 2
+    assert "featcal-report collect: no such folder" in capsys.readouterr().err
+
+
+def test_featcal_report_table_refuses_to_average_configurations(tmp_path, capsys):
+    from featcal.report.cli import main
+
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "0", budget=8, seed=0)
+    write_run(sweep / "1", budget=8, seed=1, scores=(82.0, 72.0))
+    assert main(["collect", str(sweep)]) == 0
+    capsys.readouterr()
+    assert main(["table", str(sweep / "collected.csv"), "--out", str(tmp_path / "t.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featcal-report table: several runs for task_arithmetic+featcal at budget 8") and "featcal-report <sweep>" in err
+    assert not (tmp_path / "t.md").exists()

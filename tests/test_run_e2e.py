@@ -1,4 +1,4 @@
-"""End to end through the real console scripts: featcal-run and featcal-collect.
+"""End to end through the real console scripts: featcal-run and featcal-report collect.
 
 Runs use the small embedded build (same code as the default, fewer/smaller models),
 cached once per test session; W&B runs are read back from their offline files.
@@ -102,9 +102,9 @@ def test_sweep_shares_group_collects_and_is_deterministic(env, tmp_path):
     assert len(runs) == 2
     groups = {read_offline_run(offline_runs(r)[0])["group"] for r in runs}
     assert len(groups) == 1 and next(iter(groups)).startswith("sweep-")
-    # featcal-collect: one CSV and one Markdown table
+    # featcal-report collect: one CSV and one Markdown table
     proc = subprocess.run(
-        [sys.executable, "-m", "featcal.collect", str(sweep)], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "featcal.report", "collect", str(sweep)], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     df = pd.read_csv(sweep / "collected.csv")

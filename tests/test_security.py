@@ -243,7 +243,7 @@ SECRETS = {
 
 @pytest.mark.slow
 def test_secrets_never_land_in_what_a_run_writes(tmp_path):
-    """A sweep (W&B offline logging on), then featcal-collect and featcal-report, with the
+    """A sweep (W&B offline logging on), then featcal-report collect and featcal-report, with the
     tokens in the environment: no file any of them wrote contains a token."""
     from featcal.utils import cache_root
     from tests.e2e_helpers import isolated_env, run_module
@@ -254,8 +254,8 @@ def test_secrets_never_land_in_what_a_run_writes(tmp_path):
     sweep = tmp_path / "sweep"
     run_module("featcal.run", ["-m", "backbone=embedded_small", "budget.per_task=8", "logger=wandb", "logger.mode=offline",
                                "evaluate_experts=false", "evaluate_base=false", f"hydra.sweep.dir={sweep}"], env, cwd=tmp_path)
-    run_module("featcal.collect", [str(sweep)], env, cwd=tmp_path)
-    run_module("featcal.sweep_report", [str(sweep)], env, cwd=tmp_path)
+    run_module("featcal.report", ["collect", str(sweep)], env, cwd=tmp_path)
+    run_module("featcal.report", [str(sweep)], env, cwd=tmp_path)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {p.name for p in files}
     # the artifacts we mean to check are all there

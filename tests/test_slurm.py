@@ -9,7 +9,7 @@ One sweep folder, in order (each test builds on the previous one):
 1. two jobs whose runs hang (a ``setup`` line puts a ``sitecustomize`` on the job's path
    that makes the run sleep): one is cancelled with ``scancel`` once it has started, the
    other is killed by SLURM at its 1-minute time limit. Both are reported as not finished
-   by the launch, and ``featcal-collect`` lists both folders as incomplete;
+   by the launch, and ``featcal-report collect`` lists both folders as incomplete;
 2. the same command again (without the hang): only those two jobs are submitted and
    both finish with complete results (the 2-job sweep through SLURM);
 3. the same command once more: nothing is submitted.
@@ -130,8 +130,8 @@ def test_cancelled_and_timed_out_jobs_are_incomplete(sweep):
     for n in ("0", "1"):
         assert not (sweep["dir"] / n / "results.json").exists()
         assert (sweep["dir"] / n / "slurm.out").resolve().is_file()  # the job's log, linked next to its run
-    # the report lists both folders as incomplete (featcal-collect's contract: results20)
-    col = subprocess.run([sys.executable, "-m", "featcal.collect", str(sweep["dir"])], env=sweep["env"],
+    # the report lists both folders as incomplete (featcal-report collect's contract: results20)
+    col = subprocess.run([sys.executable, "-m", "featcal.report", "collect", str(sweep["dir"])], env=sweep["env"],
                          capture_output=True, text=True, timeout=300)
     lines = [ln for ln in (col.stdout + col.stderr).splitlines() if "incomplete" in ln]
     for n in ("0", "1"):  # e.g. "incomplete: 1 (killed or crashed) calibration=featcal"

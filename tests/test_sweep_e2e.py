@@ -141,7 +141,7 @@ def test_task_subsets_run_the_selected_experts(report_sweep):
 @pytest.mark.slow  # subprocess runs of featcal-run
 def test_report_tables_figures_and_wandb(env, report_sweep):
     sweep, cwd = report_sweep
-    proc = featcal("featcal.sweep_report", [str(sweep)], env, cwd)
+    proc = featcal("featcal.report", [str(sweep)], env, cwd)
     out = sweep / "report"
     table = pd.read_csv(out / "table.csv")
     methods = table[table["kind"] == "method"]
@@ -180,15 +180,15 @@ def test_report_tables_figures_and_wandb(env, report_sweep):
 
 @pytest.mark.slow  # subprocess runs of featcal-run
 def test_report_from_collected_csv_matches_the_folder(env, report_sweep, tmp_path):
-    from featcal.sweep_report import report
+    from featcal.report.sweep import report
 
     sweep, cwd = report_sweep
-    featcal("featcal.collect", [str(sweep), "--out", str(tmp_path)], env, cwd)
+    featcal("featcal.report", ["collect", str(sweep), "--out", str(tmp_path)], env, cwd)
     from_dir = report([sweep], tmp_path / "dir", use_wandb=False)["table"]
     collected = pd.read_csv(tmp_path / "collected.csv")
     collected["run_dir"] = "/nonexistent/" + collected["run_dir"].astype(str)  # the run folders are gone: the CSV alone
     collected.to_csv(tmp_path / "moved.csv", index=False)
-    featcal("featcal.sweep_report", [str(tmp_path / "moved.csv"), "--no-wandb", "--out", str(tmp_path / "rep")], env, cwd)
+    featcal("featcal.report", [str(tmp_path / "moved.csv"), "--no-wandb", "--out", str(tmp_path / "rep")], env, cwd)
     from_csv = pd.read_csv(tmp_path / "rep" / "table.csv")
     key = ["kind", "n_tasks", "merge", "calibration", "budget"]
     for t in (from_csv, from_dir):
@@ -200,13 +200,13 @@ def test_report_from_collected_csv_matches_the_folder(env, report_sweep, tmp_pat
     assert not (tmp_path / "rep" / "wandb").exists()
 
 
-def test_compare_to_paper_wrapper_uses_the_report_module(tmp_path):
+def test_paper_command_compares_a_collected_csv(tmp_path):
     rows = []
     for t, acc in (("mnist", 99.0), ("svhn", 90.0)):
         rows.append(dict(run_dir="r0", backbone="clip_vit_b32", merge="task_arithmetic", calibration="featcal", budget=256, task=t, stage="calibrated", accuracy=acc))
     csv = tmp_path / "collected.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_to_paper.py"), str(csv), "--csv-out", str(tmp_path / "m.csv")],
+    proc = subprocess.run([sys.executable, "-m", "featcal.report", "paper", str(csv), "--csv-out", str(tmp_path / "m.csv")],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     m = pd.read_csv(tmp_path / "m.csv")

@@ -511,13 +511,8 @@ def test_flan_t5_backbone_through_featcal_run(w, tmp_path, calibration):
 
 
 def test_paper_numbers_reach_the_comparison_script(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from featcal.report import paper as mod  # featcal-report paper
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("compare_to_paper", root / "experiments" / "compare_to_paper.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     rows = []  # the run's long CSV: one row per (stage, task, metric), primary marked
     for bb in ("flan_t5_base_glue", "flan_t5_base_glue_lora16"):
         for merge, cal in (("task_arithmetic", "featcal"), ("ties", "none"), ("task_arithmetic", "none")):

@@ -5,7 +5,7 @@ offline), with a config large enough that one record spans several 32 KiB blocks
 ``.wandb`` file are then cut at chosen points (an empty file, inside the file header,
 inside a record header, inside a record, at a record boundary before the exit record, in
 the middle of a multi-block record) or have one byte flipped, and the verdict of
-``featcal.wandb_log.run_file_problem`` is checked against where the cut was made: the
+``featcal.wandb_runfile.run_file_problem`` is checked against where the cut was made: the
 offsets come from reading the clean file back (``read_run_file``, records decoded with
 wandb's own protobuf classes), not from constants.
 """
@@ -31,7 +31,8 @@ def results_dict() -> dict:
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
     """A finished offline W&B run written by the installed wandb; returns its .wandb file."""
-    from featcal.wandb_log import WandbLogger, offline_runs
+    from featcal.wandb_log import WandbLogger
+    from featcal.wandb_runfile import offline_runs
 
     job = tmp_path_factory.mktemp("job")
     big = {"seed": 0, "notes": ["x" * 100 + str(i) for i in range(800)]}  # a config record over two 32 KiB blocks
@@ -65,7 +66,7 @@ def _fragments(data: bytes):
 
 
 def test_clean_file_passes_and_reads_back(clean_run):
-    from featcal.wandb_log import check_offline_run, read_run_file, run_file_problem
+    from featcal.wandb_runfile import check_offline_run, read_run_file, run_file_problem
 
     assert run_file_problem(clean_run) is None and check_offline_run(clean_run.parent) is None
     records = read_run_file(clean_run)
@@ -79,7 +80,7 @@ def test_clean_file_passes_and_reads_back(clean_run):
 
 
 def test_truncations_and_corruption_are_named(clean_run, tmp_path):
-    from featcal.wandb_log import read_run_file, run_file_problem
+    from featcal.wandb_runfile import read_run_file, run_file_problem
 
     data = clean_run.read_bytes()
     records = read_run_file(clean_run)
@@ -111,7 +112,7 @@ def test_truncations_and_corruption_are_named(clean_run, tmp_path):
 
 
 def test_bad_runs_are_set_aside_out_of_wandb_syncs_reach(clean_run, tmp_path):
-    from featcal.wandb_log import offline_runs, set_aside_bad_runs
+    from featcal.wandb_runfile import offline_runs, set_aside_bad_runs
 
     job = tmp_path / "job"
     good = job / "wandb" / clean_run.parent.name
@@ -146,7 +147,7 @@ def _job(root: Path, run_file: Path | None, cut: int | None) -> Path:
         res["wandb"] = {"id": "fc-runfile", "group": "sweep-x", "project": "p", "entity": None, "mode": "offline",
                         "status": "logged", "run_folder": str(run)}
     atomic_write_json(root / "results.json", res)
-    from featcal.report import long_rows, rows_to_csv
+    from featcal.report.run_tables import long_rows, rows_to_csv
 
     (root / "results.csv").write_text(rows_to_csv(long_rows({"run_dir": str(root), **{k: res[k] for k in
                                       ("backbone", "merge", "calibration", "budget", "split", "seed")}},
@@ -155,7 +156,8 @@ def _job(root: Path, run_file: Path | None, cut: int | None) -> Path:
 
 
 def test_report_names_corrupt_offline_runs(clean_run, tmp_path):
-    from featcal.sweep_report import load, report
+    from featcal.report.load import load
+    from featcal.report.sweep import report
 
     sweep = tmp_path / "sweep"
     _job(sweep / "0", clean_run, None)
@@ -206,7 +208,7 @@ def test_resume_sets_aside_a_corrupt_run_and_logs_the_results_again(clean_run, t
 
     from featcal import run as run_mod
     from featcal.resume import config_hash
-    from featcal.wandb_log import offline_runs, run_file_problem
+    from featcal.wandb_runfile import offline_runs, run_file_problem
 
     for k in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY"):
         monkeypatch.delenv(k, raising=False)

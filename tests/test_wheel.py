@@ -50,7 +50,7 @@ def test_wheel_runs_outside_the_checkout(tmp_path):
     assert "_target_: featcal.calibration.surgery.Surgery" in job.stdout, job.stdout[-2000:]
     assert "_target_: featcal.merge.registry.TIES" in job.stdout and "per_task: 64" in job.stdout
     # the published numbers load from the wheel's copy
-    paper = subprocess.run([str(py), "-c", "from featcal.sweep_report import load_paper; print(len(load_paper()))"],
+    paper = subprocess.run([str(py), "-c", "from featcal.report.paper import load_paper; print(len(load_paper()))"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert paper.returncode == 0 and int(paper.stdout.strip().splitlines()[-1]) > 10, paper.stderr[-2000:]
 

@@ -1,5 +1,5 @@
 """Test-only: read an offline W&B run file back (config, summary, history, group) to check
-what a run logged. The records come from ``featcal.wandb_log.read_run_file`` (which a run
+what a run logged. The records come from ``featcal.wandb_runfile.read_run_file`` (which a run
 uses only to verify its file; results.json records the W&B id, group, project and mode)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 def read_offline_run(run_folder: str | os.PathLike) -> dict[str, Any]:
     """Config, summary and history of an offline W&B run folder (``offline-run-*``)."""
-    from featcal.wandb_log import read_run_file
+    from featcal.wandb_runfile import read_run_file
 
     folder = Path(run_folder)
     files = list(folder.glob("run-*.wandb"))
@@ -47,7 +47,7 @@ def read_offline_run(run_folder: str | os.PathLike) -> dict[str, Any]:
 
 def finished_results(timings: dict | None = None, loss_curve: list | None = None) -> dict[str, Any]:
     """A finished run's results.json (two tasks, TA + FeatCal at budget 8) for logger tests."""
-    from featcal.report import per_task_table
+    from featcal.report.run_tables import per_task_table
 
     tasks = ["inverted", "rot90"]
     score = {"merged": {"inverted": 60.0, "rot90": 65.0, "average": 62.5},

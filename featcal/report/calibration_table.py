@@ -1,8 +1,9 @@
-"""Per-task table of TA vs TA + each calibrator at several budgets, from a collected sweep.
+"""``featcal-report table``: per-task table of TA vs TA + each calibrator at several budgets,
+from a collected sweep.
 
-    featcal-run experiment=embedded_table            # the sweep (12 runs)
-    featcal-collect multirun/<date>/<time>           # -> collected.csv
-    python experiments/embedded_table.py multirun/<date>/<time>/collected.csv --out results/embedded_calibration.md
+    featcal-run experiment=embedded_table                   # the sweep (12 runs)
+    featcal-report collect multirun/<date>/<time>           # -> collected.csv
+    featcal-report table multirun/<date>/<time>/collected.csv --out results/embedded_calibration.md
 
 For every budget: the merged model (TA), each calibrated model, the experts, and the
 fraction of the TA -> experts gap that each calibrator closes (on the average).
@@ -10,12 +11,13 @@ fraction of the TA -> experts gap that each calibrator closes (on the average).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from featcal.collect import metric_column
-from featcal.report import format_table
+from featcal.report.collect import metric_column
+from featcal.report.run_tables import format_table
 from featcal.utils import atomic_write_text
 
 ORDER = ["featcal", "surgery", "probsurgery"]
@@ -24,14 +26,14 @@ ORDER = ["featcal", "surgery", "probsurgery"]
 def check_one_configuration(df: pd.DataFrame) -> None:
     """This table has one cell per calibrator and budget: refuse a sweep holding several
     configurations (an ablation, two builds, two seeds) of one calibrator and budget rather
-    than averaging them; featcal-report keys its rows by the whole configuration."""
-    if "config_id" not in df.columns:  # a CSV from before featcal-collect recorded it
+    than averaging them (ValueError); featcal-report keys its rows by the whole configuration."""
+    if "config_id" not in df.columns:  # a CSV from before collect recorded it
         return
     per_cell = df.groupby(["merge", "calibration", "budget"])["config_id"].nunique()
     runs = df.groupby(["merge", "calibration", "budget"])["run_dir"].nunique()
     mixed = sorted(set(per_cell[per_cell > 1].index) | set(runs[runs > 1].index))
     if mixed:
-        raise SystemExit("embedded_table: several runs for " + ", ".join(f"{m}+{c} at budget {b}" for m, c, b in mixed)
+        raise ValueError("several runs for " + ", ".join(f"{m}+{c} at budget {b}" for m, c, b in mixed)
                          + " (other settings, builds or seeds); this table would average them. "
                          "Use `featcal-report <sweep>`, whose rows are keyed by the whole configuration.")
 
@@ -79,15 +81,17 @@ def build(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("collected", type=Path)
+def main(argv: list[str] | None = None) -> int:
+    """``featcal-report table <collected.csv> [--out FILE]``."""
+    p = argparse.ArgumentParser(prog="featcal-report table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("collected", type=Path, help="long CSV from featcal-report collect")
     p.add_argument("--out", type=Path, default=Path("results/embedded_calibration.md"))
-    args = p.parse_args()
-    text = build(pd.read_csv(args.collected))
+    args = p.parse_args(argv)
+    try:
+        text = build(pd.read_csv(args.collected))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"featcal-report table: {err}", file=sys.stderr)
+        return 2
     atomic_write_text(args.out, text)
     print(text)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,4 +1,4 @@
-"""Per-task result tables: assembling, printing and writing them (atomically)."""
+"""One run's per-task result tables: assembling, printing and writing them (atomically)."""
 from __future__ import annotations
 
 import csv
@@ -70,7 +70,7 @@ def long_rows(
     score: dict[str, dict[str, float]],
     primary: dict[str, str],
 ) -> list[dict[str, Any]]:
-    """Long format, what featcal-collect concatenates: one row per (stage, task, metric)
+    """Long format, what ``featcal-report collect`` concatenates: one row per (stage, task, metric)
     with ``primary`` marking each task's primary metric, plus per stage the 'average'
     row (mean of the primary metrics)."""
     rows = []
