@@ -133,5 +133,5 @@ if SlurmLauncher is not None:
                       f"({errors.one_line(problem, 200)})", file=sys.stderr, flush=True)
                 returns[idx] = self._job_return(overrides, cfg, math.nan)
             if killed:
-                errors._sweep_exit.append(errors.EXIT_CRASH)
+                errors.request_sweep_exit(errors.EXIT_CRASH)
             return [returns[k] for k in sorted(returns)]
