@@ -328,8 +328,8 @@ class BuiltSuite:
         return self._folder
 
     def suite_identity(self) -> dict[str, Any]:
-        """The build's identity for ``results.json`` (``featcal.suite_build.suite_identity``);
+        """The build's identity for ``results.json`` (``featcal.suites.build.suite_identity``);
         warns when the build is not portable."""
-        from featcal.suite_build import announce_identity
+        from featcal.suites.build import announce_identity
 
         return announce_identity(self.folder, self.spec.SUITE)

@@ -23,7 +23,7 @@ marked not portable (``portability``: the manifest records it and the run prints
 GPU, on another architecture (ARM), or on an x86-64 CPU without AVX2 (the child then runs
 ATen's baseline kernels).
 
-Any suite uses it the same way (see ``featcal.tasks.embedded_build``):
+Any suite uses it the same way (see ``featcal.suites.embedded.build``):
 
 * ``run_pinned("pkg.module:function", kwargs)`` runs one step (e.g. pre-training the base,
   which writes its files into the build folder) in a pinned child and returns its
@@ -154,7 +154,7 @@ def _start(spec: Mapping[str, Any], workdir: Path, tag: str) -> tuple[subprocess
     spec_path = workdir / f"{tag}.in.json"
     result = workdir / f"{tag}.out.json"
     spec_path.write_text(json.dumps(dict(spec)))
-    proc = subprocess.Popen([sys.executable, "-m", "featcal.suite_build", str(spec_path), str(result)], env=pinned_env())
+    proc = subprocess.Popen([sys.executable, "-m", "featcal.suites.build", str(spec_path), str(result)], env=pinned_env())
     return proc, result
 
 
@@ -380,5 +380,5 @@ def announce_identity(folder: Path, name: str) -> dict[str, Any]:
     return ident
 
 
-if __name__ == "__main__":  # a pinned child: python -m featcal.suite_build <jobs.json> <result.json>
+if __name__ == "__main__":  # a pinned child: python -m featcal.suites.build <jobs.json> <result.json>
     _child_main(sys.argv[1], sys.argv[2])

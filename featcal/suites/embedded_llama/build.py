@@ -51,10 +51,10 @@ import torch
 from torch import nn
 
 from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.tasks.embedded_llama_data import (
+from featcal.suites.embedded_llama.data import (
     DEFAULT_TASKS, LM_TASK_LANGUAGE, PRETRAIN, PROMPT_MARKERS, SPECIAL, TASKS, instruction_of, vocabulary,
 )
-from featcal import suite_build
+from featcal.suites import build as suite_build
 from featcal.utils import train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
