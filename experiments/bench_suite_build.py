@@ -5,7 +5,7 @@ default spec) in a child process with 1 thread, under three kernel settings, CPU
 (``time.process_time`` of the step, imports excluded):
 
 * ``native``: this CPU's own kernels (the build before issue 27);
-* ``pinned``: ``featcal.suite_build.PINNED_ENV`` (AVX2) + oneDNN/NNPACK off (the portable build);
+* ``pinned``: ``featcal.suites.build.PINNED_ENV`` (AVX2) + oneDNN/NNPACK off (the portable build);
 * ``baseline``: the x86-64 baseline, ATen default kernels, MKL_CBWR=COMPATIBLE, oneDNN/NNPACK
   off (a pin that would hold on CPUs without AVX2 too; the alternative not taken).
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 SETTINGS = {
     "native": {},
-    "pinned": None,  # featcal.suite_build.PINNED_ENV
+    "pinned": None,  # featcal.suites.build.PINNED_ENV
     "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "DNNL_MAX_CPU_ISA": "SSE41",
                  "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
@@ -60,14 +60,14 @@ from pathlib import Path
 import torch
 setting, suite, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if setting in ("pinned", "baseline"):
-    from featcal.suite_build import _pin_torch
+    from featcal.suites.build import _pin_torch
     _pin_torch()
 torch.set_num_threads(1)
 if suite == "embedded":
-    import featcal.tasks.embedded_build as m
+    import featcal.suites.embedded.build as m
     spec = m.EmbeddedSpec(pretrain_steps=steps)
 else:
-    import featcal.tasks.embedded_t5 as m
+    import featcal.suites.embedded_t5.build as m
     spec = m.EmbeddedT5Spec(pretrain_steps=steps)
 m.preload()
 with tempfile.TemporaryDirectory() as tmp:
@@ -81,9 +81,10 @@ print(json.dumps({"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capabilit
 BREAKDOWN_CHILD = r"""
 import json, sys, time, tempfile
 import torch
-from featcal.suite_build import _pin_torch
+from featcal.suites.build import _pin_torch
 _pin_torch()
-import featcal.tasks.embedded_build as m
+import featcal.suites.embedded.build as m
+import featcal.suites.embedded.data as d
 import featcal.utils as fu
 steps = int(sys.argv[1])
 spec = m.EmbeddedSpec(pretrain_steps=steps)
@@ -110,7 +111,7 @@ def loop_flag(fn):
     return inner
 m.make_task_data = timed("task splits", m.make_task_data)
 m.pretraining_data = timed("pre-training inputs", m.pretraining_data)
-m._jitter = timed("augmentation (per batch)", m._jitter)
+d._jitter = timed("augmentation (per batch)", d._jitter)
 m._embed = timed("zero-shot heads + test embeddings", m._embed)
 m.train_adamw = timed("training loop (all)", loop_flag(m.train_adamw))
 torch.Tensor.backward = timed("backward", torch.Tensor.backward)
@@ -133,11 +134,11 @@ THREADS_CHILD = r"""
 import hashlib, json, sys, time, tempfile
 from pathlib import Path
 import torch
-from featcal.suite_build import _pin_torch
+from featcal.suites.build import _pin_torch
 _pin_torch()
 threads, steps, conf = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(threads)
-import featcal.tasks.embedded_build as m
+import featcal.suites.embedded.build as m
 from omegaconf import OmegaConf
 node = OmegaConf.to_container(OmegaConf.load(conf).spec)
 node["pretrain_steps"] = steps
@@ -198,7 +199,7 @@ def threads_check(steps: int, suite: str) -> None:
 
 
 def child_env(setting: str) -> dict[str, str]:
-    from featcal.suite_build import PINNED_ENV
+    from featcal.suites.build import PINNED_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in ISA_VARS}
     env.update(PINNED_ENV if setting == "pinned" else SETTINGS[setting])
@@ -244,11 +245,11 @@ def main() -> None:
 
         node = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "backbone" / f"{args.suite}.yaml").spec)
         if args.suite.startswith("embedded_t5"):
-            import featcal.tasks.embedded_t5 as m
+            import featcal.suites.embedded_t5.build as m
 
             spec = m.EmbeddedT5Spec.from_config(node)
         else:
-            import featcal.tasks.embedded_build as m
+            import featcal.suites.embedded.build as m
 
             spec = m.EmbeddedSpec.from_config(node)
         res = {}

@@ -1,6 +1,6 @@
 """The embedded LLM suite's table in one process: base, experts, WA / TA / TIES, and TA + each
 calibrator at several budgets (streaming on: streamed merges into sharded folders,
-layer-streamed FeatCal), scored with the suite's scorer (``featcal.tasks.embedded_llama.score``,
+layer-streamed FeatCal), scored with the suite's scorer (``featcal.suites.embedded_llama.build.score``,
 which gives exactly lm-eval's numbers on the suite's YAMLs:
 ``tests/test_embedded_llama.py::test_lm_eval_scores_equal_the_independent_scorer``) on every
 test doc. ``featcal-run backbone=embedded_llama`` gives the same rows through lm-eval, one
@@ -12,7 +12,7 @@ lm-eval's per-task set-up); this script exists to fill the table in minutes.
 
 Prints a markdown table; writes the rows (per category, mean, normalised = merged ÷ expert,
 share of the TA→experts gap closed, calibration wall and CPU seconds), the build's identity
-(``featcal.suite_build.suite_identity``: spec hash, content hash, portable) and the load
+(``featcal.suites.build.suite_identity``: spec hash, content hash, portable) and the load
 average at the start and the end as JSON.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
 
     from featcal.merge.streaming import merge_models
     from featcal.run import _build
-    from featcal.tasks import embedded_llama as el
+    from featcal.suites.embedded_llama import build as el
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="embedded_llama")
@@ -67,7 +67,7 @@ def main() -> None:
     tok = pool.tokenizer()
     tasks = list(spec.tasks)
     manifest = el.read_manifest(folder)
-    from featcal.suite_build import suite_identity
+    from featcal.suites.build import suite_identity
 
     identity = suite_identity(folder, spec.SUITE)
     load_start = os.getloadavg()

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from featcal.merge import task_arithmetic, ties, weight_average
-from featcal.backbone.embedded import EmbeddedBackbone
-from featcal.tasks.embedded import EmbeddedTaskPool
-from featcal.tasks.embedded_build import TASKS, EmbeddedSpec, cache_path, ensure_built, read_manifest
+from featcal.suites.embedded.adapter import EmbeddedBackbone
+from featcal.suites.embedded.pool import EmbeddedTaskPool
+from featcal.suites.embedded.build import cache_path, ensure_built, read_manifest
+from featcal.suites.embedded.data import TASKS
+from featcal.suites.embedded.spec import EmbeddedSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +96,7 @@ def markdown(res: dict, cold_seconds: float | None) -> str:
         "# Embedded benchmark (sklearn digits, small CLIP vision tower)",
         "",
         "Written by `python experiments/embedded_report.py` (the default spec of "
-        "`conf/backbone/embedded.yaml` / `featcal.tasks.embedded_build.EmbeddedSpec`). Top-1 test accuracy (%).",
+        "`conf/backbone/embedded.yaml` / `featcal.suites.embedded.spec.EmbeddedSpec`). Top-1 test accuracy (%).",
         "",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.",
@@ -158,7 +160,7 @@ NOTES = """## Notes
   between base and experts. CLIP ViT-B/32 on its 8 tasks: zero-shot 48 < WA 66 < TA 69 <
   experts 90. Here TA and WA are close (both about 10 points over the base) and TIES does
   not beat TA; the over-interfering pre-v3 recipe is kept as `backbone=embedded_interference`.
-- The build runs on one intra-op thread (`featcal.tasks.embedded_build.BUILD_THREADS`): the same
+- The build runs on one intra-op thread (`featcal.suites.embedded.build.BUILD_THREADS`): the same
   numerics on any machine, and no OpenMP barrier stalls when other processes share the two
   cores (two threads ran 4-10x slower than one on this busy machine). Build times above were
   measured while another job was using the CPU.

@@ -12,16 +12,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from featcal.utils import free_mib
+
 #: room the run folder needs: results.json/.csv, table.md, drift.csv, run.log, failed.json
 MIN_FREE_MIB = 8.0
-
-
-def free_mib(path: str | os.PathLike) -> float:
-    """Free space (MiB) on the file system holding ``path`` (or its nearest existing parent)."""
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free / 2**20
 
 
 def device_problem(device: str) -> str | None:

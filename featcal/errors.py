@@ -139,7 +139,7 @@ def keep_results(out_dir: Path, results: dict, write: Callable[[], Any]) -> None
         what = _OS_WHAT.get(err.errno or -1, err.strerror or type(err).__name__)
     free = "?"
     with contextlib.suppress(Exception):
-        from featcal.envcheck import free_mib
+        from featcal.utils import free_mib
 
         free = f"{free_mib(failed_file):.1f} MiB"
     kept = {k: results.get(k) for k in ("backbone", "merge", "calibration", "budget", "split", "seed", "tasks", "device",

@@ -310,7 +310,7 @@ def _run_folder_problem(ex: BaseException) -> str | None:
             errno.EPERM: "permission denied"}.get(ex.errno or -1, ex.strerror or type(ex).__name__)
     free = ""
     with contextlib.suppress(Exception):
-        from featcal.envcheck import free_mib
+        from featcal.utils import free_mib
 
         free = f" ({free_mib(path):.1f} MiB free there)"
     return (f"cannot create or write the run folder {path}: {what}{free}. Nothing ran. Set hydra.run.dir=<folder> "

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -385,3 +386,11 @@ class StageTimer:
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def free_mib(path: str | os.PathLike) -> float:
+    """Free space (MiB) on the file system holding ``path`` (or its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free / 2**20

@@ -3,7 +3,7 @@
 (``test_suite_cache.py``); the build-as-a-user and portability checks of every embedded
 suite (``test_embedded*.py``)."""
 
-# the vision suite (featcal.tasks.embedded_build), a tiny build (~1-2 s): 2 tasks, a
+# the vision suite (featcal.suites.embedded.build), a tiny build (~1-2 s): 2 tasks, a
 # 1-block width-16 tower, a few steps
 EMBEDDED_TINY = dict(
     tasks=["digits", "patch_shuffle"],
@@ -22,7 +22,7 @@ EMBEDDED_TINY = dict(
     head_source="task",
 )
 
-# the text suite (featcal.tasks.embedded_t5), a tiny build (a few seconds): 2 tasks, a
+# the text suite (featcal.suites.embedded_t5.build), a tiny build (a few seconds): 2 tasks, a
 # width-16 1+1-block T5, a few steps
 EMBEDDED_T5_TINY = dict(
     tasks=["sentiment", "length"],

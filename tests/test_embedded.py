@@ -11,17 +11,14 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import featcal.tasks.embedded_build as emb
+import featcal.suites.embedded.build as emb
+import featcal.suites.embedded.data as emb_data
 from featcal.backbone.clip import load_clip_vision
-from featcal.backbone.embedded import EmbeddedBackbone
+from featcal.suites.embedded.adapter import EmbeddedBackbone
+from featcal.suites.embedded.build import ensure_built, read_manifest
+from featcal.suites.embedded.pool import EmbeddedTaskPool
+from featcal.suites.embedded.spec import INTERFERENCE_SPEC, EmbeddedSpec, expected_split_sizes
 from featcal.tasks.base import ClassEmbeddingHead
-from featcal.tasks.embedded import EmbeddedTaskPool
-from featcal.tasks.embedded_build import (
-    EmbeddedSpec,
-    ensure_built,
-    expected_split_sizes,
-    read_manifest,
-)
 
 from embedded_fixtures import EMBEDDED_TINY as TINY  # a tiny build (~1-2 s)
 from embedded_fixtures import ISA_VARS, assert_same_files_on_a_lower_isa, build_as_a_user, lower_isa_env
@@ -63,9 +60,9 @@ def test_default_yaml_is_the_default_spec():
 
 def test_interference_yaml_is_the_interference_spec():
     spec = OmegaConf.to_container(_yaml("embedded_interference").backbone.spec, resolve=True)
-    assert EmbeddedSpec.from_config(spec) == emb.INTERFERENCE_SPEC
+    assert EmbeddedSpec.from_config(spec) == INTERFERENCE_SPEC
     # the pre-v2 default recipe: upright pre-training, heads on each task's own split
-    assert emb.INTERFERENCE_SPEC.pretrain_data == "upright" and emb.INTERFERENCE_SPEC.head_source == "task"
+    assert INTERFERENCE_SPEC.pretrain_data == "upright" and INTERFERENCE_SPEC.head_source == "task"
 
 
 def test_spec_rejects_unknown_keys_and_tasks():
@@ -128,7 +125,7 @@ def test_split_sizes_and_heads(built):
         assert list(task.head.parameters()) == []
         with torch.no_grad():
             z = adapter.represent(base, x_tr)
-        n_classes = emb.TASKS[task.name].n_classes
+        n_classes = emb_data.TASKS[task.name].n_classes
         proto = emb.prototypes(z, y_tr, n_classes)
         assert torch.allclose(task.head.class_embeddings, proto, atol=1e-4)
     # train and test images of a task come from disjoint digits
@@ -215,9 +212,9 @@ def test_suite_identity_names_the_build(built, tmp_path):
 # ---- the union pre-training and canonical heads -------------------------------------------
 def test_union_pretraining_data_covers_every_task_distribution():
     spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 1.0})
-    images8, digits = emb._load_digits()
-    x, y, augment = emb.pretraining_data(spec, images8, digits)
-    pool = emb._pools(spec)["train"]
+    images8, digits = emb_data.load_digits()
+    x, y, augment = emb_data.pretraining_data(spec, images8, digits)
+    pool = emb_data._pools(spec)["train"]
     n = len(pool)
     assert x.shape == ((1 + len(spec.tasks)) * n, 3, spec.image_size, spec.image_size)
     assert torch.equal(y, digits[pool].repeat(1 + len(spec.tasks)))
@@ -226,7 +223,7 @@ def test_union_pretraining_data_covers_every_task_distribution():
     upright = F.interpolate(images8[pool][:, None], size=(spec.image_size,) * 2, mode="bilinear", align_corners=False)
     assert torch.allclose(x[:n], ((upright.clamp(0, 1) - 0.5) / 0.5).expand(-1, 3, -1, -1), atol=2e-3)
     for k, name in enumerate(spec.tasks):
-        d = emb.make_task_data(spec, name, images8, digits)
+        d = emb_data.make_task_data(spec, name, images8, digits)
         rows = {int(v): r for r, v in enumerate(pool.tolist())}
         sel = torch.tensor([rows[int(i)] for i in d["train_index"]])
         assert torch.equal(x[(1 + k) * n + sel], d["train_x"].float())
@@ -234,18 +231,18 @@ def test_union_pretraining_data_covers_every_task_distribution():
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     assert torch.equal(augment(x[:4], g1), augment(x[:4], g2))
     upright_spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "upright"})
-    xu, yu, _ = emb.pretraining_data(upright_spec, images8, digits)
+    xu, yu, _ = emb_data.pretraining_data(upright_spec, images8, digits)
     assert xu.shape[0] == n and torch.equal(yu, digits[pool])
 
 
 def test_union_pretraining_with_a_share_of_transformed_inputs():
     spec = EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 0.15})
-    images8, digits = emb._load_digits()
-    x, y, _ = emb.pretraining_data(spec, images8, digits)
-    pool = emb._pools(spec)["train"]
+    images8, digits = emb_data.load_digits()
+    x, y, _ = emb_data.pretraining_data(spec, images8, digits)
+    pool = emb_data._pools(spec)["train"]
     n, m = len(pool), round(0.15 * len(pool))
     assert x.shape[0] == n + len(spec.tasks) * m and y.shape[0] == x.shape[0]
-    full, _, _ = emb.pretraining_data(EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 1.0}), images8, digits)
+    full, _, _ = emb_data.pretraining_data(EmbeddedSpec.from_config({**TINY, "pretrain_data": "union", "pretrain_transformed": 1.0}), images8, digits)
     assert torch.equal(x[:n], full[:n])  # every upright digit
     # each task's share: distinct digits of the pool through that task's transform
     for k in range(len(spec.tasks)):
@@ -267,7 +264,7 @@ def test_canonical_heads_are_upright_digit_prototypes(tmp_path):
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    idx = emb._pools(spec)["train"]
+    idx = emb_data._pools(spec)["train"]
     img = torch.tensor(d.images, dtype=torch.float32)[idx] / 16.0
     up = F.interpolate(img[:, None], size=(spec.image_size,) * 2, mode="bilinear", align_corners=False).clamp(0, 1)
     x = ((up - 0.5) / 0.5).expand(-1, 3, -1, -1)
@@ -319,7 +316,7 @@ def _unpinned_tiny_build(out, env_overrides):
     env = {k: v for k, v in os.environ.items() if k not in ISA_VARS}
     env.update(env_overrides, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     code = (
-        "import json, sys; import featcal.tasks.embedded_build as e; "
+        "import json, sys; import featcal.suites.embedded.build as e; "
         "m = e.build(e.EmbeddedSpec.from_config(json.loads(sys.argv[1])), sys.argv[2], device='cpu', progress=False, "
         "pinned=False); print(m['content_hash'], m['portable'])"
     )

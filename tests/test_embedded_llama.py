@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from featcal.tasks import embedded_llama as el
-from featcal.tasks import embedded_llama_data as data
+from featcal.suites.embedded_llama import build as el
+from featcal.suites.embedded_llama import data
 
 from embedded_fixtures import ISA_VARS, assert_same_files_on_a_lower_isa, build_as_a_user, lower_isa_env
 
@@ -149,7 +149,7 @@ def test_lm_eval_yaml_prompts_equal_the_training_prompt():
     prompt the experts were trained on."""
     import jinja2
 
-    from featcal.backbone.embedded_llama import LM_EVAL_METRICS, TASK_YAMLS
+    from featcal.suites.embedded_llama.pool import LM_EVAL_METRICS, TASK_YAMLS
 
     tok = el.make_tokenizer()
     spec = el.EmbeddedLlamaSpec.from_config(TINY)
@@ -290,7 +290,8 @@ def test_hydra_config_instantiates_and_validates(built):
 def test_lm_eval_scores_equal_the_independent_scorer(built):
     """lm-eval (HFLM on the in-memory model, the suite's YAMLs, generate_until with the
     regex filter and multiple_choice) gives exactly this module's scorer's accuracy."""
-    from featcal.backbone.embedded_llama import EmbeddedLlamaBackbone, EmbeddedLlamaTaskPool
+    from featcal.suites.embedded_llama.adapter import EmbeddedLlamaBackbone
+    from featcal.suites.embedded_llama.pool import EmbeddedLlamaTaskPool
 
     spec, folder, cache = built
     pool = EmbeddedLlamaTaskPool(spec=spec.to_dict(), cache_dir=str(cache))
@@ -417,7 +418,7 @@ def test_coding_programs_are_interpreted_as_python_would_run_them():
     import io
     import random
 
-    from featcal.tasks.embedded_llama_data import coding_example, run_program
+    from featcal.suites.embedded_llama.data import coding_example, run_program
 
     rng = random.Random(7)
     for _ in range(500):

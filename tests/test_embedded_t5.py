@@ -12,19 +12,19 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from featcal.backbone.embedded_t5 import EmbeddedT5Backbone, EmbeddedT5TaskPool
 from featcal.backbone.t5 import load_t5, load_t5_tokenizer
-from featcal.tasks.embedded_t5 import (
-    EmbeddedT5Spec,
+from featcal.suites.embedded_t5.adapter import EmbeddedT5Backbone
+from featcal.suites.embedded_t5.build import (
     build,
     cache_path,
     ensure_built,
-    expected_split_sizes,
     make_task_data,
     make_tokenizer,
     read_manifest,
 )
-from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
+from featcal.suites.embedded_t5.data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
+from featcal.suites.embedded_t5.pool import EmbeddedT5TaskPool
+from featcal.suites.embedded_t5.spec import EmbeddedT5Spec, expected_split_sizes
 
 from embedded_fixtures import EMBEDDED_T5_TINY as TINY  # a tiny build (a few seconds)
 from embedded_fixtures import assert_same_files_on_a_lower_isa, build_as_a_user

@@ -15,21 +15,10 @@ PACKAGE = ROOT / "featcal"
 ABOVE = ("featcal.tasks", "featcal.merge", "featcal.calibration", "featcal.suites", "featcal.report", "featcal.run")
 LOW_LAYERS = ("featcal.backbone", "featcal.io")
 
-# Known exceptions, each to be removed once its move is merged (issue 22): the test fails on an
-# exception that no longer applies, so none outlives its reason.
-#: the embedded suites' adapters import their task pools and builders; they move to featcal/suites/
-#: (branch r22-suites), which may import task pools
-KNOWN_UPWARD = {
-    "featcal.backbone.embedded",
-    "featcal.backbone.embedded_t5",
-    "featcal.backbone.embedded_llama",
-}
-#: circles outside the IO / model / merge layers, each being taken apart by its own branch:
-#: errors <-> envcheck (the error module), cache <-> suite_build (suite_build moves to suites/build.py)
-KNOWN_CYCLES = {
-    frozenset({"featcal.errors", "featcal.envcheck"}),
-    frozenset({"featcal.cache", "featcal.suite_build"}),
-}
+# Known exceptions (none left after the redesign; a new one must say why here, and the test
+# fails on an exception that no longer applies, so none outlives its reason).
+KNOWN_UPWARD: set[str] = set()
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -42,13 +31,24 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def _imported(module: str, path: Path) -> set[str]:
     """Every ``featcal...`` name ``module`` imports (``from a import b`` gives ``a.b``: module
     ``a.b`` or, for a name defined in ``a``, module ``a``), the relative ones resolved, at any
     depth of the file."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # imports under ``if TYPE_CHECKING:`` never run: annotations only, not an arrow
+    type_only = {id(n) for guard in ast.walk(tree) if isinstance(guard, ast.If) and _is_type_checking(guard.test)
+                 for stmt in guard.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -122,7 +122,8 @@ def _upward(graph: dict[str, set[str]]) -> dict[str, list[str]]:
 
 
 def test_the_graph_sees_function_level_and_relative_imports(tmp_path, monkeypatch):
-    """The parser itself: an import inside a function and a relative import both count."""
+    """The parser itself: an import inside a function and a relative import both count; one
+    under ``if TYPE_CHECKING:`` does not."""
     pkg = tmp_path / "featcal"
     (pkg / "io").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -130,11 +131,13 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path, monkeypatc
     (pkg / "io" / "a.py").write_text("def f():\n    from featcal.merge import b\n")
     (pkg / "io" / "c.py").write_text("from . import a\n")
     (pkg / "merge.py").write_text("import featcal.io.c\n")
+    (pkg / "io" / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from featcal import merge\nelse:\n    import featcal.io.a\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     graph = _graph()
     assert graph["featcal.io.a"] == {"featcal.merge"}
     assert graph["featcal.io.c"] == {"featcal.io.a"}
+    assert graph["featcal.io.d"] == {"featcal.io.a"}  # the TYPE_CHECKING import never runs; its else branch does
     assert _upward(graph) == {"featcal.io.a": ["featcal.merge"]}
     assert _cycles(graph) == [frozenset({"featcal.io.a", "featcal.io.c", "featcal.merge"})]
 

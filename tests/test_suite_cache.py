@@ -1,7 +1,7 @@
 """The built-once caches of both embedded suites (``featcal.cache`` behind each suite's
 ``ensure_built``): deterministic builds, reuse without rebuilding, corruption detected and
 rebuilt, concurrent builders building once. Each test runs for the vision suite
-(``featcal.tasks.embedded_build``) and the text suite (``featcal.tasks.embedded_t5``)."""
+(``featcal.suites.embedded.build``) and the text suite (``featcal.suites.embedded_t5.build``)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,10 @@ from typing import Any, Callable
 
 import pytest
 
-import featcal.tasks.embedded_build as emb
-import featcal.tasks.embedded_t5 as et5
+import featcal.suites.embedded.build as emb
+import featcal.suites.embedded_t5.build as et5
+from featcal.suites.embedded.spec import EmbeddedSpec
+from featcal.suites.embedded_t5.spec import EmbeddedT5Spec
 from featcal.cache import read_manifest
 
 from embedded_fixtures import EMBEDDED_T5_TINY, EMBEDDED_TINY
@@ -98,9 +100,9 @@ class Suite:
 
 
 SUITES = [
-    Suite("embedded", emb, emb.EmbeddedSpec, EMBEDDED_TINY, "digits", "data/digits.safetensors",
+    Suite("embedded", emb, EmbeddedSpec, EMBEDDED_TINY, "digits", "data/digits.safetensors",
           (flip_data_byte, flip_head_byte)),
-    Suite("embedded_t5", et5, et5.EmbeddedT5Spec, EMBEDDED_T5_TINY, "length", "data/length.json",
+    Suite("embedded_t5", et5, EmbeddedT5Spec, EMBEDDED_T5_TINY, "length", "data/length.json",
           (flip_data_word, flip_tokenizer_byte)),
 ]
 CORRUPTIONS = [
@@ -216,7 +218,7 @@ def test_concurrent_builders_build_once(suite, tmp_path, monkeypatch, one_thread
 # ---- portability records and the pinned child processes -----------------------------------------
 @each_suite
 def test_unpinned_build_says_it_is_not_portable(suite, tiny_build):
-    from featcal.suite_build import suite_identity
+    from featcal.suites.build import suite_identity
 
     _, _, folder = tiny_build(suite)
     m = read_manifest(folder)
@@ -226,7 +228,7 @@ def test_unpinned_build_says_it_is_not_portable(suite, tiny_build):
 
 
 def test_portability_of_gpu_and_other_architectures(monkeypatch):
-    from featcal import suite_build
+    from featcal.suites import build as suite_build
 
     gpu = suite_build.portability("cuda:0")
     assert gpu["portable"] is False and "GPU" in gpu["note"] and "build_device=cpu" in gpu["note"]
@@ -241,7 +243,7 @@ def test_portability_of_gpu_and_other_architectures(monkeypatch):
 
 
 def test_build_workers(monkeypatch):
-    from featcal.suite_build import build_workers
+    from featcal.suites.build import build_workers
 
     monkeypatch.setenv("FEATCAL_BUILD_WORKERS", "3")
     assert build_workers(7) == 3 and build_workers(2) == 2 and build_workers(7, workers=1) == 1
@@ -254,10 +256,10 @@ def test_build_workers(monkeypatch):
 
 def test_pinned_children_run_pinned_and_keep_job_order(tmp_path):
     """Jobs come back in their order from 2 workers; each child reports the pinned kernels."""
-    from featcal.suite_build import run_pinned_build
+    from featcal.suites.build import run_pinned_build
 
     jobs = [{"var": v} for v in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")]
-    first, out = run_pinned_build("os:getenv", {"key": "MKL_CBWR"}, "featcal.suite_build:probe", jobs, workers=2)
+    first, out = run_pinned_build("os:getenv", {"key": "MKL_CBWR"}, "featcal.suites.build:probe", jobs, workers=2)
     assert first == "AVX2"
     assert [o["var"] for o in out] == [j["var"] for j in jobs]
     assert [o["value"] for o in out] == ["avx2", "AVX2", "1"]
@@ -267,7 +269,7 @@ def test_pinned_children_run_pinned_and_keep_job_order(tmp_path):
 
 
 def test_a_failing_first_step_fails_the_build_without_hanging(tmp_path):
-    from featcal.suite_build import run_pinned_build
+    from featcal.suites.build import run_pinned_build
 
     with pytest.raises(RuntimeError, match="featcal: a pinned suite build step"):
-        run_pinned_build("os:getenv", {"no_such_argument": 1}, "featcal.suite_build:probe", [{"var": "A"}, {"var": "B"}], workers=2)
+        run_pinned_build("os:getenv", {"no_such_argument": 1}, "featcal.suites.build:probe", [{"var": "A"}, {"var": "B"}], workers=2)

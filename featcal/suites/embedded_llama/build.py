@@ -2,7 +2,7 @@
 
 The offline counterpart of the MergeBench backbones (``conf/backbone/mergebench_*.yaml``)
 the way ``embedded`` / ``embedded_t5`` are for CLIP and T5. Everything is generated in
-code (``featcal.tasks.embedded_llama_data``):
+code (``featcal.suites.embedded_llama.data``):
 
 1. A word-level tokenizer (``tokenizers.Tokenizer`` with a ``WordLevel`` model, ``<s>``
    prepended like Llama's; the four markers of MergeBench's Alpaca prompt are whole-string
@@ -21,16 +21,16 @@ code (``featcal.tasks.embedded_llama_data``):
 Each model folder is a normal HF checkpoint with **sharded** safetensors
 (``max_shard_size``), so ``streaming: true`` runs the streamed merge and the layer-streamed
 FeatCal exactly as for Llama-3.1-8B. Evaluation goes through lm-eval with the suite's task
-YAMLs (``featcal/tasks/lm_eval_tasks/embedded_llama``; ``featcal.backbone.embedded_llama``).
+YAMLs (``featcal/suites/embedded_llama/lm_eval_tasks``; ``featcal.suites.embedded_llama.adapter``).
 
 The build is deterministic for a spec (seeded generators, the model initialised in a
 forked RNG scope) and, on the CPU, portable: it runs in child processes pinned to fixed
-kernels, one thread each (``featcal.suite_build``), the base first, then the experts from
+kernels, one thread each (``featcal.suites.build``), the base first, then the experts from
 the saved base in several children at once, so every x86-64 CPU with AVX2 builds the same
 files whatever the number of workers. It is cached under
 ``<cache>/embedded_llama/<spec hash>/`` with a checksum manifest written last
 (``featcal.cache``; ``content_hash``: one hash over the files, ``portable`` and
-``portability_note``: ``featcal.suite_build.portability``). The manifest also records the
+``portability_note``: ``featcal.suites.build.portability``). The manifest also records the
 base's and experts' scores on the test docs from this module's own scorer
 (``score``: greedy decoding / log-likelihood argmax, written from the tasks' definitions,
 independent of lm-eval).
@@ -51,14 +51,14 @@ import torch
 from torch import nn
 
 from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.tasks.embedded_llama_data import (
+from featcal.suites.embedded_llama.data import (
     DEFAULT_TASKS, LM_TASK_LANGUAGE, PRETRAIN, PROMPT_MARKERS, SPECIAL, TASKS, instruction_of, vocabulary,
 )
-from featcal import suite_build
+from featcal.suites import build as suite_build
 from featcal.utils import train_adamw
 
 #: bump when the build procedure changes: old caches then live under another hash
-# 2: pinned portable builds (featcal.suite_build), experts from the saved base; the
+# 2: pinned portable builds (featcal.suites.build), experts from the saved base; the
 #    instruction category on two-word inputs and not in the pre-training mix; the experts'
 #    steps and learning rate are spec fields (issue 25's regime: every expert >= 90 %,
 #    TA >= base + 8 and <= experts - 10)
@@ -333,13 +333,13 @@ def load_data(folder: Path, spec: EmbeddedLlamaSpec, tasks: Sequence[str] | None
 
 
 # --------------------------------------------------------------------------------------
-# the build (featcal.suite_build: pinned children, the experts from the saved base)
+# the build (featcal.suites.build: pinned children, the experts from the saved base)
 # --------------------------------------------------------------------------------------
 def build(spec: EmbeddedLlamaSpec, out: Path, device: str | torch.device | None = None, progress: bool = True,
           threads: int | None = BUILD_THREADS, workers: int | None = None, pinned: bool = True) -> dict[str, Any]:
     """Build ``spec`` into the (new) folder ``out``; the manifest is written last.
 
-    As the other embedded suites (``featcal.suite_build.build_suite``): on the CPU
+    As the other embedded suites (``featcal.suites.build.build_suite``): on the CPU
     (``device=None``) with ``pinned`` every step runs in child processes pinned to fixed
     kernels, so every x86-64 CPU with AVX2 builds the same files; the base first, then the
     experts (each fine-tuned from the saved base, scoring itself and the base on its

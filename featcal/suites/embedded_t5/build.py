@@ -1,7 +1,8 @@
 """The embedded text-to-text suite: a small T5 built offline on synthetic text tasks.
 
-The offline counterpart of ``featcal.tasks.embedded`` (the vision suite) for the T5
-family. Everything is generated in code (``featcal.tasks.embedded_t5_data``):
+The offline counterpart of ``featcal.suites.embedded`` (the vision suite) for the T5
+family. The spec is ``featcal.suites.embedded_t5.spec``; everything else is generated in
+code (``featcal.suites.embedded_t5.data``):
 
 1. A word-level tokenizer over the suite's fixed vocabulary (``tokenizers.Tokenizer``
    with a ``WordLevel`` model, eos appended like T5's), wrapped in
@@ -24,7 +25,7 @@ answer == label word → accuracy in %.
 The build is deterministic for a spec (seeded generators; the model initialised inside a
 forked RNG scope) and, on the CPU, portable: the same files on every x86-64 CPU (pinned
 child processes, the experts trained by several at once; see
-``featcal.tasks.embedded_build`` and ``featcal.suite_build``). It is cached under ``<cache>/embedded_t5/<spec hash>/``: ``base/`` and
+``featcal.suites.embedded.build`` and ``featcal.suites.build``). It is cached under ``<cache>/embedded_t5/<spec hash>/``: ``base/`` and
 ``experts/<task>/`` (``save_pretrained`` + the tokenizer), ``data/<task>.json`` (the
 splits as text) and ``manifest.json`` (sha256 and size of every file, written last; the
 folder is assembled in a temporary directory and renamed into place). A missing,
@@ -38,79 +39,22 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from featcal.cache import SuiteSpec, ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
-from featcal.tasks.embedded_t5_data import DEFAULT_TASKS, PRETRAIN, TASKS, vocabulary
-from featcal import suite_build
+from featcal.cache import ensure_suite, read_manifest, write_manifest  # noqa: F401  (read_manifest: public here)
+from featcal.suites.build import BuiltSuite
+from featcal.suites import build as suite_build
+from featcal.suites.embedded_t5.data import PRETRAIN, TASKS, vocabulary
+from featcal.suites.embedded_t5.spec import EmbeddedT5Spec, expected_split_sizes
 from featcal.utils import train_adamw
 
-#: bump when the build procedure changes: old caches then live under another hash
-BUILD_VERSION = 2  # 2: pinned portable builds (featcal.suite_build), experts from the saved base
 #: CPU threads used while building
 BUILD_THREADS = 1
 IGNORE = -100
-
-
-# --------------------------------------------------------------------------------------
-# the spec
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EmbeddedT5Spec(SuiteSpec):
-    """Every knob of the build. Its hash names the cache folder."""
-
-    SUITE = "embedded_t5"
-    CACHE_DIR = "embedded_t5"
-    LABEL = "embedded_t5 suite"
-    BUILD_VERSION = BUILD_VERSION
-    # the layout ``_build`` writes (see ``SuiteSpec.required_files``): every model folder
-    # carries the tokenizer, so it loads through the normal T5 loaders
-    MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-    DATA_SUFFIX = ".json"
-
-    tasks: tuple[str, ...] = DEFAULT_TASKS
-    # architecture (T5 v1.1 / FLAN-T5 layout, reduced)
-    d_model: int = 64
-    d_ff: int = 128
-    layers: int = 2  # encoder blocks = decoder blocks
-    heads: int = 4
-    # data: examples per task
-    n_train: int = 1000
-    n_test: int = 500
-    # base pre-training: generic objectives + a share of the tasks' train examples
-    pretrain_steps: int = 600
-    pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
-    pretrain_mix: float = 0.03
-    # expert fine-tuning (whole model, gentle)
-    finetune_steps: int = 60
-    finetune_batch: int = 32
-    finetune_lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self):
-        self._check_tasks(TASKS)
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
-        for key in ("d_model", "d_ff", "layers", "heads", "n_train", "n_test", "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
-        if not 0.0 <= float(self.pretrain_mix) <= 1.0:
-            raise ValueError(f"pretrain_mix must be in [0, 1], got {self.pretrain_mix}")
-
-
-
-def expected_split_sizes(spec: EmbeddedT5Spec | Mapping[str, Any] | None = None) -> dict[str, dict[str, int]]:
-    """``{"train": {task: n}, "test": {task: n}}`` without building anything."""
-    spec = EmbeddedT5Spec.from_config(spec)
-    return {"train": {t: spec.n_train for t in spec.tasks}, "test": {t: spec.n_test for t in spec.tasks}}
 
 
 # --------------------------------------------------------------------------------------
@@ -252,7 +196,7 @@ def build(
 ) -> dict[str, Any]:
     """Build ``spec`` into the (new) folder ``out``; the manifest is written last.
 
-    As ``featcal.tasks.embedded_build.build``: on the CPU (``device=None``) pinned child
+    As ``featcal.suites.embedded.build.build``: on the CPU (``device=None``) pinned child
     processes build the same files on every x86-64 CPU, the experts (each also scoring the
     base on its task) in ``workers`` children at once; on a GPU or with ``pinned=False``
     the steps run in this process with ``threads`` intra-op threads, marked not portable.
@@ -347,3 +291,13 @@ def _build_expert(spec: Mapping[str, Any], out: str, device: str, progress: bool
         "seconds": time.time() - t0,
         "cpu": time.process_time() - c0,
     }
+
+
+# --------------------------------------------------------------------------------------
+# shared by the adapter (featcal.suites.embedded_t5.adapter) and the task pool
+# --------------------------------------------------------------------------------------
+class EmbeddedT5Build(BuiltSuite):
+    """The embedded_t5 suite's spec and cache folder (``featcal.suites.build.BuiltSuite``)."""
+
+    SPEC = EmbeddedT5Spec
+    ENSURE_BUILT = staticmethod(ensure_built)

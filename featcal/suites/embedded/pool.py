@@ -1,10 +1,10 @@
 """The embedded benchmark's tasks: cached splits of sklearn digits and frozen zero-shot heads.
 
-The suite (see ``featcal.tasks.embedded_build`` for how it is built and cached): a
+The suite (see ``featcal.suites.embedded.build`` for how it is built and cached): a
 small CLIP-architecture vision tower pre-trained on the digits, one fine-tuned expert
 per task, each task a fixed input transform and label map of the 8x8 digits with a
 frozen "zero-shot" prototype head derived from the base. The models are loaded by
-``featcal.backbone.embedded.EmbeddedBackbone``.
+``featcal.suites.embedded.adapter.EmbeddedBackbone``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
-from featcal.tasks.embedded_build import EmbeddedBuild, EmbeddedSpec
+from featcal.suites.embedded.build import EmbeddedBuild
+from featcal.suites.embedded.spec import EmbeddedSpec
 
 
 class EmbeddedTaskPool(EmbeddedBuild, ClassificationTaskPool):

@@ -1,13 +1,11 @@
-"""The embedded LLM suite as a backbone and a task pool.
+"""The embedded LLM suite's task pool.
 
-``EmbeddedLlamaBackbone`` is the Llama adapter (``featcal.backbone.llama.LlamaBackbone``,
-unchanged: streaming loads, streamed merge, layer-streamed FeatCal) whose base and experts
-are the suite's cached folders (``featcal.tasks.embedded_llama``, built on first use).
 ``EmbeddedLlamaTaskPool`` is the MergeBench pool (``featcal.tasks.mergebench``, unchanged:
 Alpaca-formatted calibration rows, lm-eval on an ``HFLM`` over the in-memory model,
 ``normalized`` = merged ÷ expert per category) over the suite's data files and its lm-eval
-task YAMLs (package data, ``featcal/tasks/lm_eval_tasks/embedded_llama``), rendered with
-the suite's data folder into a temporary folder lm-eval indexes alone.
+task YAMLs (package data, ``featcal/suites/embedded_llama/lm_eval_tasks``), rendered with
+the suite's data folder into a temporary folder lm-eval indexes alone. The models are read
+by ``featcal.suites.embedded_llama.adapter.EmbeddedLlamaBackbone``.
 """
 from __future__ import annotations
 
@@ -19,13 +17,12 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from featcal.backbone.llama import LlamaBackbone
-from featcal.cache import BuiltSuite
-from featcal.tasks.embedded_llama import EmbeddedLlamaSpec, ensure_built
+from featcal.suites.embedded_llama.adapter import EmbeddedLlamaBuild
+from featcal.suites.embedded_llama.build import EmbeddedLlamaSpec
 from featcal.tasks.mergebench import MergeBenchTaskPool
 
 #: the package folder of the suite's lm-eval task YAMLs
-TASK_YAMLS = Path(__file__).resolve().parent.parent / "tasks" / "lm_eval_tasks" / "embedded_llama"
+TASK_YAMLS = Path(__file__).resolve().parent / "lm_eval_tasks"
 #: the raw metric of each lm-eval task (lm-eval's "<metric>,<filter>" key)
 LM_EVAL_METRICS = {
     "embedded_llama_instruction": "exact_match,none",
@@ -49,63 +46,7 @@ def render_task_yamls(data_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
-class _EmbeddedLlamaBuild(BuiltSuite):
-    """The embedded_llama suite's spec and cache folder (``featcal.cache.BuiltSuite``)."""
-
-    SPEC = EmbeddedLlamaSpec
-    ENSURE_BUILT = staticmethod(ensure_built)
-
-
-class EmbeddedLlamaBackbone(_EmbeddedLlamaBuild, LlamaBackbone):
-    """The suite's base and experts through the Llama adapter (``streaming`` as there)."""
-
-    def __init__(
-        self,
-        tasks: list[str] | None = None,
-        spec: Mapping[str, Any] | EmbeddedLlamaSpec | None = None,
-        cache_dir: str | None = None,
-        build_device: str | None = None,
-        dtype: str = "float32",
-        attn_implementation: str | None = "sdpa",
-        streaming: bool = True,
-        merge_dir: str | None = None,
-        merge_device: str = "cpu",
-        merged_on_disk: bool = False,
-        **spec_overrides: Any,
-    ):
-        self._init_build(tasks, spec, cache_dir, build_device, spec_overrides)
-        names = list(self.spec.tasks)
-        super().__init__(
-            names, base="", experts={t: "" for t in names}, dtype=dtype, attn_implementation=attn_implementation,
-            streaming=streaming, merge_dir=merge_dir, merge_device=merge_device, merged_on_disk=merged_on_disk,
-        )
-
-    @classmethod
-    def validate_config(cls, node: dict[str, Any]) -> list[str]:
-        return LlamaBackbone.validate_config({k: v for k, v in node.items() if k not in ("experts", "spec")}) + cls.spec_problems(node)
-
-    def _resolve(self) -> None:
-        """Point the adapter's sources at the built folders (building them if needed)."""
-        folder = self.folder
-        self.base_source = str(folder / "base")
-        self.expert_sources = {t: str(folder / "experts" / t) for t in self.tasks}
-
-    def load_base(self) -> nn.Module:
-        self._resolve()
-        return super().load_base()
-
-    def load_expert(self, task: str) -> nn.Module:
-        if task not in self.tasks:
-            raise KeyError(f"no embedded_llama expert for task '{task}' (tasks: {self.tasks})")
-        self._resolve()
-        return super().load_expert(task)
-
-    def load_tokenizer(self):
-        self._resolve()
-        return super().load_tokenizer()
-
-
-class EmbeddedLlamaTaskPool(_EmbeddedLlamaBuild, MergeBenchTaskPool):
+class EmbeddedLlamaTaskPool(EmbeddedLlamaBuild, MergeBenchTaskPool):
     """The suite's categories as a MergeBench pool: calibration rows from
     ``data/<task>_val.jsonl`` (MergeBench's columns, Alpaca format), lm-eval on the suite's
     task YAMLs (only those: lm-eval's own tasks are not indexed)."""

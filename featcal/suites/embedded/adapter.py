@@ -1,8 +1,8 @@
 """The embedded benchmark's CLIP vision towers, read from its offline build.
 
 The build itself (pre-training, fine-tuning, cache, checksums) lives in
-``featcal.tasks.embedded_build``; the tasks (splits, zero-shot heads) in
-``featcal.tasks.embedded``. This adapter only loads the cached base and experts
+``featcal.suites.embedded.build``; the tasks (splits, zero-shot heads) in
+``featcal.suites.embedded.pool``. This adapter only loads the cached base and experts
 through ``load_clip_vision``; everything else is the CLIP vision backbone.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
-from featcal.tasks.embedded_build import EmbeddedBuild, EmbeddedSpec
+from featcal.suites.embedded.build import EmbeddedBuild
+from featcal.suites.embedded.spec import EmbeddedSpec
 
 
 class EmbeddedBackbone(EmbeddedBuild, CLIPVisionBackbone):

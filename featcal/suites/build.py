@@ -23,7 +23,7 @@ marked not portable (``portability``: the manifest records it and the run prints
 GPU, on another architecture (ARM), or on an x86-64 CPU without AVX2 (the child then runs
 ATen's baseline kernels).
 
-Any suite uses it the same way (see ``featcal.tasks.embedded_build``):
+Any suite uses it the same way (see ``featcal.suites.embedded.build``):
 
 * ``run_pinned("pkg.module:function", kwargs)`` runs one step (e.g. pre-training the base,
   which writes its files into the build folder) in a pinned child and returns its
@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 #: the environment of every pinned child (set before torch is imported there)
 PINNED_ENV: dict[str, str] = {
@@ -154,7 +154,7 @@ def _start(spec: Mapping[str, Any], workdir: Path, tag: str) -> tuple[subprocess
     spec_path = workdir / f"{tag}.in.json"
     result = workdir / f"{tag}.out.json"
     spec_path.write_text(json.dumps(dict(spec)))
-    proc = subprocess.Popen([sys.executable, "-m", "featcal.suite_build", str(spec_path), str(result)], env=pinned_env())
+    proc = subprocess.Popen([sys.executable, "-m", "featcal.suites.build", str(spec_path), str(result)], env=pinned_env())
     return proc, result
 
 
@@ -380,5 +380,53 @@ def announce_identity(folder: Path, name: str) -> dict[str, Any]:
     return ident
 
 
-if __name__ == "__main__":  # a pinned child: python -m featcal.suite_build <jobs.json> <result.json>
+class BuiltSuite:
+    """Mixin of the adapter and the task pool of a suite whose spec names exactly its tasks
+    (``embedded_t5``, ``embedded_llama``): the spec (from a mapping or a spec object, plus
+    keyword overrides; ``tasks``, when given, must equal the spec's), the cache location,
+    and the suite folder, built (or verified) on first use, then remembered. Subclasses set
+    ``SPEC`` (the ``SuiteSpec`` dataclass) and ``ENSURE_BUILT`` (the suite module's
+    ``ensure_built(spec, cache_dir, device=...)``, wrapped in ``staticmethod``)."""
+
+    SPEC: type
+    ENSURE_BUILT: Callable[..., Path]
+
+    @classmethod
+    def spec_from(cls, tasks: list[str] | None, spec: Any, overrides: Mapping[str, Any]) -> Any:
+        given = spec.to_dict() if isinstance(spec, cls.SPEC) else dict(spec or {})
+        given.update(overrides)
+        if tasks is not None:
+            if "tasks" in given and [str(t) for t in given["tasks"]] != [str(t) for t in tasks]:
+                raise ValueError(f"tasks {list(tasks)} disagree with spec.tasks {list(given['tasks'])}")
+            given["tasks"] = list(tasks)
+        return cls.SPEC.from_config(given)
+
+    @classmethod
+    def spec_problems(cls, node: Mapping[str, Any]) -> list[str]:
+        """``validate_config``'s share: the spec a config node describes, as problems."""
+        try:
+            cls.spec_from(node.get("tasks"), node.get("spec"), {})
+        except (ValueError, TypeError) as err:
+            return [f"spec: {err}"]
+        return []
+
+    def _init_build(self, tasks, spec, cache_dir, build_device, spec_overrides) -> None:
+        self.spec = self.spec_from(tasks, spec, spec_overrides)
+        self.build_cache_dir = cache_dir
+        self.build_device = build_device
+        self._folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        if self._folder is None:
+            self._folder = type(self).ENSURE_BUILT(self.spec, self.build_cache_dir, device=self.build_device)
+        return self._folder
+
+    def suite_identity(self) -> dict[str, Any]:
+        """The build's identity for ``results.json`` (``featcal.suites.build.suite_identity``);
+        warns when the build is not portable."""
+        return announce_identity(self.folder, self.spec.SUITE)
+
+
+if __name__ == "__main__":  # a pinned child: python -m featcal.suites.build <jobs.json> <result.json>
     _child_main(sys.argv[1], sys.argv[2])
