@@ -23,7 +23,6 @@ from featcal.errors import ConfigError
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SPLITS = ("train", "test")
 
 
 def _is_int(v: Any) -> bool:
@@ -171,34 +170,16 @@ def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
                             f"known: {', '.join(sorted(known))}")
             tasks = []  # no size-table complaints about them
 
-    # ---- budget -------------------------------------------------------------
-    bs = _get(cfg, "budget.batch_size")
-    if not _is_int(bs) or bs < 1:
-        bad("budget.batch_size", bs, "must be a positive integer (calibration batch size)")
-    n = _get(cfg, "budget.per_task")
-    split = _get(cfg, "budget.split", "train")
-    if split not in SPLITS:
-        bad("budget.split", split, f"allowed: {', '.join(SPLITS)}")
-    if n == "all":
-        pass  # the whole split (Surgery's transductive protocol with budget.split=test); see README
-    elif not _is_int(n) or n < 1:
-        bad("budget.per_task", n, "must be a positive integer (calibration examples per task, e.g. 8 ... 256) or 'all'")
-    elif split in SPLITS and tasks:
+    # ---- budget: the one resolution every task pool uses (featcal/tasks/budget.py) ----
+    from featcal.tasks.budget import config_problems
+
+    def declared_sizes(split: str) -> dict[str, int] | None:
         sizes = _get(cfg, f"backbone.{split}_sizes")
-        if sizes is not None:
-            sizes = {str(k): int(v) for k, v in OmegaConf.to_container(sizes).items()}
-            missing = [t for t in tasks if t not in sizes]
-            if missing:
-                bad(f"backbone.{split}_sizes", sorted(sizes), f"has no size for tasks {missing}")
-            else:
-                smallest = min(tasks, key=lambda t: sizes[t])
-                if n > sizes[smallest]:
-                    bad(
-                        "budget.per_task",
-                        n,
-                        f"larger than the {split} split of task '{smallest}' ({sizes[smallest]} examples); "
-                        f"allowed: 1 ... {sizes[smallest]}",
-                    )
+        return None if sizes is None else {str(k): int(v) for k, v in OmegaConf.to_container(sizes).items()}
+
+    budget = _get(cfg, "budget")
+    budget = OmegaConf.to_container(budget) if isinstance(budget, DictConfig) else {}
+    problems.extend(config_problems(budget, tasks, declared_sizes))
 
     # ---- each configured object checks its own keys ------------------------------
     for path in ("backbone.adapter", "backbone.taskpool", "merge", "calibration"):

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcal.errors import BudgetTooLarge, ConfigError
 from featcal.backbone.base import Inputs, move_inputs
 
 #: {task: {metric: value}}
@@ -40,29 +39,6 @@ class ClassEmbeddingHead(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z = torch.nn.functional.normalize(z.float(), dim=-1)
         return self.logit_scale * z @ self.class_embeddings.t()
-
-
-#: ``budget.per_task`` value meaning "every example of the split" (Surgery's transductive
-#: protocol: ``budget.split=test budget.per_task=all``)
-ALL = "all"
-
-
-def resolve_budget(n: int | str | None, size: int, task: str, split: str) -> int:
-    """The number of calibration examples for a split of ``size`` examples: ``n``, or all
-    of them for ``"all"``/None. Raises BudgetTooLarge / ConfigError naming the task if n does not fit."""
-    if n is None or n == ALL:
-        return int(size)
-    if isinstance(n, bool) or not isinstance(n, int) and not str(n).isdigit():
-        raise ConfigError(f"task '{task}': calibration budget must be a positive integer or 'all', got {n!r}")
-    n = int(n)
-    if n > size:
-        raise BudgetTooLarge(
-            f"task '{task}': calibration budget {n} (budget.per_task) exceeds the {size} examples of split '{split}'",
-            f"Use budget.per_task={size} or less, budget.per_task=all, or another budget.split.",
-        )
-    if n < 1:
-        raise ConfigError(f"task '{task}': calibration budget must be positive, got {n}")
-    return n
 
 
 @dataclass
@@ -92,7 +68,7 @@ class TaskPool(abc.ABC):
         """Task names, in expert order."""
 
     @abc.abstractmethod
-    def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
+    def calibration_set(self, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
         """Per task, a list of unlabeled batches holding n examples in total."""
 
     @abc.abstractmethod

@@ -39,7 +39,8 @@ from featcal.errors import CheckpointMismatch, ConfigError, CorruptCache, loadin
 from featcal.backbone.clip import canonical_clip_keys, read_model_config
 from featcal.hub import load_raw_state_dict, resolve_model_dir
 from featcal.errors import SourceUnavailable
-from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
+from featcal.tasks.budget import examples_per_task, seeded_first_n
 from featcal.utils import cache_root
 
 DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
@@ -434,10 +435,9 @@ class CLIPVisionTaskPool(ClassificationTaskPool):
         """Rows of ``split`` used for calibration: a seeded permutation, first n (n = "all":
         the whole split, as the original Surgery/ProbSurgery code uses the test split)."""
         size = len(self.dataset(task, split))
-        n = resolve_budget(n, size, task, split)
-        return np.random.default_rng(int(seed)).permutation(size)[:n].tolist()
+        return seeded_first_n(size, examples_per_task(n, size, task, split), seed)
 
-    def calibration_batches(self, task: str, n: int, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
+    def calibration_batches(self, task: str, n: int | str, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
         ds = self.dataset(task, split)
         idx = self.calibration_indices(task, n, seed, split)
         yield from self._loader(ds, task, idx, batch_size, with_labels=False)

@@ -40,6 +40,7 @@ from featcal.backbone.base import Inputs
 from featcal.errors import ConfigError
 from featcal.errors import SourceUnavailable
 from featcal.tasks import code_exec
+from featcal.tasks.budget import examples_per_task
 from featcal.tasks.base import Metrics, TaskPool
 
 log = logging.getLogger(__name__)
@@ -381,14 +382,12 @@ class MergeBenchTaskPool(TaskPool):
             [{"role": "user", "content": user}, {"role": "assistant", "content": response}], tokenize=False
         )
 
-    def calibration_texts(self, task: str, n: int, seed: int, split: str = "train") -> list[str]:
+    def calibration_texts(self, task: str, n: int | str, seed: int, split: str = "train") -> list[str]:
         ds = load_rows(self.datasets[task], split, task)
-        if n > len(ds):
-            raise ValueError(f"task '{task}': {n} calibration examples asked, the {split} split has {len(ds)}")
-        rows = ds.shuffle(seed=seed).select(range(n))
+        rows = ds.shuffle(seed=seed).select(range(examples_per_task(n, len(ds), task, split)))
         return [self.text(task, row) for row in rows]
 
-    def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
+    def calibration_set(self, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
         tok = self.tokenizer()
         out = []
         for task in self.tasks:
