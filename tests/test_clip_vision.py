@@ -195,6 +195,42 @@ def test_evaluate_with_pool_and_split_test(tiny, tmp_path):
         pool.calibration_indices("eurosat", 13, 0, split="test")
 
 
+def test_pool_scores_the_adapters_representation(tiny, tmp_path):
+    """The heads read what the bound model adapter's ``represent`` returns (no CLIP
+    attribute in the pool); unbound, the CLIP family's adapter gives the same numbers."""
+    root, _ = tiny
+
+    def pool():
+        return cv.CLIPVisionTaskPool(["mnist"], str(root / "v4"), datasets={"mnist": str(root / "mnist")},
+                                     cache_dir=str(tmp_path / "heads"), device="cpu")
+
+    adapter = CLIPVisionBackbone(["mnist"], str(root / "v4"), {"mnist": str(root / "expert")})
+    base = adapter.load_base()
+    unbound = pool().evaluate(lambda i: base, "cpu", batch_size=5)
+
+    class Recording(CLIPVisionBackbone):
+        calls = 0
+
+        def represent(self, model, inputs):
+            Recording.calls += 1
+            return super().represent(model, inputs)
+
+    class Flipped(CLIPVisionBackbone):
+        def represent(self, model, inputs):
+            return -super().represent(model, inputs)
+
+    bound = pool().bind(Recording(["mnist"], str(root / "v4"), {"mnist": str(root / "expert")}))
+    assert bound.evaluate(lambda i: base, "cpu", batch_size=5) == unbound
+    assert Recording.calls == 3  # 12 test examples in batches of 5
+    with torch.no_grad():
+        z = base(pixel_values=torch.randn(2, 3, 32, 32)).image_embeds
+    flipped_pool = pool().bind(Flipped([], base="", experts=[]))
+    head = flipped_pool.tasks[0].head
+    torch.testing.assert_close(head(-z), -head(z))  # so a flipped representation changes the predictions
+    flipped = flipped_pool.evaluate(lambda i: base, "cpu", batch_size=5)
+    assert flipped != unbound
+
+
 def test_fallback_preprocess_without_processor_config(tiny, tmp_path):
     import shutil
 

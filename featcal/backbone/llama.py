@@ -292,6 +292,11 @@ class LlamaBackbone(Backbone):
 
         return LazyCausalLM(folder, like.dtype, like.attn_implementation)
 
+    # ---- storage: identity of an on-disk model (r22-tasks; featcal.refcache keys on it) ----
+    def disk_identity(self, model) -> tuple:
+        """``(folder, "dtype|attention")`` of a lazy model (``is_on_disk``)."""
+        return model.folder, f"{model.dtype}|{model.attn_implementation}"
+
     def _merge_folder(self, merge_fn, sources: list[str]) -> "Path":
         import hashlib
         import json

@@ -400,6 +400,11 @@ class MergeBenchTaskPool(TaskPool):
         return out
 
     # ---- evaluation --------------------------------------------------------------
+    def family_backbone(self):
+        from featcal.backbone.llama import LlamaBackbone
+
+        return LlamaBackbone([], base="", experts=[])
+
     def primary_metric(self, task: str) -> str:
         return "score"
 
@@ -466,8 +471,9 @@ class MergeBenchTaskPool(TaskPool):
         """Every category's lm-eval tasks, one lm-eval run per distinct model.
 
         A lazy (on-disk) model is materialised once for all the categories it serves and freed
-        (host and device) before the next one is: at most one full model is alive at a time."""
-        from featcal.backbone.lazy import is_lazy
+        (host and device) before the next one is: at most one full model is alive at a time.
+        Whether a model is on disk, and loading it, is the model adapter's (``backbone()``)."""
+        storage = self.backbone()
 
         todo_tasks = [(i, t) for i, t in enumerate(self.tasks) if (only is None or i in only) and self.lm_eval_tasks[t]]
         sources = {i: model_for_task(i) for i, _ in todo_tasks}
@@ -480,12 +486,13 @@ class MergeBenchTaskPool(TaskPool):
             src = sources[first]
             mine = [(i, t) for i, t in todo_tasks if sources[i] is src]
             lm_tasks = list(dict.fromkeys(lt for _, t in mine for lt in self.lm_eval_tasks[t]))
-            model = src.materialize().to(device) if is_lazy(src) else src
+            on_disk = storage.is_on_disk(src)
+            model = storage.materialize(src).to(device) if on_disk else src
             try:
                 log.info("lm-eval %s %s: %s", desc, [t for _, t in mine], lm_tasks)
                 results[first] = self.lm_eval(model, lm_tasks, batch_size)
             finally:
-                if is_lazy(src):
+                if on_disk:
                     model.to("meta")  # frees the weights' storage even if lm-eval kept a reference
                     del model
                     _release_memory(device)
