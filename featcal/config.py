@@ -93,6 +93,46 @@ def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     return ok
 
 
+def _backbone_tasks(cfg: DictConfig, problems: list[str]) -> list[str]:
+    """The backbone's task list when it is valid (else [], its problems added): adapter and
+    task pool present, tasks unique and known to the backbone's size tables or spec."""
+
+    def bad(key: str, value: Any, allowed: str) -> None:
+        problems.append(f"{key}={value!r}: {allowed}")
+
+    tasks: list[str] = []
+    if _get(cfg, "backbone.adapter._target_") is None:
+        bad("backbone.adapter._target_", None, "every backbone config needs an adapter with a _target_")
+    if _get(cfg, "backbone.taskpool._target_") is None:
+        bad("backbone.taskpool._target_", None, "every backbone config needs a taskpool with a _target_")
+    tasks_node = _get(cfg, "backbone.adapter.tasks")
+    if tasks_node is None or len(tasks_node) == 0:
+        bad("backbone.adapter.tasks", tasks_node, "must list at least one task")
+    else:
+        tasks = [str(t) for t in tasks_node]
+        if len(set(tasks)) != len(tasks):
+            bad("backbone.adapter.tasks", tasks, "task names must be unique")
+        # a task the backbone does not know (its split-size tables, or its spec's tasks)
+        known: set[str] = set()
+        for table in ("train_sizes", "test_sizes"):
+            sizes = _get(cfg, f"backbone.{table}")
+            if isinstance(sizes, DictConfig):
+                known |= {str(k) for k in sizes.keys()}
+        spec_tasks = _get(cfg, "backbone.spec.tasks")
+        if not known and spec_tasks is not None:
+            known = {str(t) for t in spec_tasks}
+        unknown = [t for t in tasks if known and t not in known]
+        if unknown:
+            from featcal.strict import did_you_mean
+
+            key = "backbone.tasks" if _get(cfg, "backbone.tasks") is not None else "backbone.adapter.tasks"
+            hints = "".join(did_you_mean(t, known) for t in unknown[:1])
+            problems.append(f"{key}={tasks}: unknown task(s) {unknown} for this backbone{hints}; "
+                            f"known: {', '.join(sorted(known))}")
+            tasks = []  # no size-table complaints about them
+    return tasks
+
+
 def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
     """Raise ``ConfigError`` listing every invalid value in ``cfg``, and every key the run
     does not know (``featcal.strict``; ``composed``: the config with its ``hydra`` node,
@@ -139,36 +179,7 @@ def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
         bad("num_workers", v, "must be a non-negative integer")
 
     # ---- backbone ----------------------------------------------------------
-    tasks: list[str] = []
-    if _get(cfg, "backbone.adapter._target_") is None:
-        bad("backbone.adapter._target_", None, "every backbone config needs an adapter with a _target_")
-    if _get(cfg, "backbone.taskpool._target_") is None:
-        bad("backbone.taskpool._target_", None, "every backbone config needs a taskpool with a _target_")
-    tasks_node = _get(cfg, "backbone.adapter.tasks")
-    if tasks_node is None or len(tasks_node) == 0:
-        bad("backbone.adapter.tasks", tasks_node, "must list at least one task")
-    else:
-        tasks = [str(t) for t in tasks_node]
-        if len(set(tasks)) != len(tasks):
-            bad("backbone.adapter.tasks", tasks, "task names must be unique")
-        # a task the backbone does not know (its split-size tables, or its spec's tasks)
-        known: set[str] = set()
-        for table in ("train_sizes", "test_sizes"):
-            sizes = _get(cfg, f"backbone.{table}")
-            if isinstance(sizes, DictConfig):
-                known |= {str(k) for k in sizes.keys()}
-        spec_tasks = _get(cfg, "backbone.spec.tasks")
-        if not known and spec_tasks is not None:
-            known = {str(t) for t in spec_tasks}
-        unknown = [t for t in tasks if known and t not in known]
-        if unknown:
-            from featcal.strict import did_you_mean
-
-            key = "backbone.tasks" if _get(cfg, "backbone.tasks") is not None else "backbone.adapter.tasks"
-            hints = "".join(did_you_mean(t, known) for t in unknown[:1])
-            problems.append(f"{key}={tasks}: unknown task(s) {unknown} for this backbone{hints}; "
-                            f"known: {', '.join(sorted(known))}")
-            tasks = []  # no size-table complaints about them
+    tasks = _backbone_tasks(cfg, problems)
 
     # ---- budget: the one resolution every task pool uses (featcal/tasks/budget.py) ----
     from featcal.tasks.budget import config_problems

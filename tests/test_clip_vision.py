@@ -25,7 +25,7 @@ from clip_fixtures import (
 )
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
 from featcal.errors import SourceUnavailable
-from featcal.tasks import clip_vision as cv
+from featcal.tasks import clip_images, clip_vision as cv
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGIT_SCALE = float(np.exp(2.6592))
@@ -238,15 +238,15 @@ def test_fallback_preprocess_without_processor_config(tiny, tmp_path):
     folder = tmp_path / "noproc"
     shutil.copytree(root / "v5", folder)
     (folder / "preprocessor_config.json").unlink()
-    pre = cv.CLIPImagePreprocess.from_pretrained(str(folder))
+    pre = clip_images.CLIPImagePreprocess.from_pretrained(str(folder))
     assert pre.processor is None and pre.image_size == 32
     from PIL import Image
 
     white = Image.new("RGB", (50, 40), (255, 255, 255))
     x = pre([white, Image.new("L", (40, 60), 0)])
     assert x.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(x[0, :, 5, 5], (1 - torch.tensor(cv.OPENAI_CLIP_MEAN)) / torch.tensor(cv.OPENAI_CLIP_STD))
-    torch.testing.assert_close(x[1, :, 5, 5], -torch.tensor(cv.OPENAI_CLIP_MEAN) / torch.tensor(cv.OPENAI_CLIP_STD))
+    torch.testing.assert_close(x[0, :, 5, 5], (1 - torch.tensor(clip_images.OPENAI_CLIP_MEAN)) / torch.tensor(clip_images.OPENAI_CLIP_STD))
+    torch.testing.assert_close(x[1, :, 5, 5], -torch.tensor(clip_images.OPENAI_CLIP_MEAN) / torch.tensor(clip_images.OPENAI_CLIP_STD))
 
 
 def test_label_count_mismatch_is_reported(tiny, tmp_path):

@@ -27,7 +27,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -381,7 +381,7 @@ class TextToTextTaskPool(TaskPool):
     def generate_answers(self, model: nn.Module, input_ids: list[list[int]], device: torch.device | str, batch_size: int, desc: str = "") -> list[str]:
         """Greedy answers (decoded, special tokens skipped) for token id lists, in order.
         Examples run longest first so batches carry little padding."""
-        from featcal.backbone.t5 import greedy_generate
+        from featcal.backbone.seq2seq import greedy_generate
 
         device = torch.device(device)
         tok = self.tokenizer
