@@ -23,7 +23,6 @@ from featcal.errors import ConfigError
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SPLITS = ("train", "test")
 
 
 def _is_int(v: Any) -> bool:
@@ -94,6 +93,46 @@ def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     return ok
 
 
+def _backbone_tasks(cfg: DictConfig, problems: list[str]) -> list[str]:
+    """The backbone's task list when it is valid (else [], its problems added): adapter and
+    task pool present, tasks unique and known to the backbone's size tables or spec."""
+
+    def bad(key: str, value: Any, allowed: str) -> None:
+        problems.append(f"{key}={value!r}: {allowed}")
+
+    tasks: list[str] = []
+    if _get(cfg, "backbone.adapter._target_") is None:
+        bad("backbone.adapter._target_", None, "every backbone config needs an adapter with a _target_")
+    if _get(cfg, "backbone.taskpool._target_") is None:
+        bad("backbone.taskpool._target_", None, "every backbone config needs a taskpool with a _target_")
+    tasks_node = _get(cfg, "backbone.adapter.tasks")
+    if tasks_node is None or len(tasks_node) == 0:
+        bad("backbone.adapter.tasks", tasks_node, "must list at least one task")
+    else:
+        tasks = [str(t) for t in tasks_node]
+        if len(set(tasks)) != len(tasks):
+            bad("backbone.adapter.tasks", tasks, "task names must be unique")
+        # a task the backbone does not know (its split-size tables, or its spec's tasks)
+        known: set[str] = set()
+        for table in ("train_sizes", "test_sizes"):
+            sizes = _get(cfg, f"backbone.{table}")
+            if isinstance(sizes, DictConfig):
+                known |= {str(k) for k in sizes.keys()}
+        spec_tasks = _get(cfg, "backbone.spec.tasks")
+        if not known and spec_tasks is not None:
+            known = {str(t) for t in spec_tasks}
+        unknown = [t for t in tasks if known and t not in known]
+        if unknown:
+            from featcal.strict import did_you_mean
+
+            key = "backbone.tasks" if _get(cfg, "backbone.tasks") is not None else "backbone.adapter.tasks"
+            hints = "".join(did_you_mean(t, known) for t in unknown[:1])
+            problems.append(f"{key}={tasks}: unknown task(s) {unknown} for this backbone{hints}; "
+                            f"known: {', '.join(sorted(known))}")
+            tasks = []  # no size-table complaints about them
+    return tasks
+
+
 def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
     """Raise ``ConfigError`` listing every invalid value in ``cfg``, and every key the run
     does not know (``featcal.strict``; ``composed``: the config with its ``hydra`` node,
@@ -140,65 +179,18 @@ def validate(cfg: DictConfig, composed: DictConfig | None = None) -> None:
         bad("num_workers", v, "must be a non-negative integer")
 
     # ---- backbone ----------------------------------------------------------
-    tasks: list[str] = []
-    if _get(cfg, "backbone.adapter._target_") is None:
-        bad("backbone.adapter._target_", None, "every backbone config needs an adapter with a _target_")
-    if _get(cfg, "backbone.taskpool._target_") is None:
-        bad("backbone.taskpool._target_", None, "every backbone config needs a taskpool with a _target_")
-    tasks_node = _get(cfg, "backbone.adapter.tasks")
-    if tasks_node is None or len(tasks_node) == 0:
-        bad("backbone.adapter.tasks", tasks_node, "must list at least one task")
-    else:
-        tasks = [str(t) for t in tasks_node]
-        if len(set(tasks)) != len(tasks):
-            bad("backbone.adapter.tasks", tasks, "task names must be unique")
-        # a task the backbone does not know (its split-size tables, or its spec's tasks)
-        known: set[str] = set()
-        for table in ("train_sizes", "test_sizes"):
-            sizes = _get(cfg, f"backbone.{table}")
-            if isinstance(sizes, DictConfig):
-                known |= {str(k) for k in sizes.keys()}
-        spec_tasks = _get(cfg, "backbone.spec.tasks")
-        if not known and spec_tasks is not None:
-            known = {str(t) for t in spec_tasks}
-        unknown = [t for t in tasks if known and t not in known]
-        if unknown:
-            from featcal.strict import did_you_mean
+    tasks = _backbone_tasks(cfg, problems)
 
-            key = "backbone.tasks" if _get(cfg, "backbone.tasks") is not None else "backbone.adapter.tasks"
-            hints = "".join(did_you_mean(t, known) for t in unknown[:1])
-            problems.append(f"{key}={tasks}: unknown task(s) {unknown} for this backbone{hints}; "
-                            f"known: {', '.join(sorted(known))}")
-            tasks = []  # no size-table complaints about them
+    # ---- budget: the one resolution every task pool uses (featcal/tasks/budget.py) ----
+    from featcal.tasks.budget import config_problems
 
-    # ---- budget -------------------------------------------------------------
-    bs = _get(cfg, "budget.batch_size")
-    if not _is_int(bs) or bs < 1:
-        bad("budget.batch_size", bs, "must be a positive integer (calibration batch size)")
-    n = _get(cfg, "budget.per_task")
-    split = _get(cfg, "budget.split", "train")
-    if split not in SPLITS:
-        bad("budget.split", split, f"allowed: {', '.join(SPLITS)}")
-    if n == "all":
-        pass  # the whole split (Surgery's transductive protocol with budget.split=test); see README
-    elif not _is_int(n) or n < 1:
-        bad("budget.per_task", n, "must be a positive integer (calibration examples per task, e.g. 8 ... 256) or 'all'")
-    elif split in SPLITS and tasks:
+    def declared_sizes(split: str) -> dict[str, int] | None:
         sizes = _get(cfg, f"backbone.{split}_sizes")
-        if sizes is not None:
-            sizes = {str(k): int(v) for k, v in OmegaConf.to_container(sizes).items()}
-            missing = [t for t in tasks if t not in sizes]
-            if missing:
-                bad(f"backbone.{split}_sizes", sorted(sizes), f"has no size for tasks {missing}")
-            else:
-                smallest = min(tasks, key=lambda t: sizes[t])
-                if n > sizes[smallest]:
-                    bad(
-                        "budget.per_task",
-                        n,
-                        f"larger than the {split} split of task '{smallest}' ({sizes[smallest]} examples); "
-                        f"allowed: 1 ... {sizes[smallest]}",
-                    )
+        return None if sizes is None else {str(k): int(v) for k, v in OmegaConf.to_container(sizes).items()}
+
+    budget = _get(cfg, "budget")
+    budget = OmegaConf.to_container(budget) if isinstance(budget, DictConfig) else {}
+    problems.extend(config_problems(budget, tasks, declared_sizes))
 
     # ---- each configured object checks its own keys ------------------------------
     for path in ("backbone.adapter", "backbone.taskpool", "merge", "calibration"):

@@ -8,7 +8,7 @@ settings), under ``<cache root>/reference_evals/``:
 - **model identity**: a hash of the model's weights as evaluated (names, dtypes, shapes
   and bytes of every state-dict tensor, after the run's precision cast), so a re-downloaded
   or rebuilt checkpoint with other weights never reuses a score; a model kept on disk
-  (``LazyCausalLM``) is identified by its folder instead (every file's name and size, and
+  (its adapter's ``is_on_disk``) is identified by its folder instead (every file's name and size, and
   the header of each safetensors file: names, dtypes, shapes, offsets; plus modification
   times);
 - **settings**: the resolved ``backbone`` config node (task pool, datasets, overrides,
@@ -142,13 +142,14 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def model_identity(model: Any) -> str | None:
-    """The identity a reference score is stored under (None: not cacheable)."""
-    from featcal.io.lazy import is_lazy
-
+def model_identity(model: Any, backbone: Any = None) -> str | None:
+    """The identity a reference score is stored under (None: not cacheable). A model kept on
+    disk is identified by its folder and read settings, as its adapter (``backbone``, the
+    model layer's storage API) reports them; without an adapter it is not cacheable."""
     try:
-        if is_lazy(model):
-            return "folder:" + folder_fingerprint(model.folder) + f"|{model.dtype}|{model.attn_implementation}"
+        if backbone is not None and backbone.is_on_disk(model):
+            folder, settings = backbone.disk_identity(model)
+            return "folder:" + folder_fingerprint(folder) + f"|{settings}"
         if isinstance(model, torch.nn.Module):
             return "weights:" + weights_hash(model)
     except Exception as err:  # noqa: BLE001 - an unhashable model is simply not cached
@@ -181,8 +182,10 @@ def enabled(cfg: DictConfig) -> bool:
 class ReferenceCache:
     """Per-task reference scores under ``root`` (default ``<cache root>/reference_evals``)."""
 
-    def __init__(self, settings: dict[str, Any], root: Path | None = None, enabled: bool = True):
+    def __init__(self, settings: dict[str, Any], root: Path | None = None, enabled: bool = True, backbone: Any = None):
         self.settings = settings
+        #: the model adapter of the models scored (identifies models kept on disk)
+        self.backbone = backbone
         self.settings_key = _key(settings)
         self.root = Path(root) if root is not None else cache_root() / FOLDER
         self.enabled = enabled
@@ -190,9 +193,9 @@ class ReferenceCache:
         self.status: dict[str, str] = {}
 
     @classmethod
-    def for_run(cls, cfg: DictConfig, device: torch.device, *code: Any) -> "ReferenceCache":
-        """The cache of a run; ``code``: its task pool and adapter (their source counts)."""
-        return cls(eval_settings(cfg, device, code), enabled=enabled(cfg))
+    def for_run(cls, cfg: DictConfig, device: torch.device, pool: Any, backbone: Any) -> "ReferenceCache":
+        """The cache of a run with its task pool and model adapter (their source counts)."""
+        return cls(eval_settings(cfg, device, (pool, backbone)), enabled=enabled(cfg), backbone=backbone)
 
     def _path(self, role: str, identity: str, task: str) -> Path:
         k = _key(self.settings_key, role, identity, task)
@@ -239,7 +242,7 @@ class ReferenceCache:
         reused = 0
         why = None if self.enabled else "disabled"
         for i, expert in enumerate(experts):
-            identity = model_identity(expert) if self.enabled else None
+            identity = model_identity(expert, self.backbone) if self.enabled else None
             if identity is None:
                 why = why or "model not identifiable"
                 out.update(evaluate(i))
@@ -260,7 +263,7 @@ class ReferenceCache:
     def base(self, base: Any, tasks: list[str], evaluate: Callable[[list[int] | None], dict]) -> dict:
         """``{task: metrics}`` of the base on every task; ``evaluate(only)`` scores the
         tasks not stored (``only=None``: all of them, the uncached call)."""
-        identity = model_identity(base) if self.enabled else None
+        identity = model_identity(base, self.backbone) if self.enabled else None
         if identity is None:
             self._say("base", 0, len(tasks), "disabled" if not self.enabled else "model not identifiable")
             return evaluate(None)

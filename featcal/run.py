@@ -200,17 +200,17 @@ def _meta(cfg: DictConfig, choices: dict[str, str], calibrator: Calibrator) -> d
     return meta
 
 
-def _merge_inputs(merge: Any, adapter: Backbone, pool: TaskPool, base: torch.nn.Module, experts: list, calib: Any,
+def _merge_inputs(merge: Any, backbone: Backbone, pool: TaskPool, base: torch.nn.Module, experts: list, calibration_batches: Any,
                   device: torch.device) -> dict[str, Any]:
     """What a data-using merge (RegMean, AdaMerging) reads besides the state dicts; ``{}`` for the others."""
     if not merge.needs_calibration_data:
         return {}
-    return {"backbone": adapter, "base_model": base, "expert_models": experts, "calib": calib, "device": device,
+    return {"backbone": backbone, "base_model": base, "expert_models": experts, "calib": calibration_batches, "device": device,
             **_merge_heads(merge, pool)}
 
 
-def _calibrate(timer: StageTimer, repeats: int, calibrator: Calibrator, adapter: Backbone, merged: torch.nn.Module,
-               base: torch.nn.Module, experts: list, calib: Any, device: torch.device) -> tuple[CalibratedModel, list[float]]:
+def _calibrate(timer: StageTimer, repeats: int, calibrator: Calibrator, backbone: Backbone, merged: torch.nn.Module,
+               base: torch.nn.Module, experts: list, calibration_batches: Any, device: torch.device) -> tuple[CalibratedModel, list[float]]:
     """The calibrate stage, ``repeats`` times from the same RNG state on copies of the merged
     model (benchmark-grade timing: the median is recorded); the last calibrates ``merged``."""
     repeat_seconds: list[float] = []
@@ -220,8 +220,8 @@ def _calibrate(timer: StageTimer, repeats: int, calibrator: Calibrator, adapter:
         target = copy.deepcopy(merged) if k < repeats - 1 else merged
         before = timer.seconds.get("calibrate", 0.0)
         with timer.stage("calibrate"):
-            data = adapter.prepare_calibration(target, base, experts, calib, device) if calib is not None else None
-            calibrated: CalibratedModel = calibrator.calibrate(adapter, target, base, experts, data, device)
+            data = backbone.prepare_calibration(target, base, experts, calibration_batches, device) if calibration_batches is not None else None
+            calibrated: CalibratedModel = calibrator.calibrate(backbone, target, base, experts, data, device)
         repeat_seconds.append(timer.seconds["calibrate"] - before)
         if k < repeats - 1:
             del calibrated, target
@@ -303,35 +303,35 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         fetched = prefetch_sources(cfg)  # every hub model and dataset into the local caches (~0 s when cached)
     merge = build_merge(OmegaConf.to_container(cfg.merge, resolve=True))  # the method's record, bound
     calibrator: Calibrator = _build(cfg.calibration)
-    adapter: Backbone = _build(cfg.backbone.adapter)
-    pool: TaskPool = _build(cfg.backbone.taskpool)
+    backbone: Backbone = _build(cfg.backbone.adapter)
+    pool: TaskPool = _build(cfg.backbone.taskpool).bind(backbone)  # it asks the model layer how to read a model
 
     meta = _meta(cfg, choices, calibrator)
     log.info("run %s on %s", meta, device)
     logger = _start_logger(_build(cfg.logger), cfg, out_dir, meta, choices)  # by _target_ (featcal.loggers); None: none
 
-    if isinstance(getattr(type(adapter), "folder", None), property):
+    if isinstance(getattr(type(backbone), "folder", None), property):
         with timer.stage("prepare"):
-            adapter.folder  # noqa: B018 - builds (or verifies) the embedded suite once
+            backbone.folder  # noqa: B018 - builds (or verifies) the embedded suite once
 
     # ---- load -----------------------------------------------------------------
     with timer.stage("load"):
-        base = adapter.load_base()
-        experts = adapter.load_experts()
+        base = backbone.load_base()
+        experts = backbone.load_experts()
         tasks = pool.names
-        errors.check_tasks(tasks, adapter.tasks)
-    suite = getattr(adapter, "suite_identity", lambda: None)()  # a built suite's identity (None: hub models)
+        errors.check_tasks(tasks, backbone.tasks)
+    suite = getattr(backbone, "suite_identity", lambda: None)()  # a built suite's identity (None: hub models)
 
     # ---- calibration data (before merging when the merge itself needs it) ---------
     merge_needs_data = merge.needs_calibration_data
-    calib = None
+    calibration_batches = None
     if merge_needs_data or calibrator.needs_calibration_data:
         with timer.stage("calibration_data"):
-            calib = pool.calibration_set(meta["budget"], int(cfg.seed), int(cfg.budget.batch_size), str(cfg.budget.split))
+            calibration_batches = pool.calibration_set(meta["budget"], int(cfg.seed), int(cfg.budget.batch_size), str(cfg.budget.split))
 
     # ---- merge ----------------------------------------------------------------
     with timer.stage("merge"):
-        merged = merge_models(merge, adapter, base, experts, **_merge_inputs(merge, adapter, pool, base, experts, calib, device))
+        merged = merge_models(merge, backbone, base, experts, **_merge_inputs(merge, backbone, pool, base, experts, calibration_batches, device))
     if dtype != torch.float32:
         base, merged = base.to(dtype), merged.to(dtype)
         experts = [e.to(dtype) for e in experts]
@@ -346,7 +346,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
         finally:
             model.to("cpu")
 
-    refs = ReferenceCache.for_run(cfg, device, pool, adapter)
+    refs = ReferenceCache.for_run(cfg, device, pool, backbone)
     metrics = _evaluate_references(cfg, timer, refs, evaluate, tasks, base, experts, merged)
 
     # ---- calibrate --------------------------------------------------------------
@@ -354,7 +354,7 @@ def _run_measured(cfg: DictConfig, out_dir: Path, choices: dict[str, str], devic
     repeats = max(1, int(cfg.get("calibrate_repeats", 1) or 1))
     if getattr(calibrator, "needs_test_scorer", False):  # best-of-rounds on the test split
         calibrator.round_scorer = lambda cal: scores(evaluate(cal.model, cal.model_for_task, desc="round"), pool)["average"]
-    calibrated, repeat_seconds = _calibrate(timer, repeats, calibrator, adapter, merged, base, experts, calib, device)
+    calibrated, repeat_seconds = _calibrate(timer, repeats, calibrator, backbone, merged, base, experts, calibration_batches, device)
     report = calibrated.report
     report.extra.setdefault("rss_increase_mib", current_rss_mib() - rss_before)
     if cfg.get("save_calibrated", False):

@@ -25,7 +25,7 @@ from clip_fixtures import (
 )
 from featcal.backbone.clip import CLIPVisionBackbone, load_clip_vision
 from featcal.errors import SourceUnavailable
-from featcal.tasks import clip_vision as cv
+from featcal.tasks import clip_images, clip_vision as cv
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGIT_SCALE = float(np.exp(2.6592))
@@ -195,6 +195,42 @@ def test_evaluate_with_pool_and_split_test(tiny, tmp_path):
         pool.calibration_indices("eurosat", 13, 0, split="test")
 
 
+def test_pool_scores_the_adapters_representation(tiny, tmp_path):
+    """The heads read what the bound model adapter's ``represent`` returns (no CLIP
+    attribute in the pool); unbound, the CLIP family's adapter gives the same numbers."""
+    root, _ = tiny
+
+    def pool():
+        return cv.CLIPVisionTaskPool(["mnist"], str(root / "v4"), datasets={"mnist": str(root / "mnist")},
+                                     cache_dir=str(tmp_path / "heads"), device="cpu")
+
+    adapter = CLIPVisionBackbone(["mnist"], str(root / "v4"), {"mnist": str(root / "expert")})
+    base = adapter.load_base()
+    unbound = pool().evaluate(lambda i: base, "cpu", batch_size=5)
+
+    class Recording(CLIPVisionBackbone):
+        calls = 0
+
+        def represent(self, model, inputs):
+            Recording.calls += 1
+            return super().represent(model, inputs)
+
+    class Flipped(CLIPVisionBackbone):
+        def represent(self, model, inputs):
+            return -super().represent(model, inputs)
+
+    bound = pool().bind(Recording(["mnist"], str(root / "v4"), {"mnist": str(root / "expert")}))
+    assert bound.evaluate(lambda i: base, "cpu", batch_size=5) == unbound
+    assert Recording.calls == 3  # 12 test examples in batches of 5
+    with torch.no_grad():
+        z = base(pixel_values=torch.randn(2, 3, 32, 32)).image_embeds
+    flipped_pool = pool().bind(Flipped([], base="", experts=[]))
+    head = flipped_pool.tasks[0].head
+    torch.testing.assert_close(head(-z), -head(z))  # so a flipped representation changes the predictions
+    flipped = flipped_pool.evaluate(lambda i: base, "cpu", batch_size=5)
+    assert flipped != unbound
+
+
 def test_fallback_preprocess_without_processor_config(tiny, tmp_path):
     import shutil
 
@@ -202,15 +238,15 @@ def test_fallback_preprocess_without_processor_config(tiny, tmp_path):
     folder = tmp_path / "noproc"
     shutil.copytree(root / "v5", folder)
     (folder / "preprocessor_config.json").unlink()
-    pre = cv.CLIPImagePreprocess.from_pretrained(str(folder))
+    pre = clip_images.CLIPImagePreprocess.from_pretrained(str(folder))
     assert pre.processor is None and pre.image_size == 32
     from PIL import Image
 
     white = Image.new("RGB", (50, 40), (255, 255, 255))
     x = pre([white, Image.new("L", (40, 60), 0)])
     assert x.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(x[0, :, 5, 5], (1 - torch.tensor(cv.OPENAI_CLIP_MEAN)) / torch.tensor(cv.OPENAI_CLIP_STD))
-    torch.testing.assert_close(x[1, :, 5, 5], -torch.tensor(cv.OPENAI_CLIP_MEAN) / torch.tensor(cv.OPENAI_CLIP_STD))
+    torch.testing.assert_close(x[0, :, 5, 5], (1 - torch.tensor(clip_images.OPENAI_CLIP_MEAN)) / torch.tensor(clip_images.OPENAI_CLIP_STD))
+    torch.testing.assert_close(x[1, :, 5, 5], -torch.tensor(clip_images.OPENAI_CLIP_MEAN) / torch.tensor(clip_images.OPENAI_CLIP_STD))
 
 
 def test_label_count_mismatch_is_reported(tiny, tmp_path):

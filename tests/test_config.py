@@ -83,7 +83,7 @@ def test_numeric_budget_group_choice_points_to_the_key(monkeypatch, capsys):
     [
         ("budget.per_task=-3", "budget.per_task", "positive integer"),
         ("budget.per_task=0", "budget.per_task", "positive integer"),
-        ("budget.per_task=1000000", "budget.per_task", "larger than the train split"),
+        ("budget.per_task=1000000", "budget.per_task", "examples of split 'train'"),
         ("budget.split=val", "budget.split", "allowed: train, test"),
         ("budget.batch_size=0", "budget.batch_size", "positive integer"),
         ("merge.scaling_factor=1.7", "merge.scaling_factor", "(0, 1]"),

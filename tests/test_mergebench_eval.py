@@ -66,6 +66,40 @@ def test_one_materialised_model_alive_at_a_time(tiny, monkeypatch):
     assert out["instruction"]["score"] == out["coding"]["score"]
 
 
+def test_pool_asks_the_model_adapter_whether_a_model_is_on_disk(tiny, monkeypatch):
+    """The pool loads a model kept on disk through the bound adapter's storage API
+    (``is_on_disk`` / ``materialize``), whatever the handle is."""
+    from transformers import AutoModelForCausalLM
+
+    from featcal.backbone.llama import LlamaBackbone
+
+    class Handle:  # an on-disk model this adapter knows, no LazyCausalLM
+        pass
+
+    loaded = []
+
+    class Storage(LlamaBackbone):
+        def is_on_disk(self, model):
+            return isinstance(model, Handle)
+
+        def materialize(self, model):
+            m = AutoModelForCausalLM.from_pretrained(str(tiny / "m"))
+            loaded.append(weakref.ref(m))
+            return m
+
+    pool = _pool(tiny, ["math"], {"math": ["tiny_mc"]}, max_length=1024).bind(Storage([], base="", experts=[]))
+    seen = []
+    real_lm_eval = pool.lm_eval
+    monkeypatch.setattr(pool, "lm_eval", lambda model, lm_tasks, bs: (seen.append(model), real_lm_eval(model, lm_tasks, bs))[1])
+    out = pool.evaluate(lambda i: Handle(), "cpu", batch_size=2)
+    assert len(loaded) == 1 and isinstance(seen[0], torch.nn.Module) and 0.0 <= out["math"]["score"] <= 100.0
+    del seen[:]
+    gc.collect()
+    assert loaded[0]() is None  # the materialised model is freed after its lm-eval run
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny / "m"))
+    assert pool.evaluate(lambda i: plain, "cpu", batch_size=2) == out and len(loaded) == 1  # loaded: used as it is
+
+
 def test_context_length_is_the_models_and_max_gen_toks_reaches_lm_eval(tiny, monkeypatch):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM

@@ -68,7 +68,7 @@ def test_calibration_data_is_paired_by_task_name_and_truncated(tmp_path):
     calib = pool.calibration_set(5, seed=0, batch_size=2)
     assert [len(c) for c in calib] == [3, 3, 3]
     assert all(b["input_ids"].shape[1] <= 7 and b["input_ids"].shape == b["attention_mask"].shape for c in calib for b in c)
-    with pytest.raises(ValueError, match="asked"):
+    with pytest.raises(ValueError, match="exceeds the 12 examples of split .train."):
         pool.calibration_texts("math", 999, seed=0)
     problems = MergeBenchTaskPool.validate_config({"tasks": TASKS, "datasets": {"math": "x"}, "lm_eval_tasks": {}, "max_length": 0})
     assert any("max_length" in p for p in problems) and any("datasets" in p for p in problems)

@@ -139,6 +139,25 @@ def test_identities():
     assert weights_hash(c) != weights_hash(b)
 
 
+def test_a_model_on_disk_is_identified_through_its_adapter(tmp_path):
+    """The identity of an on-disk model is its folder's fingerprint and its read settings, as
+    the model adapter reports them (the same key as before the storage API)."""
+    from transformers import AutoModelForCausalLM
+
+    from featcal.io.lazy import LazyCausalLM
+    from featcal.backbone.llama import LlamaBackbone
+    from tests.llm_fixtures import config
+
+    AutoModelForCausalLM.from_config(config("llama")).save_pretrained(tmp_path)
+    lazy = LazyCausalLM(tmp_path, "bfloat16", "sdpa")
+    adapter = LlamaBackbone([], base="", experts=[])
+    assert model_identity(lazy, adapter) == f"folder:{folder_fingerprint(tmp_path)}|torch.bfloat16|sdpa"
+    assert model_identity(LazyCausalLM(tmp_path, "float32", "sdpa"), adapter) != model_identity(lazy, adapter)
+    assert model_identity(lazy) is None  # no adapter to ask: not cached, evaluated
+    linear = nn.Linear(2, 2)
+    assert model_identity(linear, adapter) == model_identity(linear) == "weights:" + weights_hash(linear)
+
+
 def test_folder_fingerprint(tmp_path):
     from safetensors.torch import save_file
 

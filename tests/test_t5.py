@@ -16,16 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from featcal.backbone.t5 import (
-    IGNORE,
-    T5Backbone,
-    T5EncoderExit,
-    decoder_inputs_from_labels,
-    greedy_generate,
-    labels_from_generated,
-    load_t5,
-    load_t5_lora,
-)
+from featcal.backbone.seq2seq import IGNORE, decoder_inputs_from_labels, greedy_generate, labels_from_generated
+from featcal.backbone.t5 import T5Backbone, T5EncoderExit, load_t5, load_t5_lora
 from featcal.errors import SourceUnavailable
 from featcal.tasks.glue import GLUETaskPool, glue_templates
 from featcal.tasks.text2text import pad_batch, parse_float, score_answers, spearman

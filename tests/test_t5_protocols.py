@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from featcal.backbone.t5 import T5Backbone, greedy_generate
+from featcal.backbone.seq2seq import greedy_generate
+from featcal.backbone.t5 import T5Backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

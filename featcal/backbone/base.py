@@ -230,6 +230,12 @@ class Backbone(abc.ABC):
     merge_device: str = "cpu"
     merged_on_disk: bool = False
 
+    def disk_identity(self, model: Any) -> tuple[Any, str]:
+        """For a model on disk (``is_on_disk``): ``(folder, settings)``, its checkpoint folder
+        and the settings it is read with (dtype, attention); what a cache of its scores is
+        keyed by (``featcal.refcache``). Families without on-disk models raise."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no models on disk")
+
     # ---- structure -----------------------------------------------------
     @abc.abstractmethod
     def blocks(self, model: nn.Module) -> list[nn.Module]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcal.errors import BudgetTooLarge, ConfigError
-from featcal.backbone.base import Inputs, move_inputs
+from featcal.backbone.base import Backbone, Inputs, move_inputs
 
 #: {task: {metric: value}}
 Metrics = dict[str, dict[str, float]]
@@ -42,29 +41,6 @@ class ClassEmbeddingHead(nn.Module):
         return self.logit_scale * z @ self.class_embeddings.t()
 
 
-#: ``budget.per_task`` value meaning "every example of the split" (Surgery's transductive
-#: protocol: ``budget.split=test budget.per_task=all``)
-ALL = "all"
-
-
-def resolve_budget(n: int | str | None, size: int, task: str, split: str) -> int:
-    """The number of calibration examples for a split of ``size`` examples: ``n``, or all
-    of them for ``"all"``/None. Raises BudgetTooLarge / ConfigError naming the task if n does not fit."""
-    if n is None or n == ALL:
-        return int(size)
-    if isinstance(n, bool) or not isinstance(n, int) and not str(n).isdigit():
-        raise ConfigError(f"task '{task}': calibration budget must be a positive integer or 'all', got {n!r}")
-    n = int(n)
-    if n > size:
-        raise BudgetTooLarge(
-            f"task '{task}': calibration budget {n} (budget.per_task) exceeds the {size} examples of split '{split}'",
-            f"Use budget.per_task={size} or less, budget.per_task=all, or another budget.split.",
-        )
-    if n < 1:
-        raise ConfigError(f"task '{task}': calibration budget must be positive, got {n}")
-    return n
-
-
 @dataclass
 class Task:
     """One classification task: its head and its data access."""
@@ -78,7 +54,30 @@ class Task:
 
 
 class TaskPool(abc.ABC):
-    """An ordered collection of tasks, aligned with a backbone's experts."""
+    """An ordered collection of tasks, aligned with a backbone's experts.
+
+    What a model's representation is and how a model is stored (loaded or on disk) are the
+    model layer's business: a pool asks the adapter of the models it scores, which the run
+    hands it with ``bind``; a pool used on its own asks its family's adapter
+    (``family_backbone``)."""
+
+    _backbone: Backbone | None = None
+
+    def bind(self, backbone: Backbone) -> "TaskPool":
+        """Score models through ``backbone`` (the run's model adapter); returns the pool."""
+        self._backbone = backbone
+        return self
+
+    def backbone(self) -> Backbone:
+        """The model adapter this pool asks: the bound one, else its family's."""
+        if self._backbone is None:
+            self._backbone = self.family_backbone()
+        return self._backbone
+
+    def family_backbone(self) -> Backbone:
+        """The adapter of this pool's model family, with no models configured (only its
+        model-independent API is used: representation, storage); pools that ask none raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no model family adapter; bind one with pool.bind(backbone)")
 
     @classmethod
     def validate_config(cls, node: dict[str, Any]) -> list[str]:
@@ -92,7 +91,7 @@ class TaskPool(abc.ABC):
         """Task names, in expert order."""
 
     @abc.abstractmethod
-    def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
+    def calibration_set(self, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
         """Per task, a list of unlabeled batches holding n examples in total."""
 
     @abc.abstractmethod
@@ -117,18 +116,15 @@ class TaskPool(abc.ABC):
         return metrics
 
 
-def image_embeds(model: nn.Module, inputs: Inputs) -> torch.Tensor:
-    """A CLIP vision model's projected image embedding: ``model(pixel_values=...).image_embeds``."""
-    if isinstance(inputs, Mapping):
-        out = model(**inputs)
-    else:
-        out = model(pixel_values=inputs)
-    return out.image_embeds
-
-
 class ClassificationTaskPool(TaskPool):
-    """CLIP-style pools: each task has a frozen head on the projected image embedding
-    (``model(pixel_values=...).image_embeds``); the metric is top-1 accuracy in %."""
+    """CLIP-style pools: each task has a frozen head on the model's final representation
+    (the adapter's ``represent``: CLIP's projected image embedding); the metric is top-1
+    accuracy in %."""
+
+    def family_backbone(self) -> Backbone:
+        from featcal.backbone.clip import CLIPVisionBackbone
+
+        return CLIPVisionBackbone([], base="", experts=[])
 
     @property
     @abc.abstractmethod
@@ -159,6 +155,7 @@ class ClassificationTaskPool(TaskPool):
         desc: str = "",
     ) -> Metrics:
         out: Metrics = {}
+        represent = self.backbone().represent
         for i, task in enumerate(self.tasks):
             if only is not None and i not in only:
                 continue
@@ -168,7 +165,7 @@ class ClassificationTaskPool(TaskPool):
             correct = torch.zeros((), dtype=torch.long, device=device)
             total = 0
             for inputs, labels in tqdm(task.test_batches(batch_size), desc=f"{desc}:{task.name}", leave=False):
-                z = image_embeds(model, move_inputs(inputs, device))
+                z = represent(model, move_inputs(inputs, device))
                 pred = head(z).argmax(-1)
                 correct += (pred == labels.to(pred.device, non_blocking=True)).sum()
                 total += int(labels.numel())

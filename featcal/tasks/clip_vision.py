@@ -23,7 +23,6 @@ dataset ids, split/column names, class names and prompt templates are data in
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -39,13 +38,13 @@ from featcal.errors import CheckpointMismatch, ConfigError, CorruptCache, loadin
 from featcal.backbone.clip import canonical_clip_keys, read_model_config
 from featcal.io.hub import load_raw_state_dict, resolve_model_dir
 from featcal.errors import SourceUnavailable
-from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
+from featcal.tasks.budget import examples_per_task, seeded_first_n
+from featcal.tasks.clip_images import CLIPImagePreprocess, ImageCollate, ImageLabelDataset
 from featcal.utils import cache_root
 
 DATA_FILE = Path(__file__).with_name("data") / "clip_tasks.json"
 CLIP_TASKS = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @lru_cache(maxsize=4)
@@ -59,7 +58,7 @@ def task_table(path: str | os.PathLike | None = None) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------
-# text tower, tokenizer, image preprocessing of the base model
+# text tower and tokenizer of the base model (its image preprocessing: clip_images.py)
 
 
 def load_clip_text(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, float]:
@@ -128,72 +127,6 @@ def load_clip_tokenizer(source: str):
                 f"no usable CLIP tokenizer in '{source}' ({type(err).__name__})",
                 "The base model's folder must hold its tokenizer files (vocab.json, merges.txt, tokenizer_config.json).",
             ) from err
-
-
-class CLIPImagePreprocess:
-    """PIL images -> ``pixel_values`` [B, 3, H, W] float32, as the base model expects.
-
-    Uses the model's ``CLIPImageProcessor`` when the folder has a
-    ``preprocessor_config.json``; otherwise the standard CLIP recipe at
-    ``image_size`` (bicubic short-side resize, centre crop, CLIP mean/std).
-    """
-
-    def __init__(self, processor: Any | None = None, image_size: int = 224):
-        self.processor = processor
-        self.image_size = int(image_size)
-        self._fallback = None
-        if processor is None:
-            from torchvision import transforms as T
-
-            self._fallback = T.Compose([
-                T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(self.image_size),
-                T.ToTensor(),
-                T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-            ])
-
-    @classmethod
-    def from_pretrained(cls, source: str) -> "CLIPImagePreprocess":
-        folder = resolve_model_dir(source, allow_patterns=["*.json", "*.txt"])
-        image_size = 224
-        try:
-            data = read_model_config(folder)
-            vision = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})} or data
-            image_size = int(vision.get("image_size", 224))
-        except SourceUnavailable:
-            pass
-        if (folder / "preprocessor_config.json").exists():
-            from transformers import CLIPImageProcessor
-
-            return cls(CLIPImageProcessor.from_pretrained(str(folder)), image_size)
-        return cls(None, image_size)
-
-    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
-        images = [to_rgb(im) for im in images]
-        if self.processor is not None:
-            out = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            return torch.as_tensor(out).float()
-        return torch.stack([self._fallback(im) for im in images])
-
-
-def to_rgb(image: Any):
-    """A PIL RGB image from a PIL image, encoded bytes, a {'bytes','path'} dict or a path."""
-    from PIL import Image
-
-    if isinstance(image, Mapping):
-        if image.get("bytes") is not None:
-            image = Image.open(io.BytesIO(image["bytes"]))
-        elif image.get("path"):
-            image = Image.open(image["path"])
-    elif isinstance(image, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image))
-    elif isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
 
 
 # ---------------------------------------------------------------------------
@@ -265,36 +198,6 @@ def load_task_split(source: str, split: str, config: str | None = None, task: st
     from featcal.io.datasets import load_dataset_split
 
     return load_dataset_split(str(source), split, config, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
-
-
-class _ImageLabelDataset(torch.utils.data.Dataset):
-    """(image, label) items from a ``datasets.Dataset`` (optionally a subset of rows)."""
-
-    def __init__(self, ds, image_column: str, label_column: str, indices: Sequence[int] | None = None):
-        self.ds = ds.select_columns([image_column, label_column])
-        self.image_column = image_column
-        self.label_column = label_column
-        self.indices = None if indices is None else [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.ds) if self.indices is None else len(self.indices)
-
-    def __getitem__(self, i: int):
-        row = self.ds[i if self.indices is None else self.indices[i]]
-        return row[self.image_column], int(row[self.label_column])
-
-
-class _Collate:
-    def __init__(self, preprocess: CLIPImagePreprocess, with_labels: bool):
-        self.preprocess = preprocess
-        self.with_labels = with_labels
-
-    def __call__(self, items):
-        pixel_values = self.preprocess([im for im, _ in items])
-        inputs = {"pixel_values": pixel_values}
-        if self.with_labels:
-            return inputs, torch.tensor([lab for _, lab in items], dtype=torch.long)
-        return inputs
 
 
 # ---------------------------------------------------------------------------
@@ -419,14 +322,14 @@ class CLIPVisionTaskPool(ClassificationTaskPool):
 
     def _loader(self, ds, task: str, indices, batch_size: int, with_labels: bool):
         spec = self.specs[task]
-        data = _ImageLabelDataset(ds, spec["image_column"], spec["label_column"], indices)
+        data = ImageLabelDataset(ds, spec["image_column"], spec["label_column"], indices)
         return torch.utils.data.DataLoader(
             data,
             batch_size=int(batch_size),
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            collate_fn=_Collate(self.preprocess, with_labels),
+            collate_fn=ImageCollate(self.preprocess, with_labels),
             persistent_workers=False,
         )
 
@@ -434,10 +337,9 @@ class CLIPVisionTaskPool(ClassificationTaskPool):
         """Rows of ``split`` used for calibration: a seeded permutation, first n (n = "all":
         the whole split, as the original Surgery/ProbSurgery code uses the test split)."""
         size = len(self.dataset(task, split))
-        n = resolve_budget(n, size, task, split)
-        return np.random.default_rng(int(seed)).permutation(size)[:n].tolist()
+        return seeded_first_n(size, examples_per_task(n, size, task, split), seed)
 
-    def calibration_batches(self, task: str, n: int, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
+    def calibration_batches(self, task: str, n: int | str, seed: int, batch_size: int, split: str = "train") -> Iterator[dict]:
         ds = self.dataset(task, split)
         idx = self.calibration_indices(task, n, seed, split)
         yield from self._loader(ds, task, idx, batch_size, with_labels=False)

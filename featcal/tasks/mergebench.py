@@ -29,8 +29,6 @@ for every evaluated stage once the experts were evaluated.
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -40,6 +38,10 @@ from featcal.backbone.base import Inputs
 from featcal.errors import ConfigError
 from featcal.errors import SourceUnavailable
 from featcal.tasks import code_exec
+from featcal.tasks.budget import examples_per_task
+from featcal.tasks.lm_harness import (
+    check_lm_eval_resources, context_bounded_hflm, lm_eval_task_datasets, planned_lm_tasks, release_memory, task_manager,
+)
 from featcal.tasks.base import Metrics, TaskPool
 
 log = logging.getLogger(__name__)
@@ -75,164 +77,6 @@ def load_rows(source: str, split: str, task: str):
     from featcal.io.datasets import load_dataset_split
 
     return load_dataset_split(str(source), split, None, where=f"task '{task}'", key=f"backbone.taskpool.datasets.{task}")
-
-
-_BOUNDED_HFLM = None
-
-
-def _context_bounded_hflm():
-    """HFLM whose generation limit never reaches the model's context length: a task asking
-    for more (ifeval's 1280 tokens on a short-context model) gets half the context, with a
-    warning, instead of lm-eval's assertion."""
-    global _BOUNDED_HFLM
-    if _BOUNDED_HFLM is None:
-        from lm_eval.models.huggingface import HFLM
-
-        class ContextBoundedHFLM(HFLM):
-            def generate_until(self, requests, disable_tqdm: bool = False):
-                warned = set()
-                for req in requests:
-                    kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else None
-                    if kwargs is None:
-                        continue
-                    want = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-                    if want >= self.max_length:
-                        kwargs["max_gen_toks"] = self.max_length // 2
-                        name = getattr(req, "task_name", "?")
-                        if name not in warned:
-                            warned.add(name)
-                            log.warning("lm-eval task %s asks for %d new tokens, the model's context is %d: generating %d",
-                                        name, want, self.max_length, self.max_length // 2)
-                return super().generate_until(requests, disable_tqdm)
-
-        _BOUNDED_HFLM = ContextBoundedHFLM
-    return _BOUNDED_HFLM
-
-
-def _release_memory(device: torch.device | str) -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available() and torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-#: lm-eval tasks that read nltk data at scoring time, and the resources they need
-NLTK_RESOURCES = {"ifeval": ["tokenizers/punkt_tab"]}
-
-
-def check_lm_eval_resources(lm_tasks: list[str]) -> None:
-    """Fail before evaluating when a task's nltk data is missing (it cannot be fetched offline)."""
-    needed = sorted({r for t in lm_tasks for r in NLTK_RESOURCES.get(t, [])})
-    if not needed:
-        return
-    try:
-        import nltk
-    except ImportError as err:
-        raise SourceUnavailable(f"lm-eval tasks {sorted(set(lm_tasks) & set(NLTK_RESOURCES))} need nltk, which is not installed",
-                                "pip install -e '.[llm]'") from err
-    missing = []
-    for r in needed:
-        try:
-            nltk.data.find(r)
-        except LookupError:
-            missing.append(r)
-    if missing:
-        names = " ".join(m.rsplit("/", 1)[-1] for m in missing)
-        raise SourceUnavailable(
-            f"lm-eval task ifeval needs the nltk data {missing}, not found in nltk's data path ({', '.join(nltk.data.path[:3])}, ...)",
-            f"On a machine with internet run `python -m nltk.downloader {names}` (it writes ~/nltk_data), copy that "
-            "folder here (or point NLTK_DATA at it); or drop ifeval from backbone.taskpool.lm_eval_tasks.instruction")
-
-
-_TASK_MANAGERS: dict[tuple, Any] = {}
-
-
-def _task_yaml_folders(names: set[str], roots: list[Path]) -> list[Path] | None:
-    """The folders under ``roots`` whose YAML files define the tasks ``names`` (a top-level
-    ``task: <name>`` line), or None when some name is not found that way (a group, a tag,
-    a Python task): then only the full index knows it."""
-    found: dict[str, list[Path]] = {}
-    for root in roots:
-        for yml in sorted(Path(root).rglob("*.yaml")):
-            try:
-                text = yml.read_text(encoding="utf-8", errors="ignore")
-            except OSError:
-                continue
-            if "task:" not in text:
-                continue
-            for line in text.splitlines():
-                if line.startswith("task:"):
-                    name = line[5:].split("#", 1)[0].strip().strip("'\"")
-                    if name in names and yml.parent not in found.setdefault(name, []):
-                        found[name].append(yml.parent)
-    if set(found) != set(names):
-        return None
-    return list(dict.fromkeys(f for folders in found.values() for f in folders))
-
-
-def task_manager(include: list[str] | tuple[str, ...] = (), defaults: bool = True, names: list[str] | None = None):
-    """lm-eval's ``TaskManager`` over ``include`` (+ lm-eval's own tasks when ``defaults``),
-    built once per process. Indexing all of lm-eval's ~14k task YAMLs costs ~20 s of CPU:
-    given the task ``names`` a run needs, only the folders defining them are indexed (~1 s;
-    includes and ``!function`` files resolve relative to each YAML as usual), falling back
-    to the full index when a name is not a plain YAML task (groups, tags)."""
-    include = tuple(str(p) for p in include)
-    wanted = frozenset(names or ())
-    key = (include, bool(defaults), wanted)
-    if key not in _TASK_MANAGERS:
-        from lm_eval.tasks import TaskManager
-
-        tm = None
-        if defaults and wanted:
-            import lm_eval.tasks
-
-            folders = _task_yaml_folders(set(wanted), [Path(lm_eval.tasks.__file__).parent, *map(Path, include)])
-            if folders is not None:
-                tm = TaskManager(include_path=[*map(str, folders), *include], include_defaults=False)
-                if not wanted <= set(tm.task_index):
-                    tm = None
-        if tm is None:
-            tm = TaskManager(include_path=list(include) or None, include_defaults=bool(defaults))
-        _TASK_MANAGERS[key] = tm
-    return _TASK_MANAGERS[key]
-
-
-def _planned_lm_tasks(node: Mapping[str, Any]) -> dict[str, list[str]]:
-    """{category: lm-eval tasks this pool config will run} (code tasks only when allowed)."""
-    tasks = list(node.get("tasks") or [])
-    given = node.get("lm_eval_tasks") or {}
-    allowed = node.get("allow_code_execution", False) is True
-    return {t: [str(x) for x in (given.get(t) or []) if allowed or not code_exec.is_code_task(x)] for t in tasks}
-
-
-def lm_eval_task_datasets(node: Mapping[str, Any]) -> tuple[list[tuple[str, str | None, str]], list[str]]:
-    """([(hub dataset, config, config key)], [unknown task lines]) of the lm-eval tasks that
-    a pool config will run, read from lm-eval's task YAMLs (``dataset_path`` /
-    ``dataset_name``); tasks reading packaged builders (json, csv, ...) or local data files
-    are left out (nothing to download), as are groups and tags."""
-    planned = _planned_lm_tasks(node)
-    if not any(planned.values()):
-        return [], []
-    try:
-        tm = task_manager(node.get("lm_eval_include") or [], node.get("lm_eval_defaults", True) is not False,
-                          [x for names in planned.values() for x in names])
-    except ImportError:
-        return [], []
-    out, unknown = [], []
-    for cat, names in planned.items():
-        for name in names:
-            entry = tm.task_index.get(name)
-            if entry is None:
-                unknown.append(f"{name} (backbone.taskpool.lm_eval_tasks.{cat})")
-                continue
-            cfg = entry.cfg or {}
-            path, kwargs = cfg.get("dataset_path"), cfg.get("dataset_kwargs") or {}
-            if not isinstance(path, str) or path.count("/") != 1 or kwargs.get("data_files") or kwargs.get("data_dir"):
-                continue
-            config = cfg.get("dataset_name")
-            out.append((path, str(config) if config is not None else None, f"backbone.taskpool.lm_eval_tasks.{cat} ({name})"))
-    return out, unknown
 
 
 class MergeBenchTaskPool(TaskPool):
@@ -326,7 +170,7 @@ class MergeBenchTaskPool(TaskPool):
             raise ConfigError(f"lm-eval does not know the task(s) {unknown}",
                               "Check the names against lm-eval's task list, or add the folder of your own task "
                               "YAMLs to backbone.taskpool.lm_eval_include.")
-        check_lm_eval_resources([x for names in _planned_lm_tasks(node).values() for x in names])
+        check_lm_eval_resources([x for names in planned_lm_tasks(node).values() for x in names])
 
     @classmethod
     def validate_config(cls, node: dict) -> list[str]:
@@ -381,14 +225,12 @@ class MergeBenchTaskPool(TaskPool):
             [{"role": "user", "content": user}, {"role": "assistant", "content": response}], tokenize=False
         )
 
-    def calibration_texts(self, task: str, n: int, seed: int, split: str = "train") -> list[str]:
+    def calibration_texts(self, task: str, n: int | str, seed: int, split: str = "train") -> list[str]:
         ds = load_rows(self.datasets[task], split, task)
-        if n > len(ds):
-            raise ValueError(f"task '{task}': {n} calibration examples asked, the {split} split has {len(ds)}")
-        rows = ds.shuffle(seed=seed).select(range(n))
+        rows = ds.shuffle(seed=seed).select(range(examples_per_task(n, len(ds), task, split)))
         return [self.text(task, row) for row in rows]
 
-    def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
+    def calibration_set(self, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
         tok = self.tokenizer()
         out = []
         for task in self.tasks:
@@ -401,6 +243,11 @@ class MergeBenchTaskPool(TaskPool):
         return out
 
     # ---- evaluation --------------------------------------------------------------
+    def family_backbone(self):
+        from featcal.backbone.llama import LlamaBackbone
+
+        return LlamaBackbone([], base="", experts=[])
+
     def primary_metric(self, task: str) -> str:
         return "score"
 
@@ -430,7 +277,7 @@ class MergeBenchTaskPool(TaskPool):
         import lm_eval
 
         check_lm_eval_resources(lm_tasks)
-        lm = _context_bounded_hflm()(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size)
+        lm = context_bounded_hflm()(pretrained=model, tokenizer=self.tokenizer(), batch_size=batch_size)
         if self._task_manager is None:  # indexing lm-eval's task YAMLs takes a while: once per process
             self._task_manager = task_manager(self.lm_eval_include, self.lm_eval_defaults,
                                               [x for names in self.lm_eval_tasks.values() for x in names])
@@ -467,8 +314,9 @@ class MergeBenchTaskPool(TaskPool):
         """Every category's lm-eval tasks, one lm-eval run per distinct model.
 
         A lazy (on-disk) model is materialised once for all the categories it serves and freed
-        (host and device) before the next one is: at most one full model is alive at a time."""
-        from featcal.io.lazy import is_lazy
+        (host and device) before the next one is: at most one full model is alive at a time.
+        Whether a model is on disk, and loading it, is the model adapter's (``backbone()``)."""
+        storage = self.backbone()
 
         todo_tasks = [(i, t) for i, t in enumerate(self.tasks) if (only is None or i in only) and self.lm_eval_tasks[t]]
         sources = {i: model_for_task(i) for i, _ in todo_tasks}
@@ -481,15 +329,16 @@ class MergeBenchTaskPool(TaskPool):
             src = sources[first]
             mine = [(i, t) for i, t in todo_tasks if sources[i] is src]
             lm_tasks = list(dict.fromkeys(lt for _, t in mine for lt in self.lm_eval_tasks[t]))
-            model = src.materialize().to(device) if is_lazy(src) else src
+            on_disk = storage.is_on_disk(src)
+            model = storage.materialize(src).to(device) if on_disk else src
             try:
                 log.info("lm-eval %s %s: %s", desc, [t for _, t in mine], lm_tasks)
                 results[first] = self.lm_eval(model, lm_tasks, batch_size)
             finally:
-                if is_lazy(src):
+                if on_disk:
                     model.to("meta")  # frees the weights' storage even if lm-eval kept a reference
                     del model
-                    _release_memory(device)
+                    release_memory(device)
         out: Metrics = {}
         for i, task in todo_tasks:
             first = next(f for f in order if sources[f] is sources[i])

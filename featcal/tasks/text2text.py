@@ -27,7 +27,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from featcal.backbone.base import Inputs
 from featcal.tasks.base import Metrics, TaskPool
+from featcal.tasks.budget import examples_per_task, seeded_first_n
 
 log = logging.getLogger(__name__)
 
@@ -338,14 +339,13 @@ class TextToTextTaskPool(TaskPool):
     def split_size(self, task: str, split: str) -> int:
         return len(self.load_split(task, split))
 
-    def calibration_indices(self, task: str, n: int, seed: int, split: str = "train") -> list[int]:
-        """Rows of ``split`` used for calibration: a seeded permutation, first n."""
+    def calibration_indices(self, task: str, n: int | str, seed: int, split: str = "train") -> list[int]:
+        """Rows of ``split`` used for calibration: a seeded permutation, first n (n = "all":
+        the whole split, in that seeded order)."""
         size = self.split_size(task, split)
-        if n > size:
-            raise ValueError(f"task '{task}': calibration budget {n} exceeds the {size} examples of split '{split}'")
-        return np.random.default_rng(int(seed)).permutation(size)[: int(n)].tolist()
+        return seeded_first_n(size, examples_per_task(n, size, task, split), seed)
 
-    def calibration_examples(self, task: str, n: int, seed: int, split: str = "train") -> TokenisedSplit:
+    def calibration_examples(self, task: str, n: int | str, seed: int, split: str = "train") -> TokenisedSplit:
         """The n drawn examples, tokenised (only those rows are read and tokenised)."""
         idx = self.calibration_indices(task, n, seed, split)
         if split == "test":
@@ -358,7 +358,7 @@ class TextToTextTaskPool(TaskPool):
         picked = rows.select(idx) if hasattr(rows, "select") else [rows[i] for i in idx]
         return self._tokenise(task, picked)
 
-    def calibration_batches(self, task: str, n: int, seed: int, batch_size: int, split: str = "train") -> list[dict]:
+    def calibration_batches(self, task: str, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[dict]:
         """Unlabeled batches (``input_ids``, ``attention_mask``; ``labels`` = gold target ids
         only when ``calibration_target`` is gold)."""
         data = self.calibration_examples(task, n, seed, split)
@@ -373,7 +373,7 @@ class TextToTextTaskPool(TaskPool):
             out.append(batch)
         return out
 
-    def calibration_set(self, n: int, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
+    def calibration_set(self, n: int | str, seed: int, batch_size: int, split: str = "train") -> list[list[Inputs]]:
         return [self.calibration_batches(t, n, seed, batch_size, split) for t in self._names]
 
     # ---- evaluation -----------------------------------------------------------
@@ -381,7 +381,7 @@ class TextToTextTaskPool(TaskPool):
     def generate_answers(self, model: nn.Module, input_ids: list[list[int]], device: torch.device | str, batch_size: int, desc: str = "") -> list[str]:
         """Greedy answers (decoded, special tokens skipped) for token id lists, in order.
         Examples run longest first so batches carry little padding."""
-        from featcal.backbone.t5 import greedy_generate
+        from featcal.backbone.seq2seq import greedy_generate
 
         device = torch.device(device)
         tok = self.tokenizer

@@ -12,7 +12,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task, resolve_budget
+from featcal.tasks.base import ClassEmbeddingHead, ClassificationTaskPool, Task
+from featcal.tasks.budget import examples_per_task
 from featcal.suites.embedded.build import EmbeddedBuild
 from featcal.suites.embedded.spec import EmbeddedSpec
 
@@ -71,7 +72,7 @@ class EmbeddedTaskPool(EmbeddedBuild, ClassificationTaskPool):
     def _calibration_fn(self, name: str):
         def calibration_batches(n: int | str, seed: int, batch_size: int = 16, split: str = "train") -> Iterator[torch.Tensor]:
             x, _ = self.split(name, split)
-            n = resolve_budget(n, x.shape[0], name, split)
+            n = examples_per_task(n, x.shape[0], name, split)
             perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n]
             for i in range(0, n, int(batch_size)):
                 yield x[perm[i: i + int(batch_size)]].clone()

@@ -169,7 +169,7 @@ def _train(
 @torch.no_grad()
 def score(model: nn.Module, tok, rows: Sequence[Mapping[str, Any]], device: torch.device, batch_size: int = 250, max_new_tokens: int = 10) -> float:
     """Exact-match accuracy (%) of the greedy answers: the GLUE scorer of ``featcal.tasks.text2text``."""
-    from featcal.backbone.t5 import greedy_generate
+    from featcal.backbone.seq2seq import greedy_generate
     from featcal.tasks.text2text import exact_match_accuracy
 
     model.eval()
