@@ -2,7 +2,7 @@
 calibrator at several budgets (streaming on: streamed merges into sharded folders,
 layer-streamed FeatCal), scored with the suite's scorer (``featcal.suites.embedded_llama.build.score``,
 which gives exactly lm-eval's numbers on the suite's YAMLs:
-``tests/test_embedded_llama.py::test_lm_eval_scores_equal_the_independent_scorer``) on every
+``tests/suites/test_embedded_llama.py::test_lm_eval_scores_equal_the_independent_scorer``) on every
 test doc. ``featcal-run backbone=embedded_llama`` gives the same rows through lm-eval, one
 process per configuration (about 10 minutes each on a loaded 2-core machine, mostly
 lm-eval's per-task set-up); this script exists to fill the table in minutes.

@@ -3,7 +3,7 @@
 #
 #     bash experiments/gpu_check.sh
 #
-# Installs nothing. Prints the GPU and versions, runs the `gpu` tests (tests/test_gpu.py),
+# Installs nothing. Prints the GPU and versions, runs the `gpu` tests (tests/run/test_gpu.py),
 # then experiments/bench_calibration.py --device cuda at n = 256 (the paper's setting):
 # FeatCal in fp32 and with TF32 block passes, Surgery, ProbSurgery. Everything printed
 # also goes to results/gpu_check/<UTC time>.log, the bench table to
@@ -34,11 +34,11 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print("cuda available:", torch.cuda.is_available(),
       "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no device")
 PY
-device=cuda; tests=(tests/test_gpu.py); bench_extra=(); surgery_opts=""
+device=cuda; tests=(tests/run/test_gpu.py); bench_extra=(); surgery_opts=""
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
     echo "DRY RUN on the CPU (GPU_CHECK_DRY=1): checks the script, not the GPU"
     export FEATCAL_TEST_GPU_DEVICE=cpu
-    device=cpu; tests=(tests/test_gpu.py -k merges); bench_extra=(--tiny --experts 2); surgery_opts=":iterations=3"
+    device=cpu; tests=(tests/run/test_gpu.py -k merges); bench_extra=(--tiny --experts 2); surgery_opts=":iterations=3"
 elif ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device: nothing to check (the gpu tests would all be skipped)"
     exit 1

@@ -1,10 +1,20 @@
-"""Shared test fixtures."""
+"""Shared test fixtures.
+
+The suite mirrors the package (tests/io, backbone, tasks, suites, merge, calibration, report,
+run); builders shared by several test modules live in the ``tests.fixtures`` package, and the
+pytest fixtures among them are made visible to every test module here. No test module imports
+another (tests/test_layout.py checks it)."""
 import os
 
 import pytest
 import torch
 
 from featcal.utils import torch_threads
+# module-scoped tiny worlds: a CLIP vision tower and a Llama decoder with fine-tuned experts
+# (the FeatCal driver, device, TF32 and GPU tests), and the FLAN-T5/GLUE world with its adapter
+# and models loaded (the T5 unit, end-to-end and GPU tests)
+from tests.fixtures.featcal_worlds import clip_world, llama_world  # noqa: F401
+from tests.fixtures.t5 import models, w  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):

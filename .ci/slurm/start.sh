@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine for the SLURM tests (tests/test_slurm.py):
+# A one-node SLURM cluster on this machine for the SLURM tests (tests/run/test_slurm.py):
 # Debian's slurm-wlm + munge, slurmctld and slurmd as root, one partition "debug",
 # select/cons_tres, no accounting (sacct unavailable, as on many small clusters), no cgroups
 # (proctrack/linuxproc: works inside containers). Needs root; installs the packages once

@@ -19,7 +19,7 @@ gives the next student inputs and expert block l (already run) the next expert i
 This package has these parts:
 
 1. the closed forms as small pure functions over statistics (unit-tested against
-   brute-force least squares in ``tests/test_featcal_solver.py``);
+   brute-force least squares in ``tests/calibration/test_featcal_solver.py``);
 2. statistics accumulation (w-weighted token averages, float32 or wider whatever the
    model dtype; a non-finite statistic is an error naming the module);
 3. one block's systems (``systems.py``: grouping, per-task accumulation, the solve) and

@@ -1,6 +1,6 @@
 """FeatCal's closed forms: small pure functions over statistics.
 
-Unit-tested against brute-force least squares in ``tests/test_featcal_solver.py``.
+Unit-tested against brute-force least squares in ``tests/calibration/test_featcal_solver.py``.
 """
 from __future__ import annotations
 
