@@ -156,3 +156,21 @@ def test_no_import_cycles():
     assert not unexpected, f"featcal modules importing each other in a circle: {unexpected}"
     stale = KNOWN_CYCLES - set(cycles)
     assert not stale, f"no longer a circle (remove from KNOWN_CYCLES): {[sorted(c) for c in stale]}"
+
+
+def test_the_readme_layout_tour_names_every_package_and_module():
+    """README's "Layout" section matches the tree: every featcal subpackage (``featcal/<x>/``) and
+    every top-level module (``<x>.py``) is named there, and nothing it names as ``featcal/<x>/``
+    is missing from the tree."""
+    text = (ROOT / "README.md").read_text()
+    tour = text[text.index("\n## Layout\n"):]
+    tour = tour[: tour.find("\n## ", 5)] if tour.find("\n## ", 5) > 0 else tour
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    modules = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    missing = sorted(f"featcal/{p}/" for p in packages if f"featcal/{p}/" not in tour)
+    missing += sorted(m for m in modules if m not in tour)
+    assert not missing, f"README's Layout section does not name: {missing}"
+    import re
+
+    named = set(re.findall(r"featcal/([a-z_]+)/", tour))
+    assert named <= packages, f"README's Layout names packages that do not exist: {sorted(named - packages)}"
