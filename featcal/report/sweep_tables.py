@@ -146,7 +146,7 @@ def display_frame(table: pd.DataFrame, cols: list[str], runs: pd.DataFrame, g: p
     average, calibration and merge wall-clock and peak memory."""
     g = table if g is None else g
     cfg_cols = [c for c in table.attrs.get("config_columns", config_columns(runs)) if c in g.columns]
-    present = [c for c in cols if g[c].notna().any()]
+    present = [c for c in cols if c in g.columns and g[c].notna().any()]
     show_n = "n" in g.columns and (g["n"].fillna(1) > 1).any()
     header = ["merge", "calibration", "budget", *cfg_cols] + (["n"] if show_n else []) + present + ["calibrate s", "merge s", "peak MiB"]
     cells, bold = [], []

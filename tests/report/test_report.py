@@ -45,3 +45,26 @@ def test_long_rows_table_and_collect_keep_metric_names(tmp_path):
     # experiment scripts read one metric by name
     acc = metric_column(df, "accuracy")
     assert set(acc.task) == {"rte"} and list(acc["accuracy"]) == list(acc["value"])
+
+
+def test_report_of_a_long_csv_without_average_rows(tmp_path):
+    """A long CSV that lists tasks but no per-stage ``average`` row (written by hand or by
+    another tool) is reported per task: no average column is invented, every task's value is
+    the CSV's, and nothing crashes (it raised KeyError('average') before)."""
+    from featcal.report.sweep import report
+
+    tasks = ["a", "b", "c"]
+    rows = []
+    for i, t in enumerate(tasks):
+        for stage, value in (("merged", 60.0 + i), ("calibrated", 70.0 + i), ("experts", 90.0 + i)):
+            rows.append({"run_dir": "r0", "backbone": "toy", "merge": "task_arithmetic", "calibration": "featcal",
+                         "budget": 32, "task": t, "stage": stage, "accuracy": value})
+    csv = tmp_path / "long.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    report([csv], tmp_path / "out", use_wandb=False)
+    table = (tmp_path / "out" / "table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| merge"))
+    assert [c.strip() for c in header.strip("|").split("|")][3:6] == tasks
+    assert "average" not in header
+    calibrated = next(line for line in table.splitlines() if "| featcal" in line)
+    assert [c.strip() for c in calibrated.strip("|").split("|")][3:6] == ["70.00", "71.00", "72.00"]
