@@ -32,3 +32,11 @@ def one_thread():
     """Tiny models on a 2-core box: thread hand-offs cost more than the work. Restored after the module."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def default_suite_cache(tmp_path_factory):
+    """One FEATCAL_CACHE for the runs of the embedded default in this session: the first run
+    (normally tests/run/test_default_run.py: cold, as a new user) builds the suite there,
+    later ones (the wheel's default run) reuse that build."""
+    return tmp_path_factory.mktemp("default_suite_cache")

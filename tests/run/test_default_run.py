@@ -20,8 +20,8 @@ CALIBRATION_GAIN = 1.0
 
 
 @pytest.mark.slow
-def test_featcal_run_default(tmp_path):
-    env = dict(os.environ, FEATCAL_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"), WANDB_SILENT="true")
+def test_featcal_run_default(tmp_path, default_suite_cache):
+    env = dict(os.environ, FEATCAL_CACHE=str(default_suite_cache), HOME=str(tmp_path / "home"), WANDB_SILENT="true")
     env.pop("WANDB_API_KEY", None)
     proc = subprocess.run(["featcal-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-5000:]

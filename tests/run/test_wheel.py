@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_wheel_runs_outside_the_checkout(tmp_path):
+def test_wheel_runs_outside_the_checkout(tmp_path, default_suite_cache):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
                    check=True, capture_output=True, text=True, cwd=tmp_path)
@@ -54,12 +54,18 @@ def test_wheel_runs_outside_the_checkout(tmp_path):
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert paper.returncode == 0 and int(paper.stdout.strip().splitlines()[-1]) > 10, paper.stderr[-2000:]
 
-    # and a tiny job end to end, from that folder, on the wheel's code and configs
-    run = subprocess.run([str(venv / "bin" / "featcal-run"), "backbone=embedded_small", "budget.per_task=8", "logger=none",
-                          "evaluate_base=false", "hydra.run.dir=" + str(elsewhere / "run")],
-                         cwd=elsewhere, env={**env, "FEATCAL_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=900)
+    # and the embedded default end to end (`featcal-run`, no overrides but the logger and the run
+    # folder), from that folder, on the wheel's code and configs; the suite build is shared with
+    # test_default_run when both run in one session (the same files either way: the build is portable)
+    run = subprocess.run([str(venv / "bin" / "featcal-run"), "logger=none", "hydra.run.dir=" + str(elsewhere / "run")],
+                         cwd=elsewhere, env={**env, "FEATCAL_CACHE": str(default_suite_cache), "HOME": str(tmp_path / "home")},
+                         capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     import json
 
     res = json.loads((elsewhere / "run" / "results.json").read_text())
-    assert res["score"]["calibrated"]["average"] > res["score"]["merged"]["average"]  # FeatCal lifts TA there too
+    assert res["backbone"] == "embedded" and res["merge"] == "task_arithmetic" and res["calibration"] == "featcal"
+    acc = res["score"]
+    # the regime of the default (base < merged < experts) and FeatCal's lift, from the wheel
+    assert acc["base"]["average"] < acc["merged"]["average"] < acc["experts"]["average"]
+    assert acc["calibrated"]["average"] > acc["merged"]["average"]
