@@ -46,7 +46,7 @@ def test_featcal_run_default(tmp_path, default_suite_cache):
         assert after < before, task
     assert "| average" in proc.stdout
     # the results name the build they came from (issue 27): the portable CPU build
-    (manifest,) = list((tmp_path / "cache" / "embedded").glob("*/manifest.json"))
+    (manifest,) = list((default_suite_cache / "embedded").glob("*/manifest.json"))
     manifest = json.loads(manifest.read_text())
     assert res["suite"] == {"name": "embedded", "spec_hash": manifest["spec_hash"], "content_hash": manifest["content_hash"],
                             "portable": True, "note": manifest["portability_note"]}
