@@ -214,6 +214,17 @@ class Backbone(abc.ABC):
 
         return BlockSource(self, model)
 
+    def module_names(self, model: Any) -> dict[int, str]:
+        """``id(module) -> qualified name`` for every module of ``model`` (for a model on disk:
+        of the module objects its blocks are loaded into)."""
+        return {id(m): n for n, m in model.named_modules()}
+
+    def block_writer(self, model: Any, output_dir: Any = None) -> Any:
+        """For a model on disk: a writer of its calibrated blocks into a new checkpoint folder
+        (``write_block(index, block)``, then ``finish() -> folder``). Families without on-disk
+        models raise."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no models on disk")
+
     def open_saved(self, folder: Any, like: Any) -> Any:
         """A handle on a model saved in ``folder`` by a streamed calibrator, with the storage
         settings (dtype, attention) of ``like``. Families without on-disk models raise."""

@@ -172,6 +172,15 @@ class LlamaBackbone(Backbone):
             raise ValueError(f"{type(model).__name__} is a loaded model, not one kept on disk")
         return model.folder
 
+    def module_names(self, model) -> dict[int, str]:
+        """An on-disk model names its modules through its skeleton (the architecture on ``meta``)."""
+        return super().module_names(model.skeleton() if self.is_on_disk(model) else model)
+
+    def block_writer(self, model, output_dir=None):
+        from featcal.io.lazy import BlockFolderWriter
+
+        return BlockFolderWriter(model, model.block_prefixes(self), output_dir)
+
     def open_saved(self, folder, like):
         return lazy_causal_lm(folder, like.dtype, like.attn_implementation, name=str(folder))
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from featcal.errors import CheckpointMismatch, SourceUnavailable
 from featcal.io.hub import resolve_model_dir
-from featcal.io.safetensors import CheckpointReader
+from featcal.io.safetensors import INDEX_NAME, CheckpointReader, ShardWriter, copy_model_files
 from featcal.utils import as_torch_dtype
 
 #: the files of a causal LM checkpoint (what a hub download fetches)
@@ -281,3 +281,41 @@ class BlockSource:
             block.to("meta")  # frees the storage
             return
         block.to(self._home.pop(index, torch.device("cpu")))
+
+
+class BlockFolderWriter:
+    """Writes a calibrated model on disk: one safetensors shard per calibrated block, one
+    shard with every non-block tensor of the merged checkpoint, the index, the config and
+    tokenizer files: a normal HF folder."""
+
+    def __init__(self, merged: "LazyCausalLM", prefixes: list[str], output_dir=None):
+        self.merged = merged
+        self.prefixes = list(prefixes)
+        self.folder = Path(output_dir) if output_dir else merged.folder.with_name(merged.folder.name + ".featcal")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("*.safetensors"):
+            old.unlink()
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+        w = ShardWriter(self.folder / name, layout)
+        for k, v in tensors.items():
+            w.write(k, v)
+            self.weight_map[k] = name
+        w.close()
+        self.total += w.total_bytes
+
+    def write_block(self, index: int, block: nn.Module) -> None:
+        prefix = self.prefixes[index]
+        on_disk = {k for k in self.merged.reader.keys() if k.startswith(prefix)}
+        sd = {prefix + k: v.detach() for k, v in block.state_dict().items() if prefix + k in on_disk}
+        self._write(f"model-block-{index:05d}.safetensors", sd)
+
+    def finish(self) -> Path:
+        rest = [k for k in self.merged.reader.keys() if not k.startswith(tuple(self.prefixes))]
+        self._write("model-rest.safetensors", {k: self.merged.reader.get(k) for k in rest})
+        copy_model_files(self.merged.folder, self.folder)
+        (self.folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2))
+        return self.folder

@@ -354,13 +354,12 @@ def calibrate_streamed(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_start = current_rss_mib()
-    # a model on disk names its modules through its skeleton (the architecture on ``meta``)
-    qualified = {id(m): n for n, m in (merged.skeleton() if on_disk else merged).named_modules()}
+    qualified = backbone.module_names(merged)
     src_m, src_0 = backbone.block_source(merged), backbone.block_source(base)
     src_e = [backbone.block_source(e) for e in experts]
     store = ActivationStore(fc.offload, fc.offload_dir, fc.activation_dtype, pin=device.type == "cuda")
     states = StreamedStates.embed(backbone, store, src_m, src_e, calibration, num_tasks, device)
-    writer = _BlockFolderWriter(merged, backbone, fc.output_dir) if on_disk else None
+    writer = backbone.block_writer(merged, fc.output_dir) if on_disk else None
     blocks = StreamedBlocks(src_m, src_0, src_e, device, fc.prefetch, writer)
     result = walk(fc, backbone, blocks, states, num_tasks, device, qualified, desc="featcal (streamed)")
 
@@ -388,48 +387,6 @@ def calibrate_streamed(
         report.extra["calibrated_folder"] = str(folder)
         return DiskCalibratedModel(backbone, folder, merged, device, report)
     return CalibratedModel(backbone, merged, report)
-
-
-class _BlockFolderWriter:
-    """Writes a calibrated model on disk: one safetensors shard per calibrated block, one
-    shard with every non-block tensor of the merged checkpoint, the index, the config and
-    tokenizer files: a normal HF folder."""
-
-    def __init__(self, merged, backbone, output_dir=None):
-        self.merged = merged
-        self.prefixes = merged.block_prefixes(backbone)
-        self.folder = Path(output_dir) if output_dir else merged.folder.with_name(merged.folder.name + ".featcal")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for old in self.folder.glob("*.safetensors"):
-            old.unlink()
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-
-    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        from featcal.io.safetensors import ShardWriter
-
-        layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-        w = ShardWriter(self.folder / name, layout)
-        for k, v in tensors.items():
-            w.write(k, v)
-            self.weight_map[k] = name
-        w.close()
-        self.total += w.total_bytes
-
-    def write_block(self, index: int, block: nn.Module) -> None:
-        prefix = self.prefixes[index]
-        on_disk = {k for k in self.merged.reader.keys() if k.startswith(prefix)}
-        sd = {prefix + k: v.detach() for k, v in block.state_dict().items() if prefix + k in on_disk}
-        self._write(f"model-block-{index:05d}.safetensors", sd)
-
-    def finish(self) -> Path:
-        from featcal.io.safetensors import INDEX_NAME, copy_model_files
-
-        rest = [k for k in self.merged.reader.keys() if not k.startswith(tuple(self.prefixes))]
-        self._write("model-rest.safetensors", {k: self.merged.reader.get(k) for k in rest})
-        copy_model_files(self.merged.folder, self.folder)
-        (self.folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2))
-        return self.folder
 
 
 class DiskCalibratedModel(CalibratedModel):
