@@ -56,7 +56,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf" / "calibration"
+#: the calibration configs; a ``featcal@<rev>`` child reads that revision's (BENCH_CONF_DIR)
+CONF = Path(os.environ.get("BENCH_CONF_DIR") or ROOT / "conf" / "calibration")
 
 
 #: ``--tiny``: a 2-block width-64 tower with the same structure, for smoke runs of the script
@@ -271,9 +272,12 @@ def main(argv=None) -> None:
             if rev:  # that revision's featcal package first on the path
                 src = Path(tmp.name) / f"src-{index}"
                 src.mkdir()
-                archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "featcal"], capture_output=True, check=True)
+                archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "featcal", "conf/calibration"],
+                                         capture_output=True, check=True)
                 subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
-                env = dict(child_env, PYTHONPATH=str(src) + os.pathsep + child_env.get("PYTHONPATH", ""))
+                # that revision's configs too: their _target_ names its own module layout
+                env = dict(child_env, PYTHONPATH=str(src) + os.pathsep + child_env.get("PYTHONPATH", ""),
+                           BENCH_CONF_DIR=str(src / "conf" / "calibration"))
             if sum(split_method(m)[0] == name for m in methods) > 1:  # variants of one yaml: compare parameters
                 cmd += ["--params-out", str(Path(tmp.name) / f"{index}.pt")]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)

@@ -46,3 +46,25 @@ def test_parameter_difference_is_relative_to_each_tensors_scale(tmp_path):
     assert "param_rel_diff" not in results[0] and "param_rel_diff" not in results[1]
     assert results[2]["param_reference"] == "featcal"
     assert results[2]["param_rel_diff"] == pytest.approx(0.02, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_revision_from_before_the_layout_redesign_runs_with_its_own_configs(tmp_path):
+    """``featcal@<rev>`` runs that revision's package with that revision's calibration configs
+    (their ``_target_`` names its own module layout: 9ae9d73 still had
+    ``featcal.calibration.featcal``); the two FeatCals agree exactly on the tiny tower."""
+    import json
+    import subprocess
+    import sys
+
+    rev = "9ae9d73"
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{rev}^{{commit}}"], capture_output=True).returncode:
+        pytest.skip(f"a shallow clone without {rev}")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_calibration.py"), "--tiny", "--experts", "2",
+                           "--n", "16", "--methods", f"featcal,featcal@{rev}", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"featcal", f"featcal@{rev}"}
+    assert rows[f"featcal@{rev}"]["param_rel_diff"] == 0.0
