@@ -184,10 +184,9 @@ class LlamaBackbone(Backbone):
     def open_saved(self, folder, like):
         return lazy_causal_lm(folder, like.dtype, like.attn_implementation, name=str(folder))
 
-    # ---- storage: identity of an on-disk model (r22-tasks; featcal.refcache keys on it) ----
     def disk_identity(self, model) -> tuple:
-        """``(folder, "dtype|attention")`` of a lazy model (``is_on_disk``)."""
-        return model.folder, f"{model.dtype}|{model.attn_implementation}"
+        """``(folder, "dtype|attention")`` of a lazy model (``is_on_disk``; featcal.refcache keys on it)."""
+        return self.saved_folder(model), f"{model.dtype}|{model.attn_implementation}"
 
     def merge(self, merge_fn, base, experts, **data) -> nn.Module:
         """In memory (``Backbone.merge``); models kept on disk (``streaming=true``) are merged

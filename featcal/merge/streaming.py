@@ -35,6 +35,7 @@ import torch
 
 from featcal.io.safetensors import INDEX_NAME, CheckpointReader, ShardWriter, copy_model_files, write_index
 from featcal.merge.registry import as_merge
+from featcal.utils import cache_root
 
 # the streaming forms of the methods (re-exported here: ``featcal.merge.streaming.GlobalTies``)
 from featcal.merge.streaming_methods import GlobalTies, PerTensor, StreamingMethod  # noqa: F401
@@ -173,12 +174,12 @@ def merge_recipe(merge_fn, sources: list[str]) -> dict:
 
 def merged_folder(merge_fn, sources: list[str], merge_dir: str | os.PathLike | None = None) -> Path:
     """Where the streamed merge of ``sources`` goes: ``merge_dir`` when given, else
-    ``$FEATCAL_CACHE/merged/<hash of the recipe>`` (``~/.cache/featcal/merged/...``)."""
+    ``<cache root>/merged/<hash of the recipe>`` (``featcal.utils.cache_root``: ``$FEATCAL_CACHE``
+    or ``~/.cache/featcal``, like every other featcal cache)."""
     if merge_dir:
         return Path(merge_dir)
     key = json.dumps(merge_recipe(merge_fn, sources), sort_keys=True, default=str)
-    root = Path(os.environ.get("FEATCAL_CACHE", Path.home() / ".cache" / "featcal"))
-    return root / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def merge_on_disk(merge_fn, adapter, base: Any, experts: Sequence[Any], **data: Any) -> Any:
