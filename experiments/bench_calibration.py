@@ -37,6 +37,21 @@ name may carry ``@<git revision>``: that method runs the ``featcal`` package of 
 revision (``git archive``), e.g. ``--methods featcal,featcal@main`` times this tree's
 FeatCal against the one on ``main`` in the same run (and compares their parameters).
 
+The method ``official`` runs the authors' own FeatCal code on the same workload:
+``--official-src DIR`` names a checkout of it (github.com/egangu/featcal; DIR holds
+``src/featcal/featcal.py``), which the child imports under the name ``featcal_official``
+(nothing of it is copied into this project). It is configured with the hyperparameters
+of ``conf/calibration/featcal.yaml`` (λ, ρ, α, ε, bias and norm switches), batch 16, and
+given the same calibration images: its dataset loader (the hub's datasets) is bypassed by
+computing its first-layer inputs with its own ``_clip_first_layer_input`` on those images,
+inside the timed call. Its calibrated block parameters are compared with those of the
+first ``featcal`` variant of the run (the parity column), so one run prints this project's
+FeatCal time over the official code's and shows that both compute the same parameters:
+
+    git clone https://github.com/egangu/featcal /tmp/featcal-official
+    python experiments/bench_calibration.py --official-src /tmp/featcal-official \
+        --methods official,featcal,featcal:drift_examples=0 --n 32
+
 ``--profile N``: each method also runs under ``torch.profiler`` (CPU, and CUDA on a GPU)
 and its N most expensive operators (self time) are printed below the table (and kept in
 ``--json``); the profiler's overhead is in those runs' times. ``CPU (s)`` is the
@@ -116,6 +131,76 @@ def split_method(method: str) -> tuple[str, dict]:
     return name.strip(), overrides
 
 
+#: the method name that runs the authors' code (``--official-src``) instead of a yaml
+OFFICIAL = "official"
+
+
+def load_official(src: str | os.PathLike):
+    """The official code's ``featcal.featcal`` module from a checkout of its repository,
+    imported as the package ``featcal_official`` (its own name would shadow this project's)."""
+    import importlib
+    import importlib.util
+
+    root = Path(src)
+    for pkg in (root / "src" / "featcal", root / "featcal", root):
+        if (pkg / "featcal.py").is_file() and (pkg / "__init__.py").is_file():
+            break
+    else:
+        raise FileNotFoundError(f"--official-src {src}: no featcal/featcal.py below it (expected a checkout of "
+                                "github.com/egangu/featcal, which has src/featcal/featcal.py)")
+    if "featcal_official" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("featcal_official", pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["featcal_official"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module("featcal_official.featcal")
+
+
+class OfficialCalibrator:
+    """Adapts the official ``CLIPFeatCalibrator`` to this bench's ``calibrate`` call: the
+    hyperparameters of ``conf/calibration/featcal.yaml``, the bench's calibration images as
+    its calibration batches (its hub-dataset loader is replaced by its own first-layer
+    function on those images), the merged model calibrated in place."""
+
+    def __init__(self, src: str, n: int):
+        from omegaconf import OmegaConf
+
+        self.module = load_official(src)
+        ours = OmegaConf.load(CONF / "featcal.yaml")
+        self.config = self.module.FeatCalConfig(
+            num_calibration_examples=n, calibration_batch_size=16, lambda_ratio=float(ours.lambda_ratio),
+            anchor_blend_rho=float(ours.rho), teacher_interp_alpha=float(ours.alpha), covariance_eps=float(ours.eps),
+            calibrate_bias=bool(ours.calibrate_bias), calibrate_layernorm=bool(ours.calibrate_norm),
+        )
+
+    def calibrate(self, backbone, merged, base, experts, calibration, device):
+        import types
+
+        import torch
+
+        module = self.module
+        tasks = [f"task{t}" for t in range(len(experts))]
+        images = dict(zip(tasks, calibration))
+
+        @torch.no_grad()
+        def first_layer_inputs(_self, *, merged_model, expert_models, tasks):
+            student, expert = {}, {}
+            merged_model.to(device).eval()
+            for task in tasks:
+                model = expert_models[task].to(device).eval()
+                student[task] = [module._clip_first_layer_input(merged_model, b.to(device)).cpu() for b in images[task]]
+                expert[task] = [module._clip_first_layer_input(model, b.to(device)).cpu() for b in images[task]]
+                model.to("cpu")
+            return student, expert
+
+        calibrator = module.CLIPFeatCalibrator(self.config, processor=None, device=torch.device(device))
+        calibrator.prepare_first_layer_inputs = types.MethodType(first_layer_inputs, calibrator)
+        model = calibrator.calibrate(merged_model=merged, base_model=base, expert_models=dict(zip(tasks, experts)),
+                                     tasks=tasks)
+        return types.SimpleNamespace(model=model.to("cpu"), report=types.SimpleNamespace(drift=[]))
+
+
 def run_one(method: str, args) -> dict:
     """In this (fresh) process: build the workload, run one calibrator, measure it."""
     import psutil
@@ -126,6 +211,10 @@ def run_one(method: str, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     name, overrides = split_method(method)
+    if name == OFFICIAL:
+        if overrides:
+            raise ValueError(f"{method!r}: the official code takes no overrides (it uses featcal.yaml's values)")
+        return measure(method, OfficialCalibrator(args.official_src, args.n), args)
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     if "defaults" in cfg:  # compose a yaml that extends another one of the group
         parts = []
@@ -140,6 +229,14 @@ def run_one(method: str, args) -> dict:
         cfg.progress = False
     # calibrator yamls take the run seed by interpolation (seed: ${seed})
     calibrator = instantiate(OmegaConf.create({"seed": args.seed, "calibration": cfg}).calibration)
+    return measure(method, calibrator, args)
+
+
+def measure(method: str, calibrator, args) -> dict:
+    """Build the workload, run ``calibrator.calibrate`` once and measure it."""
+    import psutil
+    import torch
+
     backbone, merged, base, experts, calibration = build_workload(args.experts, args.n, args.delta, args.seed, args.tiny)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -234,6 +331,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="run under torch.profiler and print each method's N most expensive operators")
+    parser.add_argument("--official-src", default=None, metavar="DIR",
+                        help="a checkout of the official FeatCal code (github.com/egangu/featcal), for the method "
+                             "'official'")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--params-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -243,6 +343,11 @@ def main(argv=None) -> None:
         return
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    official = any(split_method(m)[0] == OFFICIAL for m in methods)
+    if official:
+        if not args.official_src:
+            parser.error("the method 'official' needs --official-src DIR (a checkout of github.com/egangu/featcal)")
+        load_official(args.official_src)  # a wrong folder fails here, before any timing
     results = []
     child_env = dict(os.environ)
     if args.emulate_tf32:
@@ -260,7 +365,7 @@ def main(argv=None) -> None:
     try:
         for index, method in enumerate(methods):
             name = split_method(method)[0]
-            if not (CONF / f"{name}.yaml").exists():
+            if name != OFFICIAL and not (CONF / f"{name}.yaml").exists():
                 print(f"skip {method}: conf/calibration/{name}.yaml not found")
                 failed = True
                 continue
@@ -268,6 +373,9 @@ def main(argv=None) -> None:
                    "--delta", str(args.delta), "--seed", str(args.seed), "--threads", str(args.threads),
                    "--device", args.device, "--profile", str(args.profile)] + (["--tiny"] if args.tiny else [])
             env = child_env
+            if name == OFFICIAL:
+                cmd += ["--official-src", str(Path(args.official_src).resolve())]
+                env = dict(child_env, TQDM_DISABLE="1")
             rev = method.split(":", 1)[0].partition("@")[2]
             if rev:  # that revision's featcal package first on the path
                 src = Path(tmp.name) / f"src-{index}"
@@ -278,7 +386,8 @@ def main(argv=None) -> None:
                 # that revision's configs too: their _target_ names its own module layout
                 env = dict(child_env, PYTHONPATH=str(src) + os.pathsep + child_env.get("PYTHONPATH", ""),
                            BENCH_CONF_DIR=str(src / "conf" / "calibration"))
-            if sum(split_method(m)[0] == name for m in methods) > 1:  # variants of one yaml: compare parameters
+            # variants of one yaml, and the official code against featcal: compare parameters
+            if sum(split_method(m)[0] == name for m in methods) > 1 or (official and name in (OFFICIAL, "featcal")):
                 cmd += ["--params-out", str(Path(tmp.name) / f"{index}.pt")]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -350,14 +459,17 @@ def relative_param_difference(params: dict, reference: dict) -> float:
 
 
 def add_param_differences(results: list[dict]) -> None:
-    """Compare each variant's calibrated parameters with the first variant of its yaml."""
+    """Compare each variant's calibrated parameters with the first variant of its yaml, and the
+    official code's with the first featcal variant."""
     import torch
 
     first: dict[str, dict] = {}
-    for r in results:
-        if "params_file" not in r:
-            continue
+    # the official code is compared with the first featcal variant (both compute FeatCal)
+    ordered = sorted((r for r in results if "params_file" in r), key=lambda r: split_method(r["method"])[0] == OFFICIAL)
+    for r in ordered:
         name = split_method(r["method"])[0]
+        if name == OFFICIAL and "featcal" in first:
+            name = "featcal"
         if name not in first:
             first[name] = r
             continue

@@ -68,3 +68,99 @@ def test_a_revision_from_before_the_layout_redesign_runs_with_its_own_configs(tm
     rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) == {"featcal", f"featcal@{rev}"}
     assert rows[f"featcal@{rev}"]["param_rel_diff"] == 0.0
+
+
+#: a stand-in for a checkout of the official FeatCal code (github.com/egangu/featcal): its
+#: layout (``src/featcal/``, a package that is also named ``featcal``) and the interface the
+#: bench calls; it records what it was given instead of calibrating
+STANDIN_OFFICIAL = '''
+import json, os, sys
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class FeatCalConfig:
+    num_calibration_examples: int = 256
+    calibration_batch_size: int = 16
+    lambda_ratio: float = 0.0
+    anchor_blend_rho: float = 1.0
+    teacher_interp_alpha: float = 0.0
+    covariance_eps: float = 0.0
+    calibrate_bias: bool = False
+    calibrate_layernorm: bool = False
+
+
+def _clip_first_layer_input(model, images):
+    vision = model.vision_model
+    return vision.pre_layrnorm(vision.embeddings(images))
+
+
+class CLIPFeatCalibrator:
+    def __init__(self, config, *, processor, device, cache_dir=None, datasets_cache_dir=None):
+        self.config, self.device = config, device
+
+    def prepare_first_layer_inputs(self, *, merged_model, expert_models, tasks):
+        raise RuntimeError("the hub-dataset loader must not run in the bench")
+
+    def calibrate(self, *, merged_model, base_model, expert_models, tasks):
+        student, expert = self.prepare_first_layer_inputs(merged_model=merged_model, expert_models=expert_models,
+                                                          tasks=tasks)
+        ours = sys.modules["featcal"].__file__
+        record = {"config": asdict(self.config), "tasks": list(tasks),
+                  "batches": {t: [list(b.shape) for b in student[t]] for t in tasks},
+                  "expert_batches": {t: [list(b.shape) for b in expert[t]] for t in tasks},
+                  "per_task_distinct": bool((student[tasks[0]][0] != student[tasks[1]][0]).any()),
+                  "package": __name__, "featcal_is_this_project": "featcal-official" not in ours}
+        with open(os.environ["STANDIN_RECORD"], "w") as f:
+            json.dump(record, f)
+        return merged_model
+'''
+
+
+@pytest.mark.slow
+def test_official_method_runs_a_checkout_of_the_authors_code_beside_this_featcal(tmp_path):
+    """``--official-src``: the authors' package (also named ``featcal``) is imported beside this
+    one, configured from conf/calibration/featcal.yaml, fed the bench's own calibration images
+    (its hub loader bypassed), timed, and its parameters compared with this FeatCal's."""
+    import json
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    checkout = tmp_path / "featcal-official"
+    (checkout / "src" / "featcal").mkdir(parents=True)
+    (checkout / "src" / "featcal" / "__init__.py").write_text('"""stand-in"""\n')
+    (checkout / "src" / "featcal" / "featcal.py").write_text(STANDIN_OFFICIAL)
+    record, out = tmp_path / "record.json", tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_calibration.py"), "--tiny", "--experts", "2", "--n", "32",
+           "--methods", "official,featcal", "--official-src", str(checkout), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "STANDIN_RECORD": str(record)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(record.read_text())
+    ours = OmegaConf.load(ROOT / "conf" / "calibration" / "featcal.yaml")
+    assert got["config"] == {
+        "num_calibration_examples": 32, "calibration_batch_size": 16, "lambda_ratio": ours.lambda_ratio,
+        "anchor_blend_rho": ours.rho, "teacher_interp_alpha": ours.alpha, "covariance_eps": ours.eps,
+        "calibrate_bias": ours.calibrate_bias, "calibrate_layernorm": ours.calibrate_norm,
+    }
+    # two tasks, 32 images each in batches of 16, tiny tower: 16 patches + class token, width 64
+    assert got["tasks"] == ["task0", "task1"]
+    assert got["batches"] == {t: [[16, 17, 64], [16, 17, 64]] for t in got["tasks"]}
+    assert got["expert_batches"] == got["batches"]
+    assert got["per_task_distinct"]  # each task's own images
+    assert got["package"] == "featcal_official.featcal" and got["featcal_is_this_project"]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"official", "featcal"} and rows["official"]["seconds"] > 0
+    # the stand-in returns the merge uncalibrated: far from FeatCal's parameters, and reported so
+    assert rows["official"]["param_reference"] == "featcal" and rows["official"]["param_rel_diff"] > 1e-3
+    assert "ratios (other / official)" in proc.stdout
+
+
+def test_official_method_needs_a_checkout(tmp_path):
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "official,featcal", "--tiny"])
+    with pytest.raises(FileNotFoundError, match="egangu/featcal"):
+        bench.load_official(tmp_path)
