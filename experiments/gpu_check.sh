@@ -9,6 +9,8 @@
 # also goes to results/gpu_check/<UTC time>.log, the bench table to
 # results/gpu_check/<UTC time>.bench_n256.json. Every step runs under its own time limit
 # (on an H200: about 2 + 2.5 minutes); the exit status is non-zero if any step failed.
+# With a checkout of the official FeatCal code in .official/ (or FEATCAL_OFFICIAL_SRC), it
+# also times that code against this FeatCal at n = 256 (results/bench_official.md).
 #
 # GPU_CHECK_DRY=1 runs the same steps on the CPU with a tiny bench workload and one quick
 # test, to check this script itself on a machine without a GPU (its log is not a result).
@@ -74,6 +76,18 @@ print(f"featcal {fc['seconds']:.2f} s (placement: see the log), featcal@{sys.arg
       f"ratio {fc['seconds'] / row['seconds']:.2f}; parameter difference {row['param_rel_diff']:.2e}")
 sys.exit(0 if row["param_rel_diff"] < 1e-3 else 1)
 PY
+# the authors' FeatCal on the same workload, when a checkout of it is at hand (the device
+# machine has no internet: put github.com/egangu/featcal into .official/, which git ignores,
+# and carry it, or point FEATCAL_OFFICIAL_SRC at one): time ratio and parameters, one run
+official_src=${FEATCAL_OFFICIAL_SRC:-.official}
+if [ -d "$official_src" ]; then
+    step 240 "official FeatCal code vs featcal, n=256" $PY experiments/bench_calibration.py --device $device --n 256 \
+        "${bench_extra[@]}" --official-src "$official_src" --methods official,featcal \
+        --json "$out/$stamp.official_n256.json"
+else
+    echo
+    echo "== official FeatCal code vs featcal: skipped (no checkout at $official_src)"
+fi
 step 120 "torch.profiler top operators, FeatCal n=256" $PY experiments/bench_calibration.py --device $device --n 256 \
     "${bench_extra[@]}" --methods featcal --profile 25 --json "$out/$stamp.profile_n256.json"
 
