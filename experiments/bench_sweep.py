@@ -2,7 +2,7 @@
 cache and the job de-duplication, measured in one run of this script.
 
 - ``before``: Hydra's basic sweeper (every cell of the cross product, ``calibration=none``
-  once per budget) and ``+reference_cache=false`` (experts and base evaluated in every job):
+  once per budget) and ``reference_cache=false`` (experts and base evaluated in every job):
   the previous behaviour;
 - ``after``: the preset as it is (``featcal.sweeper.DedupSweeper``; reference cache on),
   starting from an EMPTY reference cache: the first sweep on a backbone;
@@ -48,6 +48,18 @@ def sweep(args: list[str], env: dict, cwd: Path) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "log": proc.stdout + proc.stderr}
 
 
+def sweep_variants(again: bool = False) -> dict[str, list[str]]:
+    """The overrides of each timed sweep on top of the preset's (``tests/run/test_bench_sweep.py``
+    composes them, so a renamed config key fails there, not after an hour of sweeping)."""
+    variants = {
+        "before": ["hydra.sweeper._target_=hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "reference_cache=false"],
+        "after": [],
+    }
+    if again:
+        variants["again"] = []
+    return variants
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="embedded_table")
@@ -61,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"experiment={a.preset}", "logger=none", "device=cpu", f"hydra.sweeper.params.calibration='{a.calibration}'"]
     if a.tasks != "all":
         common.append(f"backbone.tasks=[{a.tasks}]")
-    variants = {
-        "before": ["hydra.sweeper._target_=hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "+reference_cache=false"],
-        "after": [],
-    }
-    if a.again:
-        variants["again"] = []
+    variants = sweep_variants(a.again)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         tmp = Path(tmp)
