@@ -164,3 +164,30 @@ def test_official_method_needs_a_checkout(tmp_path):
         bench.main(["--methods", "official,featcal", "--tiny"])
     with pytest.raises(FileNotFoundError, match="egangu/featcal"):
         bench.load_official(tmp_path)
+
+
+@pytest.mark.slow
+def test_parity_script_compares_the_four_calibrations(tmp_path):
+    """experiments/featcal_official_parity.py with the stand-in checkout (it returns the merge
+    uncalibrated, in the dtype it is given): the four comparisons are printed, the stand-in's
+    float32 and float64 results are the same merge (difference 0), and this FeatCal's float32
+    and float64-solve results agree to float32 rounding."""
+    import re
+    import subprocess
+    import sys
+
+    checkout = tmp_path / "featcal-official"
+    (checkout / "src" / "featcal").mkdir(parents=True)
+    (checkout / "src" / "featcal" / "__init__.py").write_text('"""stand-in"""\n')
+    (checkout / "src" / "featcal" / "featcal.py").write_text(STANDIN_OFFICIAL)
+    cmd = [sys.executable, str(ROOT / "experiments" / "featcal_official_parity.py"), "--official-src", str(checkout),
+           "--tiny", "--experts", "2", "--n", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "STANDIN_RECORD": str(tmp_path / "record.json")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = dict(re.findall(r"^(\S+ vs \S+): max (\S+);", proc.stdout, flags=re.M))
+    assert set(found) == {"official vs featcal", "official vs official-fp64", "featcal vs official-fp64",
+                          "featcal vs featcal-fp64solve"}, proc.stdout
+    assert float(found["official vs official-fp64"]) == 0.0
+    assert float(found["official vs featcal"]) > 1e-3  # FeatCal moved the parameters; the stand-in did not
+    assert float(found["featcal vs featcal-fp64solve"]) < 1e-3
