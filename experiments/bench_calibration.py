@@ -203,10 +203,7 @@ class OfficialCalibrator:
 
 def run_one(method: str, args) -> dict:
     """In this (fresh) process: build the workload, run one calibrator, measure it."""
-    import psutil
     import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,21 +212,29 @@ def run_one(method: str, args) -> dict:
         if overrides:
             raise ValueError(f"{method!r}: the official code takes no overrides (it uses featcal.yaml's values)")
         return measure(method, OfficialCalibrator(args.official_src, args.n), args)
+    return measure(method, make_calibrator(name, overrides, args.seed), args)
+
+
+def make_calibrator(name: str, overrides: dict | None = None, seed: int = 0):
+    """The calibrator of ``conf/calibration/<name>.yaml`` (a yaml extending another one of the
+    group is composed), with ``overrides`` of its keys and its progress bar off."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     if "defaults" in cfg:  # compose a yaml that extends another one of the group
         parts = []
         for item in cfg.defaults:
             parts.append(cfg if item == "_self_" else OmegaConf.load(CONF / f"{item}.yaml"))
         cfg = OmegaConf.merge(*[OmegaConf.masked_copy(p, [k for k in p if k != "defaults"]) for p in parts])
-    for key, value in overrides.items():
+    for key, value in (overrides or {}).items():
         if key not in cfg:
             raise KeyError(f"{name}.yaml has no key {key!r}")
         cfg[key] = value
     if "progress" in cfg:
         cfg.progress = False
     # calibrator yamls take the run seed by interpolation (seed: ${seed})
-    calibrator = instantiate(OmegaConf.create({"seed": args.seed, "calibration": cfg}).calibration)
-    return measure(method, calibrator, args)
+    return instantiate(OmegaConf.create({"seed": seed, "calibration": cfg}).calibration)
 
 
 def measure(method: str, calibrator, args) -> dict:
@@ -296,11 +301,7 @@ def measure(method: str, calibrator, args) -> dict:
         "cuda_peak_mb": (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20 if cuda else None,
     }
     if args.params_out:
-        blocks = {
-            f"{i}.{n}": p.detach().float().cpu() for i, blk in enumerate(backbone.blocks(out.model))
-            for n, p in blk.named_parameters()
-        }
-        torch.save(blocks, args.params_out)
+        torch.save(block_params(backbone, out.model), args.params_out)
         result["params_file"] = args.params_out
     drift = out.report.drift
     if drift:
@@ -448,14 +449,27 @@ def main(argv=None) -> None:
         sys.exit(1)
 
 
-def relative_param_difference(params: dict, reference: dict) -> float:
-    """max over tensors of max|θ − θ_ref| / max|θ_ref| (the tensors' own scale)."""
-    worst = 0.0
+def block_params(backbone, model, dtype=None) -> dict:
+    """The model's block parameters by ``<block>.<name>``, on the CPU (float32 unless ``dtype``)."""
+    import torch
+
+    return {f"{i}.{n}": p.detach().to("cpu", dtype or torch.float32) for i, blk in enumerate(backbone.blocks(model))
+            for n, p in blk.named_parameters()}
+
+
+def param_differences(params: dict, reference: dict) -> dict[str, float]:
+    """max|θ − θ_ref| / max|θ_ref| of each tensor (relative to the tensor's own scale)."""
+    out = {}
     for key, ref in reference.items():
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         diff = float((params[key] - ref).abs().max()) if ref.numel() else 0.0
-        worst = max(worst, diff / max(scale, 1e-12))
-    return worst
+        out[key] = diff / max(scale, 1e-12)
+    return out
+
+
+def relative_param_difference(params: dict, reference: dict) -> float:
+    """max over tensors of max|θ − θ_ref| / max|θ_ref| (the tensors' own scale)."""
+    return max(param_differences(params, reference).values(), default=0.0)
 
 
 def add_param_differences(results: list[dict]) -> None:

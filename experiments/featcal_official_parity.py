@@ -36,25 +36,18 @@ import bench_calibration as bench  # noqa: E402  (the workload and the official 
 
 def ours(backbone, merged, base, experts, calibration, **overrides):
     import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(bench.CONF / "featcal.yaml")
-    cfg.progress = False
-    for key, value in overrides.items():
-        cfg[key] = value
-    calibrator = instantiate(OmegaConf.create({"seed": 0, "calibration": cfg}).calibration)
+    calibrator = bench.make_calibrator("featcal", overrides)
     return calibrator.calibrate(backbone, copy.deepcopy(merged), base, experts, calibration,
                                 device=torch.device("cpu")).model
 
 
 def worst(backbone, a, b, top: int) -> list[tuple[float, str]]:
-    rows = []
-    for i, (x, y) in enumerate(zip(backbone.blocks(a), backbone.blocks(b))):
-        for (name, p), (_, q) in zip(x.named_parameters(), y.named_parameters()):
-            p, q = p.detach().double(), q.detach().double()
-            rows.append((float((p - q).abs().max()) / max(float(q.abs().max()), 1e-30), f"{i}.{name}"))
-    return sorted(rows, reverse=True)[:top]
+    import torch
+
+    diffs = bench.param_differences(bench.block_params(backbone, a, torch.float64),
+                                    bench.block_params(backbone, b, torch.float64))
+    return sorted(((value, key) for key, value in diffs.items()), reverse=True)[:top]
 
 
 def main(argv=None) -> None:

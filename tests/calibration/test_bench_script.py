@@ -1,5 +1,6 @@
 """The calibration bench's method specs (the timing itself is a script, never a test)."""
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,15 @@ class CLIPFeatCalibrator:
 '''
 
 
+def _standin_checkout(tmp_path: Path) -> Path:
+    """A folder laid out like a checkout of the official repository, holding the stand-in."""
+    checkout = tmp_path / "featcal-official"
+    (checkout / "src" / "featcal").mkdir(parents=True)
+    (checkout / "src" / "featcal" / "__init__.py").write_text('"""stand-in"""\n')
+    (checkout / "src" / "featcal" / "featcal.py").write_text(STANDIN_OFFICIAL)
+    return checkout
+
+
 @pytest.mark.slow
 def test_official_method_runs_a_checkout_of_the_authors_code_beside_this_featcal(tmp_path):
     """``--official-src``: the authors' package (also named ``featcal``) is imported beside this
@@ -128,15 +138,12 @@ def test_official_method_runs_a_checkout_of_the_authors_code_beside_this_featcal
 
     from omegaconf import OmegaConf
 
-    checkout = tmp_path / "featcal-official"
-    (checkout / "src" / "featcal").mkdir(parents=True)
-    (checkout / "src" / "featcal" / "__init__.py").write_text('"""stand-in"""\n')
-    (checkout / "src" / "featcal" / "featcal.py").write_text(STANDIN_OFFICIAL)
+    checkout = _standin_checkout(tmp_path)
     record, out = tmp_path / "record.json", tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "experiments" / "bench_calibration.py"), "--tiny", "--experts", "2", "--n", "32",
            "--methods", "official,featcal", "--official-src", str(checkout), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "STANDIN_RECORD": str(record)})
+                          env={**os.environ, "STANDIN_RECORD": str(record)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(record.read_text())
     ours = OmegaConf.load(ROOT / "conf" / "calibration" / "featcal.yaml")
@@ -176,14 +183,11 @@ def test_parity_script_compares_the_four_calibrations(tmp_path):
     import subprocess
     import sys
 
-    checkout = tmp_path / "featcal-official"
-    (checkout / "src" / "featcal").mkdir(parents=True)
-    (checkout / "src" / "featcal" / "__init__.py").write_text('"""stand-in"""\n')
-    (checkout / "src" / "featcal" / "featcal.py").write_text(STANDIN_OFFICIAL)
+    checkout = _standin_checkout(tmp_path)
     cmd = [sys.executable, str(ROOT / "experiments" / "featcal_official_parity.py"), "--official-src", str(checkout),
            "--tiny", "--experts", "2", "--n", "16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "STANDIN_RECORD": str(tmp_path / "record.json")})
+                          env={**os.environ, "STANDIN_RECORD": str(tmp_path / "record.json")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = dict(re.findall(r"^(\S+ vs \S+): max (\S+);", proc.stdout, flags=re.M))
     assert set(found) == {"official vs featcal", "official vs official-fp64", "featcal vs official-fp64",
